@@ -1,0 +1,467 @@
+#include "addon/model.h"
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <stdexcept>
+
+#include "addon/convert.h"
+#include "addon/log.h"
+
+namespace genesis {
+
+Napi::Error CodedError(Napi::Env env, const std::string& code, const std::string& message, const std::string& path) {
+  Napi::Error error = Napi::Error::New(env, message);
+  error.Set("code", Napi::String::New(env, code));
+  if (!path.empty()) error.Set("path", Napi::String::New(env, path));
+  return error;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Host
+
+Host::~Host() { shutdown(); }
+
+void Host::shutdown() {
+  if (engine) {
+    engine->stop();
+    engine->join();
+    engine.reset();
+  }
+  if (model != nullptr) {
+    llama_model_free(model);
+    model = nullptr;
+  }
+  if (events) {
+    events.Release();
+    events = Napi::ThreadSafeFunction();
+  }
+  closed = true;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Loading
+
+namespace {
+
+struct LoadBaton {
+  std::string path;
+  int32_t gpu_layers = 0;
+  bool use_mmap = true;
+  EngineOptions engine;
+};
+
+// Progress calls queued on the TSFN may run after the load promise settles; they are dropped then,
+// and OnOK reports 1.0 itself, so a listener sees increasing values ending at 1 before the promise resolves.
+struct ProgressState {
+  bool settled = false;  // JS thread only
+  float delivered = -1.0f;
+};
+
+class LoadWorker : public Napi::AsyncWorker {
+ public:
+  LoadWorker(Napi::Env env, LoadBaton baton, Napi::Function on_progress, Napi::Function on_events)
+      : Napi::AsyncWorker(env, "genesis.loadModel"), deferred_(Napi::Promise::Deferred::New(env)), baton_(std::move(baton)) {
+    host_ = std::make_shared<Host>();
+    if (!on_progress.IsEmpty()) {
+      progress_ = Napi::ThreadSafeFunction::New(env, on_progress, "genesis.loadProgress", 0, 1);
+      on_progress_ = Napi::Persistent(on_progress);
+    }
+    host_->events = Napi::ThreadSafeFunction::New(env, on_events, "genesis.engineEvents", 0, 1);
+    // Only requests in flight keep the event loop alive, not an idle model.
+    host_->events.Unref(env);
+  }
+
+  Napi::Promise Promise() { return deferred_.Promise(); }
+
+  void Execute() override {
+    LogCapture capture;
+    auto params = llama_model_default_params();
+    params.n_gpu_layers = baton_.gpu_layers;
+    params.load_mode = baton_.use_mmap ? LLAMA_LOAD_MODE_MMAP : LLAMA_LOAD_MODE_NONE;
+    if (progress_) {
+      params.progress_callback = [](float progress, void* data) {
+        auto* self = static_cast<LoadWorker*>(data);
+        // At most ~100 calls: a JS callback per tensor would only slow the load down.
+        const int percent = static_cast<int>(progress * 100.0f);
+        if (percent > self->last_percent_) {
+          self->last_percent_ = percent;
+          self->progress_.NonBlockingCall([progress, state = self->progress_state_](Napi::Env env, Napi::Function fn) {
+            if (state->settled || progress <= state->delivered) return;
+            state->delivered = progress;
+            fn.Call({Napi::Number::New(env, progress)});
+          });
+        }
+        return true;
+      };
+      params.progress_callback_user_data = this;
+    }
+    host_->model = llama_model_load_from_file(baton_.path.c_str(), params);
+    if (host_->model == nullptr) {
+      const std::string reason = capture.text();
+      code_ = reason.find("unknown model architecture") != std::string::npos ? "MODEL_UNSUPPORTED_ARCH" : "MODEL_LOAD_FAILED";
+      message_ = "llama.cpp could not load " + baton_.path + (reason.empty() ? std::string() : ": " + trim(reason));
+      return;
+    }
+    try {
+      Napi::ThreadSafeFunction events = host_->events;
+      std::weak_ptr<Host> weak = host_;
+      host_->engine = std::make_unique<Engine>(host_->model, baton_.engine, [events, weak]() mutable {
+        events.NonBlockingCall([weak](Napi::Env env, Napi::Function fn) {
+          if (auto h = weak.lock()) NativeModel::Deliver(env, fn, *h);
+        });
+      });
+    } catch (const std::exception& e) {
+      const std::string reason = capture.text();
+      code_ = "MODEL_LOAD_FAILED";
+      message_ = std::string(e.what()) + (reason.empty() ? std::string() : ": " + trim(reason));
+    }
+  }
+
+  void OnOK() override {
+    Napi::Env env = Env();
+    progress_state_->settled = true;
+    if (code_.empty() && !on_progress_.IsEmpty() && progress_state_->delivered < 1.0f) {
+      on_progress_.Call({Napi::Number::New(env, 1.0)});
+    }
+    release_progress();
+    if (!code_.empty()) {
+      host_->shutdown();
+      deferred_.Reject(CodedError(env, code_, message_, baton_.path).Value());
+      return;
+    }
+    deferred_.Resolve(NativeModel::Wrap(env, host_));
+  }
+
+  void OnError(const Napi::Error& error) override {
+    progress_state_->settled = true;
+    release_progress();
+    host_->shutdown();
+    deferred_.Reject(error.Value());
+  }
+
+ private:
+  static std::string trim(std::string s) {
+    while (!s.empty() && (s.back() == '\n' || s.back() == ' ')) s.pop_back();
+    // Keep the last few lines: llama.cpp states the cause last.
+    size_t pos = s.size();
+    for (int lines = 0; lines < 4 && pos != std::string::npos && pos > 0; ++lines) pos = s.rfind('\n', pos - 1);
+    if (pos != std::string::npos && pos > 0) s = s.substr(pos + 1);
+    std::replace(s.begin(), s.end(), '\n', ' ');
+    return s;
+  }
+
+  void release_progress() {
+    if (progress_) {
+      progress_.Release();
+      progress_ = Napi::ThreadSafeFunction();
+    }
+  }
+
+  Napi::Promise::Deferred deferred_;
+  LoadBaton baton_;
+  std::shared_ptr<Host> host_;
+  Napi::ThreadSafeFunction progress_;
+  Napi::FunctionReference on_progress_;
+  std::shared_ptr<ProgressState> progress_state_ = std::make_shared<ProgressState>();
+  int last_percent_ = -1;
+  std::string code_;
+  std::string message_;
+};
+
+class CloseWorker : public Napi::AsyncWorker {
+ public:
+  CloseWorker(Napi::Env env, std::shared_ptr<Host> host)
+      : Napi::AsyncWorker(env, "genesis.close"), deferred_(Napi::Promise::Deferred::New(env)), host_(std::move(host)) {}
+
+  Napi::Promise Promise() { return deferred_.Promise(); }
+
+  // The engine thread may be inside a decode step: waiting for it must not block JS.
+  void Execute() override {
+    if (host_->engine) {
+      host_->engine->stop();
+      host_->engine->join();
+    }
+  }
+
+  void OnOK() override {
+    Napi::Env env = Env();
+    // Requests still in flight learn they were disposed before close() resolves.
+    if (host_->engine) deliver_pending(env);
+    host_->shutdown();
+    deferred_.Resolve(env.Undefined());
+  }
+
+  void OnError(const Napi::Error& error) override { deferred_.Reject(error.Value()); }
+
+  void set_deliver(Napi::Function fn) { on_events_ = Napi::Persistent(fn); }
+
+ private:
+  void deliver_pending(Napi::Env env) {
+    if (!on_events_.IsEmpty()) NativeModel::Deliver(env, on_events_.Value(), *host_);
+  }
+
+  Napi::Promise::Deferred deferred_;
+  std::shared_ptr<Host> host_;
+  Napi::FunctionReference on_events_;
+};
+
+int32_t get_int(const Napi::Object& obj, const char* key, int32_t fallback) {
+  Napi::Value v = obj.Get(key);
+  return v.IsNumber() ? v.As<Napi::Number>().Int32Value() : fallback;
+}
+
+bool get_bool(const Napi::Object& obj, const char* key, bool fallback) {
+  Napi::Value v = obj.Get(key);
+  return v.IsBoolean() ? v.As<Napi::Boolean>().Value() : fallback;
+}
+
+}  // namespace
+
+Napi::Value LoadModel(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (info.Length() < 4 || !info[0].IsString() || !info[1].IsObject() || !info[3].IsFunction()) {
+    throw CodedError(env, "NATIVE_BINDING", "loadModel(path: string, options: object, onProgress?: function, onEvents: function)");
+  }
+  LoadBaton baton;
+  baton.path = info[0].As<Napi::String>().Utf8Value();
+  Napi::Object opts = info[1].As<Napi::Object>();
+  baton.gpu_layers = get_int(opts, "gpuLayers", 0);
+  baton.use_mmap = get_bool(opts, "useMmap", true);
+  baton.engine.context_size = static_cast<uint32_t>(std::max(1, get_int(opts, "contextSize", 4096)));
+  baton.engine.max_sequences = static_cast<uint32_t>(std::max(1, get_int(opts, "maxSequences", 4)));
+  baton.engine.batch_size = static_cast<uint32_t>(std::max(1, get_int(opts, "batchSize", 512)));
+  baton.engine.threads = get_int(opts, "threads", 0);
+  baton.engine.kv_unified = get_bool(opts, "kvUnified", false);
+  baton.engine.flash_attention = get_int(opts, "flashAttention", -1);
+  if (baton.engine.max_sequences > llama_max_parallel_sequences()) {
+    throw CodedError(env, "INVALID_OPTION",
+                     "invalid option maxSequences: expected at most " + std::to_string(llama_max_parallel_sequences()) + ", got " +
+                         std::to_string(baton.engine.max_sequences));
+  }
+  Napi::Function on_progress = info[2].IsFunction() ? info[2].As<Napi::Function>() : Napi::Function();
+  auto* worker = new LoadWorker(env, std::move(baton), on_progress, info[3].As<Napi::Function>());
+  Napi::Promise promise = worker->Promise();
+  worker->Queue();
+  return promise;
+}
+
+// ---------------------------------------------------------------------------------------------
+// NativeModel
+
+namespace {
+Napi::FunctionReference* model_constructor = nullptr;
+}
+
+Napi::Function NativeModel::Define(Napi::Env env) {
+  Napi::Function ctor = DefineClass(env, "NativeModel",
+                                    {
+                                        InstanceMethod<&NativeModel::Info>("info"),
+                                        InstanceMethod<&NativeModel::Tokenize>("tokenize"),
+                                        InstanceMethod<&NativeModel::Detokenize>("detokenize"),
+                                        InstanceMethod<&NativeModel::ApplyChatTemplate>("applyChatTemplate"),
+                                        InstanceMethod<&NativeModel::Submit>("submit"),
+                                        InstanceMethod<&NativeModel::Cancel>("cancel"),
+                                        InstanceMethod<&NativeModel::Stats>("stats"),
+                                        InstanceMethod<&NativeModel::Close>("close"),
+                                    });
+  model_constructor = new Napi::FunctionReference(Napi::Persistent(ctor));
+  return ctor;
+}
+
+Napi::Object NativeModel::Wrap(Napi::Env env, std::shared_ptr<Host> host) {
+  auto* holder = new std::shared_ptr<Host>(std::move(host));
+  return model_constructor->New({Napi::External<std::shared_ptr<Host>>::New(env, holder)});
+}
+
+NativeModel::NativeModel(const Napi::CallbackInfo& info) : Napi::ObjectWrap<NativeModel>(info) {
+  if (info.Length() != 1 || !info[0].IsExternal()) {
+    throw CodedError(info.Env(), "NATIVE_BINDING", "NativeModel is created by loadModel(), not with new");
+  }
+  auto* holder = info[0].As<Napi::External<std::shared_ptr<Host>>>().Data();
+  host_ = std::move(*holder);
+  delete holder;
+  env_ = info.Env();
+  // A process that exits with models still loaded must stop their threads before Node tears down.
+  if (napi_add_env_cleanup_hook(env_, OnEnvCleanup, host_.get()) == napi_ok) cleanup_hook_ = true;
+}
+
+NativeModel::~NativeModel() {
+  if (cleanup_hook_) napi_remove_env_cleanup_hook(env_, OnEnvCleanup, host_.get());
+  if (host_) host_->shutdown();
+}
+
+void NativeModel::OnEnvCleanup(void* host) {
+  auto* h = static_cast<Host*>(host);
+  if (h->engine) {
+    h->engine->stop();
+    h->engine->join();
+  }
+}
+
+void NativeModel::EnsureOpen(Napi::Env env) const {
+  if (!host_ || host_->closed || host_->closing || !host_->engine) throw CodedError(env, "DISPOSED", "the model has been disposed");
+}
+
+void NativeModel::Deliver(Napi::Env env, Napi::Function on_events, Host& host) {
+  if (!host.engine) return;
+  std::vector<Event> events = host.engine->drain();
+  if (events.empty()) return;
+  uint32_t finished = 0;
+  for (const auto& e : events) {
+    if (e.kind != Event::Kind::Tokens) finished++;
+  }
+  Napi::Array array = events_to_js(env, events, llama_model_get_vocab(host.model));
+  host.active = host.active > finished ? host.active - finished : 0;
+  if (host.active == 0 && host.events) host.events.Unref(env);
+  on_events.Call({array});
+}
+
+Napi::Value NativeModel::Info(const Napi::CallbackInfo& info) {
+  EnsureOpen(info.Env());
+  return model_info(info.Env(), host_->model, *host_->engine);
+}
+
+Napi::Value NativeModel::Tokenize(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  EnsureOpen(env);
+  if (info.Length() < 1 || !info[0].IsString()) throw CodedError(env, "INVALID_OPTION", "tokenize(text): expected a string");
+  const std::string text = info[0].As<Napi::String>().Utf8Value();
+  const bool add_special = info.Length() > 1 && info[1].IsBoolean() ? info[1].As<Napi::Boolean>().Value() : true;
+  const bool parse_special = info.Length() > 2 && info[2].IsBoolean() ? info[2].As<Napi::Boolean>().Value() : true;
+  const llama_vocab* vocab = llama_model_get_vocab(host_->model);
+  if (text.size() > static_cast<size_t>(INT32_MAX / 2)) throw CodedError(env, "TOKENIZE", "text too long to tokenize");
+  std::vector<llama_token> tokens(text.size() + 8);
+  int32_t n = llama_tokenize(vocab, text.data(), static_cast<int32_t>(text.size()), tokens.data(), static_cast<int32_t>(tokens.size()), add_special, parse_special);
+  if (n < 0 && n != INT32_MIN) {
+    tokens.resize(static_cast<size_t>(-n));
+    n = llama_tokenize(vocab, text.data(), static_cast<int32_t>(text.size()), tokens.data(), static_cast<int32_t>(tokens.size()), add_special, parse_special);
+  }
+  if (n < 0) throw CodedError(env, "TOKENIZE", "llama.cpp could not tokenize the text");
+  auto array = Napi::Int32Array::New(env, static_cast<size_t>(n));
+  std::copy(tokens.begin(), tokens.begin() + n, array.Data());
+  return array;
+}
+
+Napi::Value NativeModel::Detokenize(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  EnsureOpen(env);
+  const llama_vocab* vocab = llama_model_get_vocab(host_->model);
+  std::vector<llama_token> tokens = tokens_from_js(env, info[0], llama_vocab_n_tokens(vocab), "tokens");
+  const bool remove_special = info.Length() > 1 && info[1].IsBoolean() ? info[1].As<Napi::Boolean>().Value() : false;
+  const bool unparse_special = info.Length() > 2 && info[2].IsBoolean() ? info[2].As<Napi::Boolean>().Value() : false;
+  std::string text(tokens.size() * 8 + 16, '\0');
+  int32_t n = llama_detokenize(vocab, tokens.data(), static_cast<int32_t>(tokens.size()), text.data(), static_cast<int32_t>(text.size()), remove_special, unparse_special);
+  if (n < 0) {
+    text.resize(static_cast<size_t>(-n));
+    n = llama_detokenize(vocab, tokens.data(), static_cast<int32_t>(tokens.size()), text.data(), static_cast<int32_t>(text.size()), remove_special, unparse_special);
+  }
+  if (n < 0) throw CodedError(env, "TOKENIZE", "llama.cpp could not detokenize the tokens");
+  text.resize(static_cast<size_t>(n));
+  return Napi::String::New(env, text);
+}
+
+Napi::Value NativeModel::ApplyChatTemplate(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  EnsureOpen(env);
+  if (info.Length() < 1 || !info[0].IsArray()) throw CodedError(env, "INVALID_OPTION", "applyChatTemplate(messages): expected an array");
+  Napi::Array messages = info[0].As<Napi::Array>();
+  const bool add_assistant = info.Length() > 1 && info[1].IsBoolean() ? info[1].As<Napi::Boolean>().Value() : true;
+  std::string custom;
+  if (info.Length() > 2 && info[2].IsString()) custom = info[2].As<Napi::String>().Utf8Value();
+  const char* tmpl = custom.empty() ? llama_model_chat_template(host_->model, nullptr) : custom.c_str();
+  if (tmpl == nullptr) {
+    throw CodedError(env, "CHAT_TEMPLATE", "the model has no chat template (tokenizer.chat_template); pass one with the chatTemplate option");
+  }
+  std::vector<std::string> roles, contents;
+  size_t total = 0;
+  for (uint32_t i = 0; i < messages.Length(); ++i) {
+    Napi::Value v = messages.Get(i);
+    if (!v.IsObject()) throw CodedError(env, "INVALID_OPTION", "messages[" + std::to_string(i) + "]: expected { role, content }");
+    Napi::Object m = v.As<Napi::Object>();
+    if (!m.Get("role").IsString() || !m.Get("content").IsString()) {
+      throw CodedError(env, "INVALID_OPTION", "messages[" + std::to_string(i) + "]: expected string role and content");
+    }
+    roles.push_back(m.Get("role").As<Napi::String>().Utf8Value());
+    contents.push_back(m.Get("content").As<Napi::String>().Utf8Value());
+    total += roles.back().size() + contents.back().size();
+  }
+  std::vector<llama_chat_message> chat(roles.size());
+  for (size_t i = 0; i < roles.size(); ++i) chat[i] = {roles[i].c_str(), contents[i].c_str()};
+  std::string out(total * 2 + 256, '\0');
+  int32_t n = llama_chat_apply_template(tmpl, chat.data(), chat.size(), add_assistant, out.data(), static_cast<int32_t>(out.size()));
+  if (n > static_cast<int32_t>(out.size())) {
+    out.resize(static_cast<size_t>(n));
+    n = llama_chat_apply_template(tmpl, chat.data(), chat.size(), add_assistant, out.data(), static_cast<int32_t>(out.size()));
+  }
+  if (n < 0) {
+    throw CodedError(env, "CHAT_TEMPLATE",
+                     "the model's chat template is not one llama.cpp supports without a Jinja engine; pass a supported template with the chatTemplate option");
+  }
+  out.resize(static_cast<size_t>(n));
+  return Napi::String::New(env, out);
+}
+
+Napi::Value NativeModel::Submit(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  EnsureOpen(env);
+  if (info.Length() < 3 || !info[0].IsNumber() || !info[2].IsObject()) {
+    throw CodedError(env, "NATIVE_BINDING", "submit(id: number, prompt: Int32Array, options: object)");
+  }
+  const llama_vocab* vocab = llama_model_get_vocab(host_->model);
+  Request request = request_from_js(env, info[0], info[1], info[2].As<Napi::Object>(), llama_vocab_n_tokens(vocab));
+  const uint32_t n_ctx = host_->engine->context_size();
+  if (request.prompt.empty()) throw CodedError(env, "INVALID_OPTION", "the prompt is empty: expected at least one token");
+  if (request.prompt.size() >= n_ctx) {
+    throw CodedError(env, "CONTEXT_OVERFLOW",
+                     "prompt has " + std::to_string(request.prompt.size()) + " tokens but the context holds " + std::to_string(n_ctx) +
+                         " tokens per sequence (at least one must be left to generate); shorten the prompt or load with a larger contextSize");
+  }
+  try {
+    host_->engine->submit(std::move(request));
+  } catch (const std::exception&) {
+    throw CodedError(env, "DISPOSED", "the model has been disposed");
+  }
+  if (host_->active++ == 0) host_->events.Ref(env);
+  return env.Undefined();
+}
+
+Napi::Value NativeModel::Cancel(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (!host_ || !host_->engine || info.Length() < 1 || !info[0].IsNumber()) return env.Undefined();
+  host_->engine->cancel(static_cast<uint64_t>(info[0].As<Napi::Number>().Int64Value()));
+  return env.Undefined();
+}
+
+Napi::Value NativeModel::Stats(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  EnsureOpen(env);
+  const EngineStats s = host_->engine->stats();
+  Napi::Object out = Napi::Object::New(env);
+  out.Set("active", s.active);
+  out.Set("queued", s.queued);
+  out.Set("steps", static_cast<double>(s.steps));
+  out.Set("decodedTokens", static_cast<double>(s.decoded_tokens));
+  return out;
+}
+
+Napi::Value NativeModel::Close(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (!host_ || host_->closed || host_->closing) {
+    auto d = Napi::Promise::Deferred::New(env);
+    d.Resolve(env.Undefined());
+    return d.Promise();
+  }
+  if (cleanup_hook_) {
+    napi_remove_env_cleanup_hook(env_, OnEnvCleanup, host_.get());
+    cleanup_hook_ = false;
+  }
+  host_->closing = true;
+  auto* worker = new CloseWorker(env, host_);
+  if (info.Length() > 0 && info[0].IsFunction()) worker->set_deliver(info[0].As<Napi::Function>());
+  Napi::Promise promise = worker->Promise();
+  worker->Queue();
+  return promise;
+}
+
+}  // namespace genesis

@@ -1,0 +1,66 @@
+// NativeModel: one loaded model with its context and batching engine, wrapped for JS.
+//
+// Ownership: a Host owns the llama model, the engine (which owns the llama context) and the
+// ThreadSafeFunction that carries engine events to JS. It is shared between the JS object and the
+// callbacks queued on the TSFN, so a late callback after close finds an empty host, never freed memory.
+#pragma once
+
+#include <memory>
+#include <string>
+
+#include <napi.h>
+
+#include "engine/engine.h"
+
+namespace genesis {
+
+struct Host {
+  llama_model* model = nullptr;
+  std::unique_ptr<Engine> engine;
+  Napi::ThreadSafeFunction events;  // calls JS onEvents(events[])
+  uint32_t active = 0;              // requests submitted and not finished (JS thread only)
+  bool closing = false;  // close() in progress (JS thread only)
+  bool closed = false;
+
+  ~Host();
+  // Stops the engine thread and frees native resources; safe to call twice.
+  void shutdown();
+};
+
+class NativeModel : public Napi::ObjectWrap<NativeModel> {
+ public:
+  static Napi::Function Define(Napi::Env env);
+  static Napi::Object Wrap(Napi::Env env, std::shared_ptr<Host> host);
+
+  explicit NativeModel(const Napi::CallbackInfo& info);
+  ~NativeModel() override;
+
+  // Converts and delivers events waiting in the engine outbox (JS thread).
+  static void Deliver(Napi::Env env, Napi::Function on_events, Host& host);
+
+ private:
+  Napi::Value Info(const Napi::CallbackInfo& info);
+  Napi::Value Tokenize(const Napi::CallbackInfo& info);
+  Napi::Value Detokenize(const Napi::CallbackInfo& info);
+  Napi::Value ApplyChatTemplate(const Napi::CallbackInfo& info);
+  Napi::Value Submit(const Napi::CallbackInfo& info);
+  Napi::Value Cancel(const Napi::CallbackInfo& info);
+  Napi::Value Stats(const Napi::CallbackInfo& info);
+  Napi::Value Close(const Napi::CallbackInfo& info);
+
+  void EnsureOpen(Napi::Env env) const;
+
+  static void OnEnvCleanup(void* host);
+
+  std::shared_ptr<Host> host_;
+  napi_env env_ = nullptr;
+  bool cleanup_hook_ = false;
+};
+
+// Load a model and create its engine off the JS thread: loadModel(path, options, onProgress, onEvents).
+Napi::Value LoadModel(const Napi::CallbackInfo& info);
+
+// A JS Error carrying a `code` (and optionally `path`) that src/errors.ts maps to a typed class.
+Napi::Error CodedError(Napi::Env env, const std::string& code, const std::string& message, const std::string& path = "");
+
+}  // namespace genesis

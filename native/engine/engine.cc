@@ -1,0 +1,371 @@
+#include "engine/engine.h"
+
+#include <algorithm>
+#include <stdexcept>
+
+namespace genesis {
+
+namespace {
+
+double ms_between(std::chrono::steady_clock::time_point a, std::chrono::steady_clock::time_point b) {
+  return std::chrono::duration<double, std::milli>(b - a).count();
+}
+
+std::string token_piece(const llama_vocab* vocab, llama_token token) {
+  std::string piece(64, '\0');
+  int32_t n = llama_token_to_piece(vocab, token, piece.data(), static_cast<int32_t>(piece.size()), 0, false);
+  if (n < 0) {
+    piece.resize(static_cast<size_t>(-n));
+    n = llama_token_to_piece(vocab, token, piece.data(), static_cast<int32_t>(piece.size()), 0, false);
+  }
+  piece.resize(n > 0 ? static_cast<size_t>(n) : 0);
+  return piece;
+}
+
+}  // namespace
+
+Engine::Engine(llama_model* model, const EngineOptions& options, Notify notify)
+    : model_(model), vocab_(llama_model_get_vocab(model)), notify_(std::move(notify)) {
+  auto params = llama_context_default_params();
+  params.n_seq_max = options.max_sequences;
+  // Every sequence may grow to context_size: in unified mode too, so a decode never runs out of cells.
+  params.n_ctx = options.context_size * options.max_sequences;
+  params.n_batch = options.batch_size;
+  params.n_ubatch = options.batch_size;
+  const int32_t threads = options.threads > 0 ? options.threads : static_cast<int32_t>(std::max(1u, std::thread::hardware_concurrency()));
+  params.n_threads = threads;
+  params.n_threads_batch = threads;
+  params.kv_unified = options.kv_unified;
+  params.flash_attn_type = options.flash_attention < 0    ? LLAMA_FLASH_ATTN_TYPE_AUTO
+                           : options.flash_attention == 0 ? LLAMA_FLASH_ATTN_TYPE_DISABLED
+                                                          : LLAMA_FLASH_ATTN_TYPE_ENABLED;
+  params.no_perf = true;
+  params.abort_callback = [](void* data) { return static_cast<std::atomic<bool>*>(data)->load(); };
+  params.abort_callback_data = &abort_decode_;
+
+  ctx_ = llama_init_from_model(model, params);
+  if (ctx_ == nullptr) {
+    throw std::runtime_error("llama.cpp could not create a context (contextSize " + std::to_string(options.context_size) +
+                             " x maxSequences " + std::to_string(options.max_sequences) + "); try smaller values");
+  }
+  n_seq_max_ = llama_n_seq_max(ctx_);
+  n_ctx_seq_ = std::min<uint32_t>(options.context_size, options.kv_unified ? llama_n_ctx(ctx_) : llama_n_ctx_seq(ctx_));
+  n_batch_ = llama_n_batch(ctx_);
+  batch_ = llama_batch_init(static_cast<int32_t>(n_batch_), 0, 1);
+  slots_.resize(n_seq_max_);
+  for (uint32_t i = 0; i < n_seq_max_; ++i) slots_[i].seq = static_cast<llama_seq_id>(i);
+  thread_ = std::thread(&Engine::loop, this);
+}
+
+Engine::~Engine() {
+  stop();
+  join();
+  llama_batch_free(batch_);
+  if (ctx_ != nullptr) llama_free(ctx_);
+}
+
+uint32_t Engine::total_context() const { return llama_n_ctx(ctx_); }
+
+void Engine::submit(Request request) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (stop_) throw std::runtime_error("DISPOSED");
+    incoming_.push_back(Pending{std::move(request), next_order_++, Clock::now()});
+    stats_.queued++;
+  }
+  cv_.notify_one();
+}
+
+void Engine::cancel(uint64_t id) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    cancels_.insert(id);
+  }
+  cv_.notify_one();
+}
+
+void Engine::stop() {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    stop_ = true;
+  }
+  abort_decode_ = true;
+  cv_.notify_one();
+}
+
+void Engine::join() {
+  if (thread_.joinable()) thread_.join();
+}
+
+std::vector<Event> Engine::drain() {
+  std::lock_guard<std::mutex> lock(mu_);
+  std::vector<Event> events;
+  events.swap(outbox_);
+  return events;
+}
+
+EngineStats Engine::stats() {
+  std::lock_guard<std::mutex> lock(mu_);
+  return stats_;
+}
+
+void Engine::push(Event event) {
+  bool was_empty;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    was_empty = outbox_.empty();
+    outbox_.push_back(std::move(event));
+  }
+  // Coalescing: the owner is woken once and drains everything that piled up meanwhile.
+  if (was_empty && notify_) notify_();
+}
+
+void Engine::loop() {
+  while (true) {
+    std::unordered_set<uint64_t> cancels;
+    {
+      std::unique_lock<std::mutex> lock(mu_);
+      const bool busy = !waiting_.empty() || std::any_of(slots_.begin(), slots_.end(), [](const Slot& s) { return s.busy; });
+      cv_.wait(lock, [&] { return stop_ || !incoming_.empty() || !cancels_.empty() || busy; });
+      if (stop_) break;
+      for (auto& p : incoming_) waiting_.push_back(std::move(p));
+      incoming_.clear();
+      cancels.swap(cancels_);
+    }
+    if (!cancels.empty()) apply_cancels(cancels);
+    admit();
+    step();
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      stats_.active = static_cast<uint32_t>(std::count_if(slots_.begin(), slots_.end(), [](const Slot& s) { return s.busy; }));
+      stats_.queued = static_cast<uint32_t>(waiting_.size() + incoming_.size());
+    }
+  }
+
+  // Disposal: nothing in flight is dropped silently; every request learns why it ended.
+  for (auto& slot : slots_) {
+    if (slot.busy) fail(slot, "DISPOSED", "the model was disposed during generation");
+  }
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    for (auto& p : incoming_) waiting_.push_back(std::move(p));
+    incoming_.clear();
+  }
+  for (auto& p : waiting_) {
+    Event e;
+    e.id = p.request.id;
+    e.kind = Event::Kind::Error;
+    e.error_code = "DISPOSED";
+    e.error_message = "the model was disposed before the request started";
+    push(std::move(e));
+  }
+  waiting_.clear();
+  std::lock_guard<std::mutex> lock(mu_);
+  stats_.active = 0;
+  stats_.queued = 0;
+}
+
+void Engine::apply_cancels(const std::unordered_set<uint64_t>& ids) {
+  for (auto& slot : slots_) {
+    if (slot.busy && ids.count(slot.request.id)) finish(slot, "abort");
+  }
+  auto it = std::remove_if(waiting_.begin(), waiting_.end(), [&](Pending& p) {
+    if (!ids.count(p.request.id)) return false;
+    Event e;
+    e.id = p.request.id;
+    e.kind = Event::Kind::Done;
+    e.finish_reason = "abort";
+    e.prompt_tokens = static_cast<int32_t>(p.request.prompt.size());
+    e.timings.queued_ms = ms_between(p.submitted, Clock::now());
+    push(std::move(e));
+    return true;
+  });
+  waiting_.erase(it, waiting_.end());
+}
+
+void Engine::admit() {
+  for (auto& slot : slots_) {
+    if (waiting_.empty()) return;
+    if (slot.busy) continue;
+    // Highest priority first, then arrival order.
+    auto best = std::min_element(waiting_.begin(), waiting_.end(), [](const Pending& a, const Pending& b) {
+      if (a.request.priority != b.request.priority) return a.request.priority > b.request.priority;
+      return a.order < b.order;
+    });
+    Pending p = std::move(*best);
+    waiting_.erase(best);
+
+    slot.busy = true;
+    slot.request = std::move(p.request);
+    slot.sampler = make_sampler_chain(vocab_, slot.request.sampling);
+    if (uses_penalties(slot.request.sampling)) {
+      // Penalties look at the prompt too, as in Hugging Face's generate.
+      for (llama_token t : slot.request.prompt) llama_sampler_accept(slot.sampler.get(), t);
+    }
+    slot.text = TextStream(slot.request.stop);
+    slot.prefilled = 0;
+    slot.n_past = 0;
+    slot.generated = 0;
+    slot.batch_index = -1;
+    slot.unsent.clear();
+    slot.admitted_order = next_admit_++;
+    slot.submitted = p.submitted;
+    slot.admitted = Clock::now();
+    slot.has_first_token = false;
+    llama_memory_seq_rm(llama_get_memory(ctx_), slot.seq, -1, -1);
+  }
+}
+
+void Engine::step() {
+  // Budget: every generating sequence gets its one token first, then prompt chunks, oldest first.
+  std::vector<uint32_t> take(slots_.size(), 0);
+  uint32_t budget = n_batch_;
+  std::vector<Slot*> prefilling;
+  for (size_t i = 0; i < slots_.size(); ++i) {
+    Slot& s = slots_[i];
+    if (!s.busy) continue;
+    if (s.prefilled < s.request.prompt.size()) {
+      prefilling.push_back(&s);
+    } else if (budget > 0) {
+      take[i] = 1;
+      budget--;
+    }
+  }
+  std::sort(prefilling.begin(), prefilling.end(), [](const Slot* a, const Slot* b) { return a->admitted_order < b->admitted_order; });
+  for (Slot* s : prefilling) {
+    if (budget == 0) break;
+    const uint32_t n = static_cast<uint32_t>(std::min<size_t>(budget, s->request.prompt.size() - s->prefilled));
+    take[static_cast<size_t>(s->seq)] = n;
+    budget -= n;
+  }
+
+  // Tokens are laid out by increasing sequence id: with one KV stream per sequence, llama.cpp
+  // batches consecutive sequence ids together in one micro-batch.
+  batch_.n_tokens = 0;
+  auto add = [&](llama_token token, llama_pos pos, llama_seq_id seq, bool logits) {
+    const int32_t i = batch_.n_tokens++;
+    batch_.token[i] = token;
+    batch_.pos[i] = pos;
+    batch_.n_seq_id[i] = 1;
+    batch_.seq_id[i][0] = seq;
+    batch_.logits[i] = logits ? 1 : 0;
+    return i;
+  };
+  for (size_t i = 0; i < slots_.size(); ++i) {
+    Slot& s = slots_[i];
+    if (take[i] == 0) continue;
+    if (s.prefilled < s.request.prompt.size()) {
+      for (uint32_t k = 0; k < take[i]; ++k) {
+        const bool last = s.prefilled + 1 == s.request.prompt.size();
+        const int32_t idx = add(s.request.prompt[s.prefilled], s.n_past, s.seq, last);
+        if (last) s.batch_index = idx;
+        s.prefilled++;
+        s.n_past++;
+      }
+    } else {
+      s.batch_index = add(s.last, s.n_past, s.seq, true);
+      s.n_past++;
+    }
+  }
+  if (batch_.n_tokens == 0) return;
+
+  const int32_t status = llama_decode(ctx_, batch_);
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    stats_.steps++;
+    stats_.decoded_tokens += static_cast<uint64_t>(batch_.n_tokens);
+  }
+  if (status != 0) {
+    if (status == 2 && abort_decode_) return;  // stopping: the loop ends next
+    const std::string message = status == 1 ? "llama_decode found no KV cache space for the batch"
+                                            : "llama_decode failed with status " + std::to_string(status);
+    for (size_t i = 0; i < slots_.size(); ++i) {
+      if (take[i] > 0 && slots_[i].busy) fail(slots_[i], "ENGINE", message);
+    }
+    return;
+  }
+  for (auto& s : slots_) {
+    if (s.busy && s.batch_index >= 0) sample_slot(s);
+  }
+}
+
+void Engine::sample_slot(Slot& s) {
+  const llama_token token = llama_sampler_sample(s.sampler.get(), ctx_, s.batch_index);
+  s.batch_index = -1;
+  if (!s.has_first_token) {
+    s.has_first_token = true;
+    s.first_token = Clock::now();
+  }
+  s.generated++;
+  s.unsent.push_back(token);
+
+  if (!s.request.ignore_eos && llama_vocab_is_eog(vocab_, token)) {
+    finish(s, "eog");
+    return;
+  }
+  auto update = s.text.push(token_piece(vocab_, token));
+  Event e;
+  e.text = std::move(update.delta);
+  if (update.stopped) {
+    finish_with(s, "stop", std::move(e.text));
+    return;
+  }
+  if (s.request.max_tokens >= 0 && s.generated >= s.request.max_tokens) {
+    finish_with(s, "length", std::move(e.text));
+    return;
+  }
+  if (static_cast<uint32_t>(s.n_past) + 1 > n_ctx_seq_) {
+    finish_with(s, "context", std::move(e.text));
+    return;
+  }
+  s.last = token;
+  e.id = s.request.id;
+  e.kind = Event::Kind::Tokens;
+  e.tokens.swap(s.unsent);
+  push(std::move(e));
+}
+
+void Engine::finish(Slot& s, const char* reason) { finish_with(s, reason, std::string()); }
+
+void Engine::finish_with(Slot& s, const char* reason, std::string text) {
+  Event e;
+  e.id = s.request.id;
+  e.kind = Event::Kind::Done;
+  e.finish_reason = reason;
+  e.tokens.swap(s.unsent);
+  // A stop string ends the text where it starts; anything else releases what was held back.
+  e.text = std::string(reason) == "stop" ? std::move(text) : text + s.text.flush();
+  e.prompt_tokens = static_cast<int32_t>(s.request.prompt.size());
+  e.completion_tokens = s.generated;
+  const auto now = Clock::now();
+  e.timings.queued_ms = ms_between(s.submitted, s.admitted);
+  if (s.has_first_token) {
+    e.timings.prompt_ms = ms_between(s.admitted, s.first_token);
+    e.timings.generation_ms = ms_between(s.first_token, now);
+    e.timings.time_to_first_token_ms = ms_between(s.submitted, s.first_token);
+  }
+  push(std::move(e));
+  release(s);
+}
+
+void Engine::fail(Slot& s, const std::string& code, const std::string& message) {
+  Event e;
+  e.id = s.request.id;
+  e.kind = Event::Kind::Error;
+  e.error_code = code;
+  e.error_message = message;
+  e.tokens.swap(s.unsent);
+  e.completion_tokens = s.generated;
+  push(std::move(e));
+  release(s);
+}
+
+void Engine::release(Slot& s) {
+  llama_memory_seq_rm(llama_get_memory(ctx_), s.seq, -1, -1);
+  s.sampler.reset();
+  s.busy = false;
+  s.batch_index = -1;
+  s.request = Request();
+}
+
+}  // namespace genesis

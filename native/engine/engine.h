@@ -1,0 +1,166 @@
+// The continuous-batching engine: one per loaded model context, with its own thread.
+//
+// Each step (shape of llama-server's update_slots): admit queued requests into free sequence
+// slots, take one token from every generating sequence plus prompt chunks up to the step's token
+// budget (chunked prefill), run one llama_decode, then sample each sequence that produced logits.
+// Results go to an outbox; the owner is notified once when the outbox goes from empty to
+// non-empty, so many tokens of many sequences reach JS in one call.
+#pragma once
+
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <functional>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <unordered_set>
+#include <vector>
+
+#include "engine/sampling.h"
+#include "engine/text.h"
+#include "llama.h"
+
+namespace genesis {
+
+struct EngineOptions {
+  uint32_t context_size = 4096;  // tokens per sequence
+  uint32_t max_sequences = 4;
+  uint32_t batch_size = 512;     // token budget of one step
+  int32_t threads = 0;           // 0: hardware concurrency
+  bool kv_unified = false;       // one KV buffer shared by all sequences (masked attention)
+  int32_t flash_attention = -1;  // -1: llama.cpp decides, 0: off, 1: on
+};
+
+struct Request {
+  uint64_t id = 0;
+  std::vector<llama_token> prompt;
+  SamplingParams sampling;
+  int32_t max_tokens = -1;  // < 0: until end of generation or the context is full
+  std::vector<std::string> stop;
+  int32_t priority = 0;     // higher first; FIFO among equals
+  bool ignore_eos = false;
+};
+
+struct Timings {
+  double queued_ms = 0;         // submit -> admitted into a sequence slot
+  double prompt_ms = 0;         // admitted -> first token sampled (prefill)
+  double generation_ms = 0;     // first token -> finished
+  double time_to_first_token_ms = 0;  // submit -> first token
+};
+
+struct Event {
+  enum class Kind { Tokens, Done, Error };
+  uint64_t id = 0;
+  Kind kind = Kind::Tokens;
+  std::vector<llama_token> tokens;  // tokens sampled since the previous event of this request
+  std::string text;                 // text released since the previous event
+  // Done
+  std::string finish_reason;        // "eog" | "stop" | "length" | "context" | "abort"
+  int32_t prompt_tokens = 0;
+  int32_t completion_tokens = 0;
+  Timings timings;
+  // Error
+  std::string error_code;
+  std::string error_message;
+};
+
+struct EngineStats {
+  uint32_t active = 0;
+  uint32_t queued = 0;
+  uint64_t steps = 0;
+  uint64_t decoded_tokens = 0;
+};
+
+class Engine {
+ public:
+  using Notify = std::function<void()>;
+
+  // Creates the llama context; throws std::runtime_error when llama.cpp refuses.
+  Engine(llama_model* model, const EngineOptions& options, Notify notify);
+  ~Engine();
+
+  Engine(const Engine&) = delete;
+  Engine& operator=(const Engine&) = delete;
+
+  uint32_t context_size() const { return n_ctx_seq_; }
+  uint32_t max_sequences() const { return n_seq_max_; }
+  uint32_t batch_size() const { return n_batch_; }
+  uint32_t total_context() const;
+
+  void submit(Request request);
+  void cancel(uint64_t id);
+  // Asks the thread to stop: every queued and active request finishes with a DISPOSED error.
+  void stop();
+  // Waits for the thread to end (call after stop()).
+  void join();
+
+  std::vector<Event> drain();
+  EngineStats stats();
+
+ private:
+  using Clock = std::chrono::steady_clock;
+
+  struct Pending {
+    Request request;
+    uint64_t order = 0;
+    Clock::time_point submitted;
+  };
+
+  struct Slot {
+    bool busy = false;
+    llama_seq_id seq = 0;
+    Request request;
+    SamplerPtr sampler;
+    TextStream text{{}};
+    size_t prefilled = 0;          // prompt tokens already decoded
+    llama_pos n_past = 0;          // tokens in this sequence's KV
+    llama_token last = 0;          // sampled token still to be decoded
+    int32_t generated = 0;
+    int32_t batch_index = -1;      // logits row in the current batch, -1: none
+    std::vector<llama_token> unsent;
+    uint64_t admitted_order = 0;
+    Clock::time_point submitted, admitted, first_token;
+    bool has_first_token = false;
+  };
+
+  void loop();
+  void admit();
+  void apply_cancels(const std::unordered_set<uint64_t>& ids);
+  void step();
+  void sample_slot(Slot& slot);
+  void finish(Slot& slot, const char* reason);
+  void finish_with(Slot& slot, const char* reason, std::string text);
+  void fail(Slot& slot, const std::string& code, const std::string& message);
+  void release(Slot& slot);
+  void push(Event event);
+
+  llama_model* model_;
+  const llama_vocab* vocab_;
+  llama_context* ctx_ = nullptr;
+  llama_batch batch_{};
+  uint32_t n_ctx_seq_ = 0;
+  uint32_t n_seq_max_ = 0;
+  uint32_t n_batch_ = 0;
+  Notify notify_;
+
+  std::mutex mu_;  // guards incoming_, cancels_, stop_, outbox_, stats_
+  std::condition_variable cv_;
+  std::vector<Pending> incoming_;
+  std::unordered_set<uint64_t> cancels_;
+  bool stop_ = false;
+  std::vector<Event> outbox_;
+  EngineStats stats_;
+
+  // Owned by the engine thread.
+  std::vector<Pending> waiting_;
+  std::vector<Slot> slots_;
+  uint64_t next_order_ = 0;
+  uint64_t next_admit_ = 0;
+
+  std::atomic<bool> abort_decode_{false};
+  std::thread thread_;
+};
+
+}  // namespace genesis

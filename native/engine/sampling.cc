@@ -1,0 +1,33 @@
+#include "engine/sampling.h"
+
+namespace genesis {
+
+bool uses_penalties(const SamplingParams& p) {
+  return p.penalty_last_n != 0 && (p.repeat_penalty != 1.0f || p.frequency_penalty != 0.0f || p.presence_penalty != 0.0f);
+}
+
+SamplerPtr make_sampler_chain(const llama_vocab* vocab, const SamplingParams& p) {
+  auto chain_params = llama_sampler_chain_default_params();
+  chain_params.no_perf = true;
+  SamplerPtr chain(llama_sampler_chain_init(chain_params));
+  const int32_t n_vocab = llama_vocab_n_tokens(vocab);
+
+  if (!p.logit_bias.empty()) {
+    llama_sampler_chain_add(chain.get(), llama_sampler_init_logit_bias(n_vocab, static_cast<int32_t>(p.logit_bias.size()), p.logit_bias.data()));
+  }
+  if (uses_penalties(p)) {
+    llama_sampler_chain_add(chain.get(), llama_sampler_init_penalties(n_vocab, p.penalty_last_n, p.repeat_penalty, p.frequency_penalty, p.presence_penalty));
+  }
+  if (p.temperature <= 0.0f) {
+    llama_sampler_chain_add(chain.get(), llama_sampler_init_greedy());
+    return chain;
+  }
+  if (p.top_k > 0) llama_sampler_chain_add(chain.get(), llama_sampler_init_top_k(p.top_k));
+  if (p.top_p < 1.0f) llama_sampler_chain_add(chain.get(), llama_sampler_init_top_p(p.top_p, 1));
+  if (p.min_p > 0.0f) llama_sampler_chain_add(chain.get(), llama_sampler_init_min_p(p.min_p, 1));
+  llama_sampler_chain_add(chain.get(), llama_sampler_init_temp(p.temperature));
+  llama_sampler_chain_add(chain.get(), llama_sampler_init_dist(p.seed));
+  return chain;
+}
+
+}  // namespace genesis

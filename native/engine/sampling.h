@@ -1,0 +1,35 @@
+// Per-sequence sampling: one llama.cpp sampler chain per sequence, built from plain parameters.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "llama.h"
+
+namespace genesis {
+
+struct SamplingParams {
+  float temperature = 0.8f;  // <= 0: greedy (argmax), the other samplers are skipped
+  int32_t top_k = 40;        // <= 0: off
+  float top_p = 0.95f;       // >= 1: off
+  float min_p = 0.05f;       // <= 0: off
+  int32_t penalty_last_n = 64;
+  float repeat_penalty = 1.0f;     // 1: off
+  float frequency_penalty = 0.0f;  // 0: off
+  float presence_penalty = 0.0f;   // 0: off
+  std::vector<llama_logit_bias> logit_bias;
+  uint32_t seed = 0;
+};
+
+struct SamplerDeleter {
+  void operator()(llama_sampler* s) const { llama_sampler_free(s); }
+};
+using SamplerPtr = std::unique_ptr<llama_sampler, SamplerDeleter>;
+
+// Chain order follows llama.cpp's common sampler: bias, penalties, truncation, temperature, draw.
+SamplerPtr make_sampler_chain(const llama_vocab* vocab, const SamplingParams& params);
+
+bool uses_penalties(const SamplingParams& params);
+
+}  // namespace genesis

@@ -1,0 +1,153 @@
+// Gets the pinned llama.cpp source and builds it with CMake as static libraries.
+//
+// The source comes from the npm registry: node-llama-cpp@3.22.1 ships llama.cpp as a git bundle
+// (llama/gitRelease.bundle). We take only that bundle, never the package's JavaScript. The tarball
+// is cached outside the repository; the clone lives in the ignored deps/llama.cpp.
+import { execFileSync, spawnSync } from 'node:child_process';
+import { createHash } from 'node:crypto';
+import { existsSync, mkdirSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { homedir, cpus } from 'node:os';
+import { dirname, join, resolve } from 'node:path';
+import { fileURLToPath } from 'node:url';
+
+export const LLAMA_PACKAGE = 'node-llama-cpp@3.22.1';
+export const LLAMA_COMMIT = 'de3ff815ea7d559ee917f063901b8986f038abc6';
+
+export const repoRoot = resolve(dirname(fileURLToPath(import.meta.url)), '..');
+export const llamaDir = join(repoRoot, 'deps', 'llama.cpp');
+const patchesDir = join(repoRoot, 'native', 'patches');
+
+/** Reference tools built beside the libraries: tests and benchmarks compare against them. */
+export const REFERENCE_TOOLS = ['llama-simple'];
+
+export function cacheDir() {
+  return process.env.GENESIS_CACHE_DIR ?? join(process.env.XDG_CACHE_HOME ?? join(homedir(), '.cache'), 'genesis-runtime');
+}
+
+function log(message) {
+  process.stderr.write(`[genesis build] ${message}\n`);
+}
+
+function run(cmd, args, options = {}) {
+  const result = spawnSync(cmd, args, { stdio: 'inherit', ...options });
+  if (result.error) throw new Error(`could not run ${cmd}: ${result.error.message}`);
+  if (result.status !== 0) throw new Error(`${cmd} ${args.join(' ')} exited with status ${result.status}`);
+}
+
+function git(args, cwd) {
+  return execFileSync('git', args, { cwd, encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'] }).trim();
+}
+
+function patchFiles() {
+  if (!existsSync(patchesDir)) return [];
+  return readdirSync(patchesDir)
+    .filter((name) => name.endsWith('.patch'))
+    .sort()
+    .map((name) => join(patchesDir, name));
+}
+
+function patchesDigest() {
+  const hash = createHash('sha256');
+  for (const file of patchFiles()) hash.update(file).update(readFileSync(file));
+  return hash.digest('hex');
+}
+
+/** Clone the bundle into deps/llama.cpp at the pinned commit and apply native/patches/*.patch. */
+export function fetchLlama() {
+  const stampFile = join(llamaDir, '.genesis-source.json');
+  const wanted = { commit: LLAMA_COMMIT, patches: patchesDigest() };
+  if (existsSync(stampFile)) {
+    const stamp = JSON.parse(readFileSync(stampFile, 'utf8'));
+    if (stamp.commit === wanted.commit && stamp.patches === wanted.patches && git(['rev-parse', 'HEAD'], llamaDir) === LLAMA_COMMIT) {
+      return;
+    }
+  }
+
+  const cache = cacheDir();
+  mkdirSync(cache, { recursive: true });
+  const tarball = join(cache, `${LLAMA_PACKAGE.replace('@', '-')}.tgz`);
+  if (!existsSync(tarball)) {
+    log(`fetching ${LLAMA_PACKAGE} from the npm registry (for its llama.cpp bundle) into ${cache}`);
+    run('npm', ['pack', LLAMA_PACKAGE, '--pack-destination', cache, '--silent'], { stdio: ['ignore', 'ignore', 'inherit'] });
+    if (!existsSync(tarball)) throw new Error(`npm pack did not produce ${tarball}`);
+  }
+  const bundleDir = join(cache, 'bundle');
+  const bundle = join(bundleDir, 'package', 'llama', 'gitRelease.bundle');
+  if (!existsSync(bundle)) {
+    mkdirSync(bundleDir, { recursive: true });
+    run('tar', ['-xzf', tarball, '-C', bundleDir, 'package/llama/gitRelease.bundle']);
+  }
+
+  log(`cloning llama.cpp ${LLAMA_COMMIT.slice(0, 12)} into deps/llama.cpp`);
+  rmSync(llamaDir, { recursive: true, force: true });
+  mkdirSync(dirname(llamaDir), { recursive: true });
+  run('git', ['clone', '--quiet', '--no-checkout', bundle, llamaDir]);
+  run('git', ['-c', 'advice.detachedHead=false', 'checkout', '--quiet', '--detach', LLAMA_COMMIT], { cwd: llamaDir });
+  const head = git(['rev-parse', 'HEAD'], llamaDir);
+  if (head !== LLAMA_COMMIT) {
+    throw new Error(`deps/llama.cpp is at ${head}, expected the pinned commit ${LLAMA_COMMIT}`);
+  }
+  for (const patch of patchFiles()) {
+    log(`applying ${patch}`);
+    run('git', ['apply', '--whitespace=nowarn', patch], { cwd: llamaDir });
+  }
+  writeFileSync(stampFile, JSON.stringify(wanted, null, 2));
+}
+
+export function buildVariant() {
+  const flag = process.env.GENESIS_CUDA;
+  if (flag === '1' || flag === 'true') return 'cuda';
+  return 'cpu';
+}
+
+export function buildDir(variant = buildVariant()) {
+  return join(llamaDir, `build-${variant}`);
+}
+
+/** Static libraries of a variant, in link order. */
+export function staticLibs(variant = buildVariant()) {
+  const dir = buildDir(variant);
+  const libs = [join(dir, 'src', 'libllama.a'), join(dir, 'ggml', 'src', 'libggml.a')];
+  if (variant === 'cuda') libs.push(join(dir, 'ggml', 'src', 'ggml-cuda', 'libggml-cuda.a'));
+  libs.push(join(dir, 'ggml', 'src', 'libggml-cpu.a'), join(dir, 'ggml', 'src', 'libggml-base.a'));
+  return libs;
+}
+
+export function cmakeBuildLlama(variant = buildVariant()) {
+  const dir = buildDir(variant);
+  const jobs = String(Number(process.env.GENESIS_JOBS) || Math.max(1, cpus().length));
+  const defines = {
+    CMAKE_BUILD_TYPE: 'Release',
+    BUILD_SHARED_LIBS: 'OFF',
+    CMAKE_POSITION_INDEPENDENT_CODE: 'ON',
+    // Portable builds (prebuilds) set GENESIS_NATIVE=0; a source build tunes for this CPU.
+    GGML_NATIVE: process.env.GENESIS_NATIVE === '0' ? 'OFF' : 'ON',
+    LLAMA_BUILD_TESTS: 'OFF',
+    LLAMA_BUILD_SERVER: 'OFF',
+    LLAMA_BUILD_APP: 'OFF',
+    LLAMA_BUILD_EXAMPLES: 'ON',
+    LLAMA_BUILD_TOOLS: 'ON',
+    LLAMA_OPENSSL: 'OFF',
+    GGML_CUDA: variant === 'cuda' ? 'ON' : 'OFF',
+  };
+  if (variant === 'cuda') defines.CMAKE_CUDA_ARCHITECTURES = process.env.GENESIS_CUDA_ARCHS ?? '90';
+  const generator = spawnSync('ninja', ['--version'], { stdio: 'ignore' }).status === 0 ? 'Ninja' : 'Unix Makefiles';
+  if (!existsSync(join(dir, 'CMakeCache.txt'))) {
+    log(`configuring llama.cpp (${variant}) with CMake, generator ${generator}`);
+    run('cmake', ['-S', llamaDir, '-B', dir, '-G', generator, ...Object.entries(defines).map(([k, v]) => `-D${k}=${v}`)], {
+      stdio: ['ignore', 'ignore', 'inherit'],
+    });
+  }
+  log(`building llama.cpp static libraries (${variant}) with ${jobs} jobs`);
+  const targets = ['llama', 'ggml', ...REFERENCE_TOOLS];
+  run('cmake', ['--build', dir, '--parallel', jobs, '--target', ...targets]);
+  for (const lib of staticLibs(variant)) {
+    if (!existsSync(lib)) throw new Error(`the llama.cpp build did not produce ${lib}`);
+  }
+  return dir;
+}
+
+/** Path of a reference tool (llama-simple, ...) built from the same source. */
+export function referenceTool(name, variant = buildVariant()) {
+  return join(buildDir(variant), 'bin', name);
+}

@@ -1,0 +1,140 @@
+/**
+ * The native addon's surface, typed in one place, and the loader that finds the binary.
+ * Nothing outside src/ touches these types: the public API wraps them.
+ */
+import { createRequire } from 'node:module';
+import { dirname, join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { GenesisError } from './errors.js';
+
+export interface NativeLoadOptions {
+  contextSize: number;
+  maxSequences: number;
+  batchSize: number;
+  gpuLayers: number;
+  threads: number;
+  kvUnified: boolean;
+  flashAttention: number;
+  useMmap: boolean;
+}
+
+export interface NativeSubmitOptions {
+  temperature: number;
+  topK: number;
+  topP: number;
+  minP: number;
+  penaltyLastN: number;
+  repeatPenalty: number;
+  frequencyPenalty: number;
+  presencePenalty: number;
+  logitBias: Array<[number, number]>;
+  seed: number;
+  maxTokens: number;
+  stop: string[];
+  priority: number;
+  ignoreEos: boolean;
+}
+
+export interface NativeTimings {
+  queuedMs: number;
+  promptMs: number;
+  generationMs: number;
+  timeToFirstTokenMs: number;
+}
+
+export type NativeEvent =
+  | { id: number; kind: 'tokens'; tokens: Int32Array; text: string }
+  | {
+      id: number;
+      kind: 'done';
+      tokens: Int32Array;
+      text: string;
+      finishReason: 'eog' | 'stop' | 'length' | 'context' | 'abort';
+      promptTokens: number;
+      completionTokens: number;
+      timings: NativeTimings;
+    }
+  | { id: number; kind: 'error'; tokens: Int32Array; text: string; code: string; message: string; completionTokens: number };
+
+export interface NativeModelInfo {
+  architecture: string;
+  name: string;
+  description: string;
+  parameters: number;
+  sizeBytes: number;
+  fileType: string;
+  embeddingLength: number;
+  layers: number;
+  heads: number;
+  kvHeads: number;
+  trainContextLength: number;
+  vocabSize: number;
+  experts: number;
+  expertsUsed: number;
+  recurrent: boolean;
+  hybrid: boolean;
+  chatTemplate: string | null;
+  specialTokens: { bos: number; eos: number; eot: number; addBos: boolean };
+  context: { contextSize: number; maxSequences: number; batchSize: number; totalContext: number };
+  metadata: Record<string, string>;
+}
+
+export interface NativeEngineStats {
+  active: number;
+  queued: number;
+  steps: number;
+  decodedTokens: number;
+}
+
+export interface NativeModel {
+  info(): NativeModelInfo;
+  tokenize(text: string, addSpecial: boolean, parseSpecial: boolean): Int32Array;
+  detokenize(tokens: Int32Array | number[], removeSpecial: boolean, unparseSpecial: boolean): string;
+  applyChatTemplate(messages: Array<{ role: string; content: string }>, addAssistant: boolean, template?: string): string;
+  submit(id: number, prompt: Int32Array, options: NativeSubmitOptions): void;
+  cancel(id: number): void;
+  stats(): NativeEngineStats;
+  close(onEvents: (events: NativeEvent[]) => void): Promise<void>;
+}
+
+export interface NativeSystemInfo {
+  llamaCpp: string;
+  gpuOffload: boolean;
+  mmap: boolean;
+  maxSequences: number;
+  variant: 'cpu' | 'cuda';
+}
+
+export interface NativeBinding {
+  loadModel(
+    path: string,
+    options: NativeLoadOptions,
+    onProgress: ((progress: number) => void) | undefined,
+    onEvents: (events: NativeEvent[]) => void,
+  ): Promise<NativeModel>;
+  systemInfo(): NativeSystemInfo;
+}
+
+/** Root of the installed package (holds binding.gyp, build/ and prebuilds/). */
+export const packageRoot = join(dirname(fileURLToPath(import.meta.url)), '..');
+
+let cached: NativeBinding | undefined;
+
+export function binding(): NativeBinding {
+  if (cached) return cached;
+  const require = createRequire(import.meta.url);
+  try {
+    // node-gyp-build looks in prebuilds/<platform>-<arch> first, then build/Release.
+    const load = require('node-gyp-build') as (dir: string) => NativeBinding;
+    cached = load(packageRoot);
+    return cached;
+  } catch (error) {
+    throw new GenesisError(
+      'NATIVE_BINDING',
+      `the Genesis native addon could not be loaded for ${process.platform}-${process.arch} (Node ${process.version}): ` +
+        `${error instanceof Error ? error.message : String(error)}. Fixes: run \`npm install\` in ${packageRoot} ` +
+        '(it builds llama.cpp and the addon; needs cmake, git, make and a C++17 compiler), or `npm run build` to rebuild after a Node upgrade.',
+      { cause: error },
+    );
+  }
+}

@@ -1,0 +1,242 @@
+#!/usr/bin/env node
+/**
+ * genesis: command-line front end.
+ *   genesis generate --model M --prompt "..."   stream a completion to stdout
+ *   genesis info M                              describe a model file
+ *   genesis demo                                continuous batching on the built-in synthetic model
+ * Argument parsing uses node:util parseArgs (Node's own, no dependency).
+ */
+import { parseArgs, type ParseArgsConfig } from 'node:util';
+import { GenesisError } from '../errors.js';
+import { loadModel, type Model } from '../model.js';
+import type { GenerateOptions, LoadModelOptions } from '../options.js';
+import { ensureDefaultModel } from '../synthetic/default-model.js';
+import { progressBar } from './progress.js';
+
+const USAGE = `Usage:
+  genesis generate --model <file.gguf> --prompt <text> [options]
+  genesis info <file.gguf> [--json]
+  genesis demo [--model <file.gguf>] [--requests N]
+
+generate options:
+  --max-tokens N        tokens to generate (default 256)
+  --temperature T       0 = greedy (default 0.8)
+  --top-k K --top-p P --min-p P --seed S
+  --repeat-penalty R --frequency-penalty F --presence-penalty P
+  --stop TEXT           stop string (repeatable)
+  --chat                format --prompt as a user message with the model's chat template
+  --system TEXT         system message (with --chat)
+model options:
+  --context-size N --max-sequences N --threads N --gpu-layers N|max --batch-size N
+`;
+
+const modelOptions = {
+  model: { type: 'string', short: 'm' },
+  'context-size': { type: 'string' },
+  'max-sequences': { type: 'string' },
+  'batch-size': { type: 'string' },
+  threads: { type: 'string', short: 't' },
+  'gpu-layers': { type: 'string' },
+  help: { type: 'boolean', short: 'h' },
+} as const satisfies ParseArgsConfig['options'];
+
+function int(name: string, value: string | undefined): number | undefined {
+  if (value === undefined) return undefined;
+  const n = Number(value);
+  if (!Number.isFinite(n)) throw new UsageError(`--${name} expects a number, got ${JSON.stringify(value)}`);
+  return n;
+}
+
+class UsageError extends Error {}
+
+function loadOptions(values: Record<string, unknown>): LoadModelOptions {
+  const gpu = values['gpu-layers'] as string | undefined;
+  return {
+    contextSize: int('context-size', values['context-size'] as string | undefined),
+    maxSequences: int('max-sequences', values['max-sequences'] as string | undefined),
+    batchSize: int('batch-size', values['batch-size'] as string | undefined),
+    threads: int('threads', values.threads as string | undefined),
+    gpuLayers: gpu === 'max' ? 'max' : int('gpu-layers', gpu),
+    onProgress: process.stderr.isTTY ? progressBar('loading') : undefined,
+  };
+}
+
+async function open(path: string, options: LoadModelOptions): Promise<Model> {
+  const model = await loadModel(path, options);
+  if (process.stderr.isTTY) process.stderr.write('\n');
+  return model;
+}
+
+async function generateCommand(argv: string[]): Promise<void> {
+  const { values } = parseArgs({
+    args: argv,
+    options: {
+      ...modelOptions,
+      prompt: { type: 'string', short: 'p' },
+      'max-tokens': { type: 'string', short: 'n' },
+      temperature: { type: 'string' },
+      'top-k': { type: 'string' },
+      'top-p': { type: 'string' },
+      'min-p': { type: 'string' },
+      seed: { type: 'string' },
+      'repeat-penalty': { type: 'string' },
+      'frequency-penalty': { type: 'string' },
+      'presence-penalty': { type: 'string' },
+      stop: { type: 'string', multiple: true },
+      chat: { type: 'boolean' },
+      system: { type: 'string' },
+    },
+  });
+  if (values.help) return void process.stdout.write(USAGE);
+  if (!values.model) throw new UsageError('generate needs --model <file.gguf>');
+  if (values.prompt === undefined) throw new UsageError('generate needs --prompt <text>');
+  const options: GenerateOptions = {
+    maxTokens: int('max-tokens', values['max-tokens']) ?? 256,
+    temperature: int('temperature', values.temperature),
+    topK: int('top-k', values['top-k']),
+    topP: int('top-p', values['top-p']),
+    minP: int('min-p', values['min-p']),
+    seed: int('seed', values.seed),
+    repeatPenalty: int('repeat-penalty', values['repeat-penalty']),
+    frequencyPenalty: int('frequency-penalty', values['frequency-penalty']),
+    presencePenalty: int('presence-penalty', values['presence-penalty']),
+    stop: values.stop,
+  };
+  const model = await open(values.model, loadOptions(values));
+  const controller = new AbortController();
+  process.once('SIGINT', () => controller.abort());
+  try {
+    const messages = [
+      ...(values.system ? [{ role: 'system', content: values.system }] : []),
+      { role: 'user', content: values.prompt },
+    ];
+    const run = values.chat
+      ? model.chat(messages, { ...options, signal: controller.signal })
+      : model.generate(values.prompt, { ...options, signal: controller.signal });
+    for await (const chunk of run) process.stdout.write(chunk.text);
+    const r = await run.result;
+    process.stdout.write('\n');
+    process.stderr.write(
+      `[${r.finishReason}] ${r.usage.promptTokens} prompt tokens (${r.timings.promptTokensPerSecond.toFixed(1)} t/s), ` +
+        `${r.usage.completionTokens} generated (${r.timings.tokensPerSecond.toFixed(1)} t/s), seed ${r.seed}\n`,
+    );
+  } finally {
+    await model.dispose();
+  }
+}
+
+async function infoCommand(argv: string[]): Promise<void> {
+  const { values, positionals } = parseArgs({
+    args: argv,
+    allowPositionals: true,
+    options: { ...modelOptions, json: { type: 'boolean' } },
+  });
+  if (values.help) return void process.stdout.write(USAGE);
+  const path = positionals[0] ?? values.model;
+  if (!path) throw new UsageError('info needs a model file: genesis info <file.gguf>');
+  const model = await open(path, { ...loadOptions(values), maxSequences: 1, contextSize: 256 });
+  try {
+    const { metadata, chatTemplate, ...info } = model.info;
+    if (values.json) {
+      process.stdout.write(`${JSON.stringify({ ...info, chatTemplate, metadata }, null, 2)}\n`);
+      return;
+    }
+    const rows: Array<[string, string]> = [
+      ['file', info.path],
+      ['architecture', info.architecture],
+      ['name', info.name || '-'],
+      ['description', info.description],
+      ['parameters', info.parameters.toLocaleString('en-US')],
+      ['size', `${(info.sizeBytes / 2 ** 20).toFixed(1)} MiB`],
+      ['file type', info.fileType],
+      ['layers', String(info.layers)],
+      ['embedding', String(info.embeddingLength)],
+      ['heads (kv)', `${info.heads} (${info.kvHeads})`],
+      ['experts (used)', info.experts ? `${info.experts} (${info.expertsUsed})` : '-'],
+      ['train context', String(info.trainContextLength)],
+      ['vocab', String(info.vocabSize)],
+      ['chat template', chatTemplate ? `${chatTemplate.length} chars` : 'none'],
+    ];
+    const width = Math.max(...rows.map(([k]) => k.length));
+    for (const [k, v] of rows) process.stdout.write(`${k.padEnd(width)}  ${v}\n`);
+  } finally {
+    await model.dispose();
+  }
+}
+
+async function demoCommand(argv: string[]): Promise<void> {
+  const { values } = parseArgs({
+    args: argv,
+    options: { ...modelOptions, requests: { type: 'string' }, 'max-tokens': { type: 'string' } },
+  });
+  if (values.help) return void process.stdout.write(USAGE);
+  let path = values.model;
+  if (!path) {
+    path = await ensureDefaultModel({ onProgress: (m: string) => process.stderr.write(`${m}\n`) });
+    process.stderr.write(`no --model given: using the built-in demo model ${path}\n`);
+    process.stderr.write('(synthetic, RANDOM WEIGHTS: the text is noise; tokens, batching and speed are real)\n');
+  }
+  const requests = int('requests', values.requests) ?? 8;
+  const model = await open(path!, { ...loadOptions(values), maxSequences: int('max-sequences', values['max-sequences']) ?? requests });
+  try {
+    const prompts = Array.from({ length: requests }, (_, i) => `Request ${i + 1}: tell me something about the number ${i + 1}.`);
+    const started = performance.now();
+    const runs = prompts.map((p) => model.generate(p, { maxTokens: int('max-tokens', values['max-tokens']) ?? 64, temperature: 0 }));
+    const lengths = new Array<number>(requests).fill(0);
+    await Promise.all(
+      runs.map(async (run, i) => {
+        for await (const chunk of run) lengths[i]! += chunk.tokens.length;
+      }),
+    );
+    const results = await Promise.all(runs.map((r) => r.result));
+    const seconds = (performance.now() - started) / 1000;
+    const total = results.reduce((n, r) => n + r.usage.completionTokens, 0);
+    results.forEach((r, i) => process.stdout.write(`#${i + 1} [${r.finishReason}, ${r.usage.completionTokens} tokens] ${JSON.stringify(r.text.slice(0, 60))}\n`));
+    const stats = model.stats();
+    process.stdout.write(
+      `${requests} concurrent requests, ${total} tokens in ${seconds.toFixed(2)} s: ${(total / seconds).toFixed(1)} tokens/s aggregate; ` +
+        `${stats.steps} engine steps (${(stats.decodedTokens / Math.max(1, stats.steps)).toFixed(1)} tokens per decode)\n`,
+    );
+  } finally {
+    await model.dispose();
+  }
+}
+
+export async function main(argv = process.argv.slice(2)): Promise<number> {
+  const [command, ...rest] = argv;
+  try {
+    switch (command) {
+      case 'generate':
+        await generateCommand(rest);
+        return 0;
+      case 'info':
+        await infoCommand(rest);
+        return 0;
+      case 'demo':
+        await demoCommand(rest);
+        return 0;
+      case undefined:
+      case '-h':
+      case '--help':
+      case 'help':
+        process.stdout.write(USAGE);
+        return command === undefined ? 1 : 0;
+      default:
+        throw new UsageError(`unknown command ${JSON.stringify(command)}`);
+    }
+  } catch (error) {
+    if (error instanceof UsageError || (error as { code?: string }).code?.startsWith('ERR_PARSE_ARGS')) {
+      process.stderr.write(`genesis: ${(error as Error).message}\n\n${USAGE}`);
+      return 2;
+    }
+    if (error instanceof GenesisError) {
+      process.stderr.write(`genesis: ${error.code}: ${error.message}\n`);
+      return 1;
+    }
+    throw error;
+  }
+}
+
+main().then((code) => {
+  process.exitCode = code;
+});

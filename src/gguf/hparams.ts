@@ -1,0 +1,61 @@
+/**
+ * Checks of model hyperparameters that llama.cpp asserts on (GGML_ASSERT aborts the whole process)
+ * instead of returning an error. Found by feeding it bad values; keep in step with the pinned source.
+ */
+import { ModelLoadError } from '../errors.js';
+import type { GgufFile } from './types.js';
+
+// Architectures whose graph builders assert head size == rotary dims == value head size
+// (GGML_ASSERT(n_embd_head == n_rot) in src/models/<arch>.cpp); others allow partial rotary.
+const FULL_ROTARY = new Set([
+  'llama', 'llama4', 'mistral3', 'qwen2', 'qwen2moe', 'qwen2vl', 'qwen3', 'qwen3moe', 'qwen3vl', 'qwen3vlmoe',
+  'deepseek', 'granite', 'granitemoe', 'olmo', 'olmo2', 'olmoe', 'internlm2', 'baichuan', 'starcoder2', 'exaone',
+  'exaone4', 'smollm3', 'dbrx', 'grok', 'arctic', 'dots1', 'xverse', 'orion', 'falcon', 'deci', 'plamo', 'arcee',
+]);
+
+// src/llama-hparams.h of the pinned llama.cpp.
+const LLAMA_MAX_LAYERS = 512;
+const LLAMA_MAX_EXPERTS = 1024;
+
+function uint(file: GgufFile, key: string): number | undefined {
+  const v = file.metadata.get(key);
+  if (v === undefined) return undefined;
+  if (v.type === 'array' || v.type === 'string' || v.type === 'bool') return undefined;
+  return Number(v.value);
+}
+
+export function checkHyperparameters(file: GgufFile, arch: string): void {
+  const fail = (what: string) => {
+    throw new ModelLoadError('MODEL_CORRUPT', file.path, `${file.path}: ${what}`);
+  };
+  const layers = uint(file, `${arch}.block_count`);
+  if (layers !== undefined && (layers < 1 || layers > LLAMA_MAX_LAYERS)) {
+    fail(`${arch}.block_count is ${layers}, expected 1 to ${LLAMA_MAX_LAYERS}`);
+  }
+  const experts = uint(file, `${arch}.expert_count`);
+  const used = uint(file, `${arch}.expert_used_count`);
+  if (experts !== undefined && experts > LLAMA_MAX_EXPERTS) fail(`${arch}.expert_count is ${experts}, expected at most ${LLAMA_MAX_EXPERTS}`);
+  if (experts !== undefined && experts > 0) {
+    if (used === undefined || used < 1) fail(`${arch}.expert_used_count is ${used ?? 'missing'}, expected 1 to expert_count (${experts})`);
+    else if (used > experts) fail(`${arch}.expert_used_count (${used}) exceeds ${arch}.expert_count (${experts})`);
+  }
+  const heads = uint(file, `${arch}.attention.head_count`);
+  const embd = uint(file, `${arch}.embedding_length`);
+  const keyLength = uint(file, `${arch}.attention.key_length`);
+  const rope = uint(file, `${arch}.rope.dimension_count`);
+  if (heads === 0) fail(`${arch}.attention.head_count is 0, expected at least 1`);
+  // Rotary dims cannot exceed the head size (llama.cpp asserts in the qwen3 family).
+  const headSize = keyLength ?? (heads && embd ? embd / heads : undefined);
+  if (rope !== undefined && headSize !== undefined && rope > headSize) {
+    fail(`${arch}.rope.dimension_count (${rope}) exceeds the attention head size (${headSize})`);
+  }
+  if (FULL_ROTARY.has(arch)) {
+    const valueLength = uint(file, `${arch}.attention.value_length`);
+    if (rope !== undefined && headSize !== undefined && rope !== headSize) {
+      fail(`${arch}.rope.dimension_count (${rope}) must equal the attention head size (${headSize}) for ${arch}`);
+    }
+    if (keyLength !== undefined && valueLength !== undefined && keyLength !== valueLength) {
+      fail(`${arch}.attention.key_length (${keyLength}) must equal attention.value_length (${valueLength}) for ${arch}`);
+    }
+  }
+}

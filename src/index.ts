@@ -1,0 +1,15 @@
+export { loadModel, Model } from './model.js';
+export type { ChatMessage, EngineStats, ModelInfo } from './model.js';
+export { Generation } from './generation.js';
+export type { FinishReason, GenerationChunk, GenerationResult, GenerationTimings } from './generation.js';
+export type { ChatOptions, GenerateOptions, LoadModelOptions, SamplingOptions } from './options.js';
+export {
+  AbortError,
+  ContextOverflowError,
+  DisposedError,
+  GenesisError,
+  InvalidOptionError,
+  ModelLoadError,
+} from './errors.js';
+export type { GenesisErrorCode, ModelLoadErrorCode } from './errors.js';
+export { systemInfo } from './system.js';

@@ -1,0 +1,225 @@
+/**
+ * Model: a loaded GGUF with its context and continuous-batching engine.
+ *
+ *   const model = await loadModel('model.gguf', { contextSize: 4096, maxSequences: 8 });
+ *   for await (const chunk of model.generate('Hello', { maxTokens: 32 })) process.stdout.write(chunk.text);
+ *   await model.dispose();
+ */
+import { binding, type NativeEvent, type NativeModel, type NativeModelInfo, type NativeSubmitOptions } from './binding.js';
+import { AbortError, ContextOverflowError, DisposedError, InvalidOptionError, ModelLoadError, toGenesisError } from './errors.js';
+import { Generation, type GenerationResult } from './generation.js';
+import { checkHyperparameters } from './gguf/hparams.js';
+import { readGguf } from './gguf/index.js';
+import { resolveLoadOptions, resolveSamplingOptions, type ChatOptions, type GenerateOptions, type LoadModelOptions } from './options.js';
+
+export interface ChatMessage {
+  role: 'system' | 'user' | 'assistant' | (string & {});
+  content: string;
+}
+
+export interface ModelInfo extends NativeModelInfo {
+  path: string;
+}
+
+export interface EngineStats {
+  /** Sequences generating or prefilling now. */
+  active: number;
+  /** Requests waiting for a free sequence. */
+  queued: number;
+  /** Engine steps (one llama_decode each) since load. */
+  steps: number;
+  /** Tokens decoded (prompt + generated) since load. */
+  decodedTokens: number;
+}
+
+let nextRequestId = 1;
+
+export class Model implements AsyncDisposable {
+  readonly path: string;
+  readonly info: ModelInfo;
+
+  #native: NativeModel;
+  #active = new Map<number, Generation>();
+  #disposed = false;
+  #disposing: Promise<void> | undefined;
+  #bosText: string | undefined;
+  #onEvents: (events: NativeEvent[]) => void;
+
+  private constructor(path: string, native: NativeModel, route: { handler?: (events: NativeEvent[]) => void }) {
+    this.path = path;
+    this.#native = native;
+    this.info = { path, ...native.info() };
+    this.#onEvents = (events) => this.#dispatch(events);
+    route.handler = this.#onEvents;
+  }
+
+  /** @internal use loadModel() */
+  static async _load(path: string, options: LoadModelOptions = {}): Promise<Model> {
+    if (typeof path !== 'string' || path.length === 0) throw new InvalidOptionError('path', 'a path to a .gguf file', path);
+    // Our own strict GGUF check first: llama.cpp may abort the process on some corrupt files.
+    const gguf = await readGguf(path);
+    const arch = gguf.metadata.get('general.architecture');
+    if (arch?.type !== 'string') {
+      throw new ModelLoadError('MODEL_CORRUPT', path, `${path} has no general.architecture string: expected a GGUF model file`);
+    }
+    checkHyperparameters(gguf, arch.value);
+    const ctxTrain = gguf.metadata.get(`${arch.value}.context_length`);
+    const system = binding().systemInfo();
+    const resolved = resolveLoadOptions(options, {
+      trainContextLength: ctxTrain && typeof ctxTrain.value === 'number' ? ctxTrain.value : 4096,
+      gpuOffload: system.gpuOffload,
+      maxSequences: system.maxSequences,
+    });
+    // Events can only arrive after submit(), which needs the Model: route through a late-bound handler.
+    const route: { handler?: (events: NativeEvent[]) => void } = {};
+    let native: NativeModel;
+    try {
+      native = await binding().loadModel(path, resolved, options.onProgress, (events) => route.handler?.(events));
+    } catch (error) {
+      throw toGenesisError(error as { code: string; message: string; path?: string });
+    }
+    return new Model(path, native, route);
+  }
+
+  get disposed(): boolean {
+    return this.#disposed;
+  }
+
+  /** Token ids of `text`. addSpecial adds BOS etc. as the model wants; parseSpecial reads `<|im_start|>`-style text as special tokens. */
+  tokenize(text: string, options: { addSpecial?: boolean; parseSpecial?: boolean } = {}): number[] {
+    this.#assertOpen();
+    if (typeof text !== 'string') throw new InvalidOptionError('text', 'a string', text);
+    return Array.from(this.#native.tokenize(text, options.addSpecial ?? true, options.parseSpecial ?? true));
+  }
+
+  detokenize(tokens: readonly number[] | Int32Array, options: { removeSpecial?: boolean; renderSpecial?: boolean } = {}): string {
+    this.#assertOpen();
+    return this.#native.detokenize(Array.from(tokens), options.removeSpecial ?? false, options.renderSpecial ?? false);
+  }
+
+  /** Formats messages with the model's chat template (tokenizer.chat_template) or `template`. */
+  applyChatTemplate(messages: ChatMessage[], options: { addAssistant?: boolean; template?: string } = {}): string {
+    this.#assertOpen();
+    if (!Array.isArray(messages)) throw new InvalidOptionError('messages', 'an array of { role, content }', messages);
+    try {
+      return this.#native.applyChatTemplate(messages, options.addAssistant ?? true, options.template);
+    } catch (error) {
+      throw toGenesisError(error as { code: string; message: string });
+    }
+  }
+
+  /**
+   * Starts a generation and returns at once. Iterate it for chunks, await `.result` for the whole.
+   * Invalid options, an over-long prompt or a disposed model throw here, synchronously.
+   */
+  generate(prompt: string | readonly number[] | Int32Array, options: GenerateOptions = {}): Generation {
+    this.#assertOpen();
+    const sampling = resolveSamplingOptions(options, this.info.vocabSize);
+    let tokens: Int32Array;
+    if (typeof prompt === 'string') {
+      tokens = this.#native.tokenize(prompt, options.addSpecial ?? true, true);
+    } else if (prompt instanceof Int32Array || Array.isArray(prompt)) {
+      tokens = Int32Array.from(prompt);
+    } else {
+      throw new InvalidOptionError('prompt', 'a string or an array of token ids', prompt);
+    }
+    return this.#submit(tokens, sampling, options.signal);
+  }
+
+  /** Non-streaming convenience: the whole result of generate(). */
+  async complete(prompt: string | readonly number[] | Int32Array, options: GenerateOptions = {}): Promise<GenerationResult> {
+    return this.generate(prompt, options).result;
+  }
+
+  /** Generates the assistant's reply to `messages`, formatted with the model's chat template. */
+  chat(messages: ChatMessage[], options: ChatOptions = {}): Generation {
+    const text = this.applyChatTemplate(messages, { addAssistant: true, template: options.chatTemplate });
+    // Templates that spell out the BOS token must not get a second one from the tokenizer.
+    const bos = this.#bosPrefix();
+    const addSpecial = !(bos.length > 0 && text.startsWith(bos));
+    return this.generate(text, { ...options, addSpecial });
+  }
+
+  stats(): EngineStats {
+    this.#assertOpen();
+    return this.#native.stats();
+  }
+
+  /**
+   * Stops the engine and frees the model. Generations still running reject with DisposedError.
+   * Idempotent: later calls return the same promise.
+   */
+  dispose(): Promise<void> {
+    if (this.#disposing) return this.#disposing;
+    this.#disposed = true;
+    this.#disposing = (async () => {
+      await this.#native.close(this.#onEvents);
+      for (const generation of this.#active.values()) generation._fail(new DisposedError());
+      this.#active.clear();
+    })();
+    return this.#disposing;
+  }
+
+  [Symbol.asyncDispose](): Promise<void> {
+    return this.dispose();
+  }
+
+  #submit(tokens: Int32Array, sampling: NativeSubmitOptions, signal: AbortSignal | undefined): Generation {
+    const contextSize = this.info.context.contextSize;
+    if (tokens.length >= contextSize) throw new ContextOverflowError(tokens.length, contextSize);
+    if (tokens.length === 0) throw new InvalidOptionError('prompt', 'at least one token', 'an empty prompt');
+    if (sampling.penaltyLastN === -1) sampling.penaltyLastN = contextSize;
+
+    const id = nextRequestId++;
+    let onAbort: (() => void) | undefined;
+    const generation = new Generation(
+      id,
+      sampling.seed,
+      () => this.#cancel(id),
+      () => {
+        this.#active.delete(id);
+        if (onAbort) signal?.removeEventListener('abort', onAbort);
+      },
+    );
+    if (signal?.aborted) {
+      generation._fail(new AbortError('the signal was aborted before the generation started', { text: '', tokens: [] }));
+      return generation;
+    }
+    try {
+      this.#native.submit(id, tokens, sampling);
+    } catch (error) {
+      throw toGenesisError(error as { code: string; message: string });
+    }
+    this.#active.set(id, generation);
+    if (signal) {
+      onAbort = () => this.#cancel(id);
+      signal.addEventListener('abort', onAbort, { once: true });
+    }
+    return generation;
+  }
+
+  #cancel(id: number): void {
+    if (!this.#disposed && this.#active.has(id)) this.#native.cancel(id);
+  }
+
+  #dispatch(events: NativeEvent[]): void {
+    for (const event of events) this.#active.get(event.id)?._event(event);
+  }
+
+  #bosPrefix(): string {
+    if (this.#bosText === undefined) {
+      const { bos, addBos } = this.info.specialTokens;
+      this.#bosText = addBos && bos >= 0 ? this.#native.detokenize([bos], false, true) : '';
+    }
+    return this.#bosText;
+  }
+
+  #assertOpen(): void {
+    if (this.#disposed) throw new DisposedError();
+  }
+}
+
+/** Loads a GGUF model and starts its engine. */
+export function loadModel(path: string, options?: LoadModelOptions): Promise<Model> {
+  return Model._load(path, options);
+}

@@ -1,0 +1,181 @@
+/**
+ * Public option types with their defaults, and validation that turns impossible values into
+ * InvalidOptionError before anything reaches native code.
+ */
+import { availableParallelism } from 'node:os';
+import type { NativeLoadOptions, NativeSubmitOptions } from './binding.js';
+import { InvalidOptionError } from './errors.js';
+
+export interface LoadModelOptions {
+  /** Tokens each sequence can hold (prompt + output). Default: the model's training context, at most 4096. */
+  contextSize?: number;
+  /** Sequences generated concurrently; more requests wait in a queue. Default 4. */
+  maxSequences?: number;
+  /** Token budget of one engine step (generating tokens + prompt chunks). Default 512. */
+  batchSize?: number;
+  /** Layers to offload to the GPU; 'max' offloads all. Default 'max' when the build supports a GPU, else 0. */
+  gpuLayers?: number | 'max';
+  /** CPU threads for decoding. Default: all available cores. */
+  threads?: number;
+  /**
+   * One KV buffer shared by all sequences (llama.cpp's unified KV). Default false: each sequence has
+   * its own stream, so its attention never runs over other sequences' cells and its output does not
+   * depend on what else is in the batch.
+   */
+  kvUnified?: boolean;
+  /** Flash attention: 'auto' lets llama.cpp decide. Default 'auto'. */
+  flashAttention?: boolean | 'auto';
+  /** Memory-map the weights instead of reading them. Default true. */
+  useMmap?: boolean;
+  /** Called with load progress in [0, 1]. */
+  onProgress?: (progress: number) => void;
+}
+
+export interface SamplingOptions {
+  /** Maximum tokens to generate. Default: until end of generation or the context is full. */
+  maxTokens?: number;
+  /** 0 selects greedy decoding (argmax); top-k/top-p/min-p then do nothing. Default 0.8. */
+  temperature?: number;
+  /** Keep the k most likely tokens; 0 disables. Default 40. */
+  topK?: number;
+  /** Nucleus sampling mass in (0, 1]; 1 disables. Default 0.95. */
+  topP?: number;
+  /** Drop tokens below minP × the top probability; 0 disables. Default 0.05. */
+  minP?: number;
+  /** Repetition penalty (> 0; 1 disables). Default 1. */
+  repeatPenalty?: number;
+  /** OpenAI-style frequency penalty; 0 disables. Default 0. */
+  frequencyPenalty?: number;
+  /** OpenAI-style presence penalty; 0 disables. Default 0. */
+  presencePenalty?: number;
+  /** How many recent tokens the penalties consider (-1: whole context). Default 64. */
+  penaltyLastN?: number;
+  /** Additive bias per token id; -Infinity bans a token. */
+  logitBias?: Record<number, number> | Map<number, number> | Array<[number, number]>;
+  /** Seed of the sampler's random draw (uint32). Default: random, reported in the result. */
+  seed?: number;
+  /** Stop strings: generation ends where one appears; it is not part of the output. */
+  stop?: string | string[];
+  /** Keep generating past end-of-generation tokens. Default false. */
+  ignoreEos?: boolean;
+  /** Queue priority when all sequences are busy: higher first, FIFO among equals. Default 0. */
+  priority?: number;
+  /** Cancels the generation; the iterator and `result` reject with AbortError. */
+  signal?: AbortSignal;
+}
+
+export interface GenerateOptions extends SamplingOptions {
+  /** For text prompts: add the model's BOS/special prefix tokens. Default true. */
+  addSpecial?: boolean;
+}
+
+export interface ChatOptions extends SamplingOptions {
+  /** A chat template to use instead of the model's own (tokenizer.chat_template). */
+  chatTemplate?: string;
+}
+
+function isInt(v: unknown): v is number {
+  return typeof v === 'number' && Number.isInteger(v);
+}
+
+function checkInt(name: string, v: unknown, min: number, max: number): number | undefined {
+  if (v === undefined) return undefined;
+  if (!isInt(v) || v < min || v > max) throw new InvalidOptionError(name, `an integer in [${min}, ${max}]`, v);
+  return v;
+}
+
+function checkNumber(name: string, v: unknown, min: number, max: number, expected?: string): number | undefined {
+  if (v === undefined) return undefined;
+  if (typeof v !== 'number' || !Number.isFinite(v) || v < min || v > max) {
+    throw new InvalidOptionError(name, expected ?? `a number in [${min}, ${max}]`, v);
+  }
+  return v;
+}
+
+function checkBool(name: string, v: unknown): boolean | undefined {
+  if (v === undefined) return undefined;
+  if (typeof v !== 'boolean') throw new InvalidOptionError(name, 'true or false', v);
+  return v;
+}
+
+export function resolveLoadOptions(
+  options: LoadModelOptions,
+  model: { trainContextLength: number; gpuOffload: boolean; maxSequences: number },
+): NativeLoadOptions {
+  if (options === null || typeof options !== 'object') throw new InvalidOptionError('options', 'an object', options);
+  const contextSize = checkInt('contextSize', options.contextSize, 2, 1 << 24) ?? Math.min(Math.max(model.trainContextLength, 2), 4096);
+  const maxSequences = checkInt('maxSequences', options.maxSequences, 1, model.maxSequences) ?? 4;
+  const batchSize = checkInt('batchSize', options.batchSize, 1, 1 << 16) ?? 512;
+  if (batchSize < maxSequences) {
+    throw new InvalidOptionError('batchSize', `at least maxSequences (${maxSequences}): every sequence needs a token per step`, batchSize);
+  }
+  let gpuLayers: number;
+  if (options.gpuLayers === undefined) gpuLayers = model.gpuOffload ? -1 : 0;
+  else if (options.gpuLayers === 'max') gpuLayers = -1;
+  else gpuLayers = checkInt('gpuLayers', options.gpuLayers, 0, 100000, ) ?? 0;
+  const threads = checkInt('threads', options.threads, 1, 1024) ?? availableParallelism();
+  const kvUnified = checkBool('kvUnified', options.kvUnified) ?? false;
+  const fa = options.flashAttention;
+  if (fa !== undefined && fa !== 'auto' && typeof fa !== 'boolean') throw new InvalidOptionError('flashAttention', "true, false or 'auto'", fa);
+  const useMmap = checkBool('useMmap', options.useMmap) ?? true;
+  if (options.onProgress !== undefined && typeof options.onProgress !== 'function') {
+    throw new InvalidOptionError('onProgress', 'a function', options.onProgress);
+  }
+  return {
+    contextSize,
+    maxSequences,
+    batchSize,
+    gpuLayers,
+    threads,
+    kvUnified,
+    flashAttention: fa === undefined || fa === 'auto' ? -1 : fa ? 1 : 0,
+    useMmap,
+  };
+}
+
+function resolveLogitBias(bias: SamplingOptions['logitBias'], vocabSize: number): Array<[number, number]> {
+  if (bias === undefined) return [];
+  let entries: Array<[unknown, unknown]>;
+  if (bias instanceof Map) entries = [...bias.entries()];
+  else if (Array.isArray(bias)) entries = bias as Array<[unknown, unknown]>;
+  else if (typeof bias === 'object' && bias !== null) entries = Object.entries(bias);
+  else throw new InvalidOptionError('logitBias', 'an object { tokenId: bias }, a Map or [tokenId, bias] pairs', bias);
+  return entries.map(([token, value]) => {
+    const id = typeof token === 'string' ? Number(token) : token;
+    if (!isInt(id) || id < 0 || id >= vocabSize) throw new InvalidOptionError('logitBias', `token ids in [0, ${vocabSize})`, token);
+    if (typeof value !== 'number' || Number.isNaN(value) || value === Infinity) {
+      throw new InvalidOptionError(`logitBias[${id}]`, 'a finite number or -Infinity', value);
+    }
+    return [id, value];
+  });
+}
+
+export function resolveSamplingOptions(options: SamplingOptions, vocabSize: number): NativeSubmitOptions {
+  if (options === null || typeof options !== 'object') throw new InvalidOptionError('options', 'an object', options);
+  let stop: string[] = [];
+  if (typeof options.stop === 'string') stop = [options.stop];
+  else if (Array.isArray(options.stop)) stop = options.stop;
+  else if (options.stop !== undefined) throw new InvalidOptionError('stop', 'a string or an array of strings', options.stop);
+  for (const s of stop) {
+    if (typeof s !== 'string' || s.length === 0) throw new InvalidOptionError('stop', 'non-empty strings', s);
+  }
+  if (options.signal !== undefined && !(options.signal instanceof AbortSignal)) {
+    throw new InvalidOptionError('signal', 'an AbortSignal', options.signal);
+  }
+  return {
+    maxTokens: checkInt('maxTokens', options.maxTokens, 0, 2 ** 31 - 1) ?? -1,
+    temperature: checkNumber('temperature', options.temperature, 0, 100) ?? 0.8,
+    topK: checkInt('topK', options.topK, 0, vocabSize) ?? 40,
+    topP: checkNumber('topP', options.topP, 0, 1) ?? 0.95,
+    minP: checkNumber('minP', options.minP, 0, 1) ?? 0.05,
+    repeatPenalty: checkNumber('repeatPenalty', options.repeatPenalty, Number.MIN_VALUE, 100, 'a number in (0, 100]') ?? 1,
+    frequencyPenalty: checkNumber('frequencyPenalty', options.frequencyPenalty, -100, 100) ?? 0,
+    presencePenalty: checkNumber('presencePenalty', options.presencePenalty, -100, 100) ?? 0,
+    penaltyLastN: checkInt('penaltyLastN', options.penaltyLastN, -1, 2 ** 31 - 1) ?? 64,
+    logitBias: resolveLogitBias(options.logitBias, vocabSize),
+    seed: checkInt('seed', options.seed, 0, 2 ** 32 - 1) ?? Math.floor(Math.random() * 2 ** 32),
+    stop,
+    priority: checkInt('priority', options.priority, -(2 ** 31), 2 ** 31 - 1) ?? 0,
+    ignoreEos: checkBool('ignoreEos', options.ignoreEos) ?? false,
+  };
+}

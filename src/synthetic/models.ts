@@ -1,0 +1,338 @@
+/**
+ * Synthetic GGUF models: real llama.cpp tokenizers (copied from llama.cpp's models/ggml-vocab-*.gguf)
+ * on top of random-weight transformers, so the full load → tokenize → decode path runs without
+ * downloading a model. Tests use tiny ones; the demo and benchmarks use the same generator.
+ *
+ * Files are cached under a name derived from a hash of the options and written atomically, so any
+ * number of concurrent processes may ask for the same model.
+ */
+
+import { createHash, randomUUID } from 'node:crypto';
+import { existsSync } from 'node:fs';
+import { mkdir, rename, rm, stat } from 'node:fs/promises';
+import { homedir } from 'node:os';
+import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+
+import { GgmlType, readGguf, writeGguf } from '../gguf/index.js';
+import type { GgufMetadataEntry, GgufTensorInput } from '../gguf/index.js';
+
+/** Bump when the generator changes so stale cached files are not reused. */
+const GENERATOR_VERSION = 1;
+
+export type SyntheticArch = 'llama' | 'qwen3moe';
+export type SyntheticWeightType = 'f32' | 'f16' | 'q8_0' | 'q4_0';
+/** Any `ggml-vocab-<name>.gguf` in the vocab directory; these are the ones llama.cpp ships. */
+export type SyntheticVocab =
+  | 'llama-spm'
+  | 'llama-bpe'
+  | 'qwen2'
+  | 'qwen35'
+  | 'phi-3'
+  | 'gpt-2'
+  | 'falcon'
+  | 'deepseek-llm'
+  | 'deepseek-coder'
+  | 'command-r'
+  | 'starcoder'
+  | 'mpt'
+  | 'refact'
+  | 'gpt-neox'
+  | 'baichuan'
+  | 'aquila'
+  | (string & {});
+
+export interface SyntheticModelOptions {
+  arch?: SyntheticArch;
+  /** Default: 'llama-spm' for llama, 'qwen2' for qwen3moe. */
+  vocab?: SyntheticVocab;
+  /** Directory holding ggml-vocab-*.gguf. Default: `defaultVocabDir()`. */
+  vocabDir?: string;
+  nLayer?: number;
+  nEmbd?: number;
+  nHead?: number;
+  nHeadKv?: number;
+  /** Dense FFN width (llama); also written as feed_forward_length for qwen3moe. */
+  nFf?: number;
+  nExpert?: number;
+  nExpertUsed?: number;
+  nFfExp?: number;
+  contextLength?: number;
+  /** Storage type of the 2-D/3-D weight matrices (token_embd and output included); norms are F32. */
+  type?: SyntheticWeightType;
+  seed?: number;
+  /**
+   * Written as tokenizer.chat_template. Default: a llama-2 '[INST]' template for the llama-spm
+   * vocab, ChatML ('<|im_start|>') otherwise. null writes none (removing the vocab file's own).
+   */
+  chatTemplate?: string | null;
+  /** general.name. */
+  name?: string;
+  /**
+   * Omit output.weight so llama.cpp reuses token_embd as the LM head (as tied-embedding models do);
+   * halves the size of big-vocabulary fixtures. Default false. With random weights the residual
+   * stream is dominated by the current token's own embedding, so greedy decoding of a tied fixture
+   * mostly repeats the last token: fine for load/tokenize tests, not for "varied output" tests.
+   */
+  tieEmbeddings?: boolean;
+  /** Default: `defaultModelCacheDir()`. */
+  cacheDir?: string;
+}
+
+type ResolvedOptions = Required<Omit<SyntheticModelOptions, 'cacheDir' | 'chatTemplate'>> & {
+  chatTemplate: string | null;
+};
+
+export const CHATML_TEMPLATE =
+  "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}" +
+  "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
+
+// The template Meta shipped with Llama-2-chat; llama.cpp detects it as llama2-sys-strip.
+export const LLAMA2_TEMPLATE =
+  "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}{% set system_message = messages[0]['content'] %}" +
+  '{% else %}{% set loop_messages = messages %}{% set system_message = false %}{% endif %}' +
+  "{% for message in loop_messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}" +
+  "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}" +
+  "{% if loop.index0 == 0 and system_message != false %}{% set content = '<<SYS>>\\n' + system_message + '\\n<</SYS>>\\n\\n' + message['content'] %}" +
+  "{% else %}{% set content = message['content'] %}{% endif %}" +
+  "{% if message['role'] == 'user' %}{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}" +
+  "{% elif message['role'] == 'assistant' %}{{ ' '  + content.strip() + ' ' + eos_token }}{% endif %}{% endfor %}";
+
+/** The package root: src/synthetic and dist/synthetic are both two levels down. */
+export function repoRoot(): string {
+  return fileURLToPath(new URL('../../', import.meta.url)).replace(/\/$/, '');
+}
+
+/** Default cache of generated models: $GENESIS_CACHE_DIR/models or ~/.cache/genesis-runtime/models. */
+export function defaultModelCacheDir(): string {
+  const base = process.env['GENESIS_CACHE_DIR'] ?? join(process.env['XDG_CACHE_HOME'] ?? join(homedir(), '.cache'), 'genesis-runtime');
+  return join(base, 'models');
+}
+
+/** Where ggml-vocab-*.gguf files live: $GENESIS_VOCAB_DIR, else `<repoRoot>/deps/llama.cpp/models`. */
+export function defaultVocabDir(): string {
+  return process.env['GENESIS_VOCAB_DIR'] || join(repoRoot(), 'deps', 'llama.cpp', 'models');
+}
+
+export function vocabPath(vocab: string, vocabDir = defaultVocabDir()): string {
+  return join(vocabDir, `ggml-vocab-${vocab}.gguf`);
+}
+
+function resolve(options: SyntheticModelOptions): ResolvedOptions {
+  const arch = options.arch ?? 'llama';
+  const vocab = options.vocab ?? (arch === 'qwen3moe' ? 'qwen2' : 'llama-spm');
+  const type = options.type ?? 'q8_0';
+  const r: ResolvedOptions = {
+    arch,
+    vocab,
+    vocabDir: options.vocabDir ?? defaultVocabDir(),
+    nLayer: options.nLayer ?? 2,
+    nEmbd: options.nEmbd ?? 64,
+    nHead: options.nHead ?? 4,
+    nHeadKv: options.nHeadKv ?? 2,
+    nFf: options.nFf ?? 128,
+    nExpert: options.nExpert ?? 8,
+    nExpertUsed: options.nExpertUsed ?? 2,
+    nFfExp: options.nFfExp ?? 64,
+    contextLength: options.contextLength ?? 4096,
+    type,
+    seed: options.seed ?? 1,
+    chatTemplate: options.chatTemplate === undefined ? (vocab === 'llama-spm' ? LLAMA2_TEMPLATE : CHATML_TEMPLATE) : options.chatTemplate,
+    name: options.name ?? `genesis-fixture-${arch}-${vocab}-${type}`,
+    tieEmbeddings: options.tieEmbeddings ?? false,
+  };
+  validate(r);
+  return r;
+}
+
+function validate(o: ResolvedOptions): void {
+  const positive = ['nLayer', 'nEmbd', 'nHead', 'nHeadKv', 'nFf', 'nExpert', 'nExpertUsed', 'nFfExp', 'contextLength'] as const;
+  for (const k of positive) {
+    if (!Number.isInteger(o[k]) || o[k] <= 0) throw new RangeError(`fixture option ${k} must be a positive integer, got ${o[k]}`);
+  }
+  if (o.nEmbd % o.nHead !== 0) throw new RangeError(`nEmbd (${o.nEmbd}) must be divisible by nHead (${o.nHead})`);
+  if (o.nHead % o.nHeadKv !== 0) throw new RangeError(`nHead (${o.nHead}) must be divisible by nHeadKv (${o.nHeadKv})`);
+  if ((o.nEmbd / o.nHead) % 2 !== 0) throw new RangeError(`head size nEmbd/nHead must be even for RoPE`);
+  if (o.nExpertUsed > o.nExpert) throw new RangeError(`nExpertUsed (${o.nExpertUsed}) must not exceed nExpert (${o.nExpert})`);
+  if (o.type === 'q8_0' || o.type === 'q4_0') {
+    // Every quantized matrix has one of these as its contiguous dimension (ne0).
+    const rows = o.arch === 'llama' ? { nEmbd: o.nEmbd, nFf: o.nFf } : { nEmbd: o.nEmbd, nFfExp: o.nFfExp };
+    for (const [k, v] of Object.entries(rows)) {
+      if (v % 32 !== 0) throw new RangeError(`type ${o.type} needs ${k} to be a multiple of 32, got ${v}`);
+    }
+  }
+}
+
+const TYPE_IDS: Record<SyntheticWeightType, number> = {
+  f32: GgmlType.F32,
+  f16: GgmlType.F16,
+  q8_0: GgmlType.Q8_0,
+  q4_0: GgmlType.Q4_0,
+};
+
+// llama_ftype values (include/llama.h).
+const FILE_TYPES: Record<SyntheticWeightType, number> = { f32: 0, f16: 1, q4_0: 2, q8_0: 7 };
+
+/** mulberry32: tiny, fast, and identical on every platform, which is all a fixture needs. */
+export function mulberry32(seed: number): () => number {
+  let a = seed >>> 0;
+  return () => {
+    a = (a + 0x6d2b79f5) >>> 0;
+    let t = a;
+    t = Math.imul(t ^ (t >>> 15), t | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+  };
+}
+
+function fnv1a(s: string, seed: number): number {
+  let h = (0x811c9dc5 ^ seed) >>> 0;
+  for (let i = 0; i < s.length; i++) h = Math.imul(h ^ s.charCodeAt(i), 0x01000193) >>> 0;
+  return h;
+}
+
+/** Uniform(-scale, scale) values; each tensor has its own stream so tensor order does not matter. */
+function uniform(seed: number, name: string, n: number, scale: number): Float32Array {
+  const next = mulberry32(fnv1a(name, seed));
+  const out = new Float32Array(n);
+  for (let i = 0; i < n; i++) out[i] = (next() * 2 - 1) * scale;
+  return out;
+}
+
+interface FixtureContent {
+  metadata: GgufMetadataEntry[];
+  tensors: GgufTensorInput[];
+}
+
+async function buildContent(o: ResolvedOptions): Promise<FixtureContent> {
+  const vocabFile = vocabPath(o.vocab, o.vocabDir);
+  if (!existsSync(vocabFile)) {
+    throw new Error(
+      `fixture vocab file not found: ${vocabFile}; build deps/llama.cpp or set GENESIS_VOCAB_DIR to llama.cpp's models/ directory`,
+    );
+  }
+  const vocab = await readGguf(vocabFile);
+  const tokens = vocab.metadata.get('tokenizer.ggml.tokens');
+  if (tokens?.type !== 'array' || tokens.itemType !== 'string') {
+    throw new Error(`${vocabFile} has no tokenizer.ggml.tokens string array`);
+  }
+  const nVocab = tokens.value.length;
+
+  const a = o.arch;
+  const headDim = o.nEmbd / o.nHead;
+  const u32 = (key: string, value: number): GgufMetadataEntry => ({ key, type: 'u32', value });
+  const f32 = (key: string, value: number): GgufMetadataEntry => ({ key, type: 'f32', value });
+
+  const metadata: GgufMetadataEntry[] = [
+    { key: 'general.architecture', type: 'string', value: a },
+    { key: 'general.name', type: 'string', value: o.name },
+    u32('general.file_type', FILE_TYPES[o.type]),
+    u32('general.quantization_version', 2),
+    u32(`${a}.vocab_size`, nVocab),
+    u32(`${a}.context_length`, o.contextLength),
+    u32(`${a}.embedding_length`, o.nEmbd),
+    u32(`${a}.block_count`, o.nLayer),
+    u32(`${a}.feed_forward_length`, o.nFf),
+    u32(`${a}.attention.head_count`, o.nHead),
+    u32(`${a}.attention.head_count_kv`, o.nHeadKv),
+    f32(`${a}.attention.layer_norm_rms_epsilon`, a === 'qwen3moe' ? 1e-6 : 1e-5),
+    f32(`${a}.rope.freq_base`, a === 'qwen3moe' ? 1_000_000 : 10_000),
+    u32(`${a}.rope.dimension_count`, headDim),
+  ];
+  if (a === 'qwen3moe') {
+    metadata.push(
+      u32(`${a}.attention.key_length`, headDim),
+      u32(`${a}.attention.value_length`, headDim),
+      u32(`${a}.expert_count`, o.nExpert),
+      u32(`${a}.expert_used_count`, o.nExpertUsed),
+      u32(`${a}.expert_feed_forward_length`, o.nFfExp),
+    );
+  }
+  for (const [key, value] of vocab.metadata) {
+    if (key.startsWith('tokenizer.') && key !== 'tokenizer.chat_template') metadata.push({ key, ...value });
+  }
+  if (o.chatTemplate !== null) metadata.push({ key: 'tokenizer.chat_template', type: 'string', value: o.chatTemplate });
+
+  const wtype = TYPE_IDS[o.type];
+  const tensors: GgufTensorInput[] = [];
+  const ones = (name: string, n: number): void => {
+    tensors.push({ name, type: GgmlType.F32, shape: [n], data: () => new Float32Array(n).fill(1) });
+  };
+  // Uniform(±1/sqrt(fan_in)) keeps every projection's output variance near a third of its input's,
+  // so activations stay O(1) through the layers and the logits are neither flat nor saturated.
+  const matrix = (name: string, shape: number[], type = wtype, scale = 1 / Math.sqrt(shape[0]!)): void => {
+    const n = shape.reduce((x, y) => x * y, 1);
+    tensors.push({ name, type, shape, data: () => uniform(o.seed, name, n, scale) });
+  };
+
+  const nEmbdKv = headDim * o.nHeadKv;
+  // Embeddings get unit scale so the token identity is not drowned by the first layer's output.
+  matrix('token_embd.weight', [o.nEmbd, nVocab], wtype, 1);
+  ones('output_norm.weight', o.nEmbd);
+  if (!o.tieEmbeddings) matrix('output.weight', [o.nEmbd, nVocab]);
+  for (let i = 0; i < o.nLayer; i++) {
+    const p = `blk.${i}.`;
+    ones(`${p}attn_norm.weight`, o.nEmbd);
+    matrix(`${p}attn_q.weight`, [o.nEmbd, headDim * o.nHead]);
+    matrix(`${p}attn_k.weight`, [o.nEmbd, nEmbdKv]);
+    matrix(`${p}attn_v.weight`, [o.nEmbd, nEmbdKv]);
+    matrix(`${p}attn_output.weight`, [headDim * o.nHead, o.nEmbd]);
+    ones(`${p}ffn_norm.weight`, o.nEmbd);
+    if (a === 'llama') {
+      matrix(`${p}ffn_gate.weight`, [o.nEmbd, o.nFf]);
+      matrix(`${p}ffn_up.weight`, [o.nEmbd, o.nFf]);
+      matrix(`${p}ffn_down.weight`, [o.nFf, o.nEmbd]);
+    } else {
+      ones(`${p}attn_q_norm.weight`, headDim);
+      ones(`${p}attn_k_norm.weight`, headDim);
+      // The router stays F32 as in converted Qwen3-MoE files (llama-quantize never quantizes it).
+      matrix(`${p}ffn_gate_inp.weight`, [o.nEmbd, o.nExpert], GgmlType.F32);
+      matrix(`${p}ffn_gate_exps.weight`, [o.nEmbd, o.nFfExp, o.nExpert]);
+      matrix(`${p}ffn_up_exps.weight`, [o.nEmbd, o.nFfExp, o.nExpert]);
+      matrix(`${p}ffn_down_exps.weight`, [o.nFfExp, o.nEmbd, o.nExpert]);
+    }
+  }
+  return { metadata, tensors };
+}
+
+const inFlight = new Map<string, Promise<string>>();
+
+/**
+ * Path of a cached GGUF built from `options` (same options ⇒ byte-identical file), creating it on
+ * first use. Throws when the vocab file is missing.
+ */
+export async function makeSyntheticModel(options: SyntheticModelOptions = {}): Promise<string> {
+  const o = resolve(options);
+  const cacheDir = options.cacheDir ?? defaultModelCacheDir();
+  const vocabStat = await stat(vocabPath(o.vocab, o.vocabDir)).catch(() => undefined);
+  // The vocab file's size stands in for its content so a different llama.cpp checkout gets a new name.
+  const { vocabDir: _vocabDir, ...hashed } = o;
+  const key = JSON.stringify({ v: GENERATOR_VERSION, ...hashed, vocabBytes: vocabStat?.size ?? null });
+  const hash = createHash('sha256').update(key).digest('hex').slice(0, 16);
+  const path = join(cacheDir, `${o.arch}-${o.vocab}-${o.type}-${hash}.gguf`);
+
+  const pending = inFlight.get(path);
+  if (pending) return pending;
+  const job = (async () => {
+    if (existsSync(path)) return path;
+    await mkdir(cacheDir, { recursive: true });
+    const content = await buildContent(o);
+    const tmp = `${path}.${process.pid}.${randomUUID()}.tmp`;
+    try {
+      await writeGguf(tmp, content);
+      // rename() is atomic: a concurrent reader sees either no file or a complete one.
+      await rename(tmp, path);
+    } catch (err) {
+      await rm(tmp, { force: true });
+      throw err;
+    }
+    return path;
+  })();
+  inFlight.set(path, job);
+  try {
+    return await job;
+  } finally {
+    inFlight.delete(path);
+  }
+}
+
