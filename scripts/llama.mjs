@@ -18,7 +18,7 @@ export const llamaDir = join(repoRoot, 'deps', 'llama.cpp');
 const patchesDir = join(repoRoot, 'native', 'patches');
 
 /** Reference tools built beside the libraries: tests and benchmarks compare against them. */
-export const REFERENCE_TOOLS = ['llama-simple'];
+export const REFERENCE_TOOLS = ['llama-simple', 'llama-batched-bench'];
 
 export function cacheDir() {
   return process.env.GENESIS_CACHE_DIR ?? join(process.env.XDG_CACHE_HOME ?? join(homedir(), '.cache'), 'genesis-runtime');

@@ -1,0 +1,13 @@
+// Types for scripts/llama.mjs (plain JS so that `npm install` needs no TypeScript).
+export const LLAMA_PACKAGE: string;
+export const LLAMA_COMMIT: string;
+export const repoRoot: string;
+export const llamaDir: string;
+export const REFERENCE_TOOLS: string[];
+export function cacheDir(): string;
+export function fetchLlama(): void;
+export function buildVariant(): 'cpu' | 'cuda';
+export function buildDir(variant?: 'cpu' | 'cuda'): string;
+export function staticLibs(variant?: 'cpu' | 'cuda'): string[];
+export function cmakeBuildLlama(variant?: 'cpu' | 'cuda'): string;
+export function referenceTool(name: string, variant?: 'cpu' | 'cuda'): string;
