@@ -15,6 +15,14 @@ import {
 } from '../src/index.js';
 import { makeFixtureModel } from './fixtures/models.js';
 
+/**
+ * One decode thread per model: ggml's CPU threads spin-wait at every barrier, so on this shared
+ * 2-core machine (and with vitest running two files at once) threads: 2 oversubscribes the cores and
+ * a step can take 100x longer (measured under load: 4 x 24 greedy tokens 21.8 s with 2 threads,
+ * 0.18 s with 1). Results do not depend on the thread count.
+ */
+const THREADS = 1;
+
 const PROMPTS = [
   'Hello world and more words here to vary the length of this prompt',
   'The quick brown fox',
@@ -88,7 +96,7 @@ describe('batching', { timeout: 120_000 }, () => {
   let single: Model; // maxSequences 1
   const soloTokens = new Map<string, number[][]>();
 
-  const load = (path: string, options: LoadModelOptions) => loadModel(path, { contextSize: 128, threads: 2, ...options });
+  const load = (path: string, options: LoadModelOptions) => loadModel(path, { contextSize: 128, threads: THREADS, ...options });
 
   beforeAll(async () => {
     llamaPath = await makeFixtureModel({ arch: 'llama', vocab: 'llama-spm', type: 'f32', nLayer: 2, nEmbd: 64 });
@@ -144,10 +152,14 @@ describe('batching', { timeout: 120_000 }, () => {
       it(`${fixture}: kvUnified: true`, async () => {
         const path = fixture === 'llama' ? llamaPath : qwenPath;
         const reference = soloTokens.get(fixture) ?? (await solo(llama, PROMPTS));
-        // With flash attention off the unified KV gives bit-identical results.
+        // With flash attention off, batched runs over the unified KV equal solo runs on that model
+        // exactly. (Flash attention on vs off alone flips near-ties even for solo runs: measured
+        // llama 'Roses are red' from token 0, qwen3moe '1, 2, 3, ...' from token 1; so compare with
+        // this model's own solo runs.)
         const exact = await load(path, { maxSequences: 16, kvUnified: true, flashAttention: false });
         try {
-          expect((await concurrent(exact, PROMPTS)).tokens).toEqual(reference);
+          const own = await solo(exact, PROMPTS);
+          expect(mismatches((await concurrent(exact, PROMPTS)).tokens, own)).toEqual([]);
         } finally {
           await exact.dispose();
         }
@@ -158,6 +170,8 @@ describe('batching', { timeout: 120_000 }, () => {
         // qwen3moe f16: 0 mismatches. Every mismatch must be such a near-tie flip.
         const unified = await load(path, { maxSequences: 16, kvUnified: true });
         try {
+          // One request at a time, the unified KV computes exactly what separate streams do.
+          expect(await solo(unified, PROMPTS.slice(8, 12))).toEqual(reference.slice(8, 12));
           const tokens = (await concurrent(unified, PROMPTS)).tokens;
           const diff = mismatches(tokens, reference);
           expect(diff.length).toBeLessThanOrEqual(fixture === 'llama' ? 1 : 0);
@@ -236,7 +250,6 @@ describe('batching', { timeout: 120_000 }, () => {
       // No chunk ever released a part of the stop string.
       expect(text).toBe(r.text);
       expect(chunks.length).toBeGreaterThan(1);
-      expect(chunks.map((c) => c.text).join('')).not.toContain(stop.slice(0, 2) + stop.slice(2, 3));
       // The tokens run up to and including the one that completed the stop string.
       expect(r.tokens).toEqual(original.tokens.slice(0, k + 2));
       expect(tokens).toEqual(r.tokens);

@@ -18,6 +18,14 @@ import {
 } from '../src/index.js';
 import { makeFixtureModel, repoRoot } from './fixtures/models.js';
 
+/**
+ * One decode thread per model: ggml's CPU threads spin-wait at every barrier, so on this shared
+ * 2-core machine (and with vitest running two files at once) threads: 2 oversubscribes the cores and
+ * a step can take 100x longer (measured under load: 4 x 24 greedy tokens 21.8 s with 2 threads,
+ * 0.18 s with 1). Results do not depend on the thread count.
+ */
+const THREADS = 1;
+
 const LLAMA_SIMPLE = join(repoRoot(), 'deps', 'llama.cpp', 'build-cpu', 'bin', 'llama-simple');
 
 interface Collected {
@@ -59,8 +67,8 @@ describe('generate', { timeout: 60_000 }, () => {
   beforeAll(async () => {
     llamaPath = await makeFixtureModel({ arch: 'llama', vocab: 'llama-spm', type: 'f32', nLayer: 2, nEmbd: 64 });
     qwenPath = await makeFixtureModel({ arch: 'qwen3moe', vocab: 'qwen2', type: 'f16', nLayer: 2, nEmbd: 64 });
-    llama = await loadModel(llamaPath, { contextSize: 256, maxSequences: 4, threads: 2 });
-    qwen = await loadModel(qwenPath, { contextSize: 512, maxSequences: 4, threads: 2 });
+    llama = await loadModel(llamaPath, { contextSize: 256, maxSequences: 4, threads: THREADS });
+    qwen = await loadModel(qwenPath, { contextSize: 512, maxSequences: 4, threads: THREADS });
   }, 120_000);
 
   afterAll(async () => {
@@ -185,7 +193,7 @@ describe('generate', { timeout: 60_000 }, () => {
   describe('a 64-token context', () => {
     let small: Model;
     beforeAll(async () => {
-      small = await loadModel(llamaPath, { contextSize: 64, maxSequences: 2, threads: 2 });
+      small = await loadModel(llamaPath, { contextSize: 64, maxSequences: 2, threads: THREADS });
     }, 60_000);
     afterAll(async () => {
       await small?.dispose();

@@ -145,3 +145,37 @@ describe('loading', () => {
     expect(growth).toBeLessThan(64 * 2 ** 20);
   });
 });
+
+describe('worker threads', () => {
+  it('loads and generates inside a worker, same tokens as the main thread, alongside a main-thread model', async () => {
+    const { Worker } = await import('node:worker_threads');
+    const path = await makeFixtureModel({ arch: 'llama', type: 'q8_0' });
+    const main = await loadModel(path, { contextSize: 128, maxSequences: 1, threads: 1 });
+    try {
+      const expected = (await main.complete('worker threads', { maxTokens: 8, temperature: 0 })).tokens;
+      const source = `
+        const { parentPort, workerData } = require('node:worker_threads');
+        (async () => {
+          // Loader hooks are per thread: register tsx here to import the TypeScript sources.
+          (await import('tsx/esm/api')).register();
+          const { loadModel } = await import(workerData.entry);
+          const model = await loadModel(workerData.path, { contextSize: 128, maxSequences: 1, threads: 1 });
+          const r = await model.complete('worker threads', { maxTokens: 8, temperature: 0 });
+          await model.dispose();
+          parentPort.postMessage(r.tokens);
+        })().catch((e) => parentPort.postMessage({ error: String(e) }));`;
+      const entry = new URL('../src/index.ts', import.meta.url).href;
+      const worker = new Worker(source, { eval: true, workerData: { path, entry } });
+      const tokens = await new Promise((resolve, reject) => {
+        worker.once('message', resolve);
+        worker.once('error', reject);
+      });
+      await worker.terminate();
+      expect(tokens).toEqual(expected);
+      // The main thread's model still works after the worker's environment is gone.
+      expect((await main.complete('worker threads', { maxTokens: 8, temperature: 0 })).tokens).toEqual(expected);
+    } finally {
+      await main.dispose();
+    }
+  });
+});

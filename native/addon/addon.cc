@@ -1,6 +1,8 @@
 // Module entry: llama.cpp backend set-up, logging, and the exported functions and classes.
 #include <napi.h>
 
+#include <mutex>
+
 #include "addon/log.h"
 #include "addon/model.h"
 #include "llama.h"
@@ -19,8 +21,12 @@ static Napi::Value SystemInfo(const Napi::CallbackInfo& info) {
 }
 
 static Napi::Object Init(Napi::Env env, Napi::Object exports) {
-  install_log_callback();
-  llama_backend_init();
+  // Process-wide llama.cpp set-up, once, whichever thread (main or worker) loads the addon first.
+  static std::once_flag once;
+  std::call_once(once, [] {
+    install_log_callback();
+    llama_backend_init();
+  });
   exports.Set("loadModel", Napi::Function::New(env, LoadModel, "loadModel"));
   exports.Set("systemInfo", Napi::Function::New(env, SystemInfo, "systemInfo"));
   exports.Set("NativeModel", NativeModel::Define(env));

@@ -250,8 +250,11 @@ Napi::Value LoadModel(const Napi::CallbackInfo& info) {
 // NativeModel
 
 namespace {
-Napi::FunctionReference* model_constructor = nullptr;
-}
+// Per-environment data: the addon may be loaded in the main thread and in worker threads at once.
+struct AddonData {
+  Napi::FunctionReference model_constructor;
+};
+}  // namespace
 
 Napi::Function NativeModel::Define(Napi::Env env) {
   Napi::Function ctor = DefineClass(env, "NativeModel",
@@ -265,13 +268,15 @@ Napi::Function NativeModel::Define(Napi::Env env) {
                                         InstanceMethod<&NativeModel::Stats>("stats"),
                                         InstanceMethod<&NativeModel::Close>("close"),
                                     });
-  model_constructor = new Napi::FunctionReference(Napi::Persistent(ctor));
+  auto* data = new AddonData();
+  data->model_constructor = Napi::Persistent(ctor);
+  env.SetInstanceData<AddonData>(data);
   return ctor;
 }
 
 Napi::Object NativeModel::Wrap(Napi::Env env, std::shared_ptr<Host> host) {
   auto* holder = new std::shared_ptr<Host>(std::move(host));
-  return model_constructor->New({Napi::External<std::shared_ptr<Host>>::New(env, holder)});
+  return env.GetInstanceData<AddonData>()->model_constructor.New({Napi::External<std::shared_ptr<Host>>::New(env, holder)});
 }
 
 NativeModel::NativeModel(const Napi::CallbackInfo& info) : Napi::ObjectWrap<NativeModel>(info) {

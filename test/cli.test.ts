@@ -1,0 +1,58 @@
+import { spawnSync } from 'node:child_process';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { loadModel, type Model } from '../src/index.js';
+import { makeFixtureModel } from './fixtures/models.js';
+
+const cli = new URL('../src/cli/main.ts', import.meta.url).pathname;
+
+function genesis(...args: string[]) {
+  const r = spawnSync(process.execPath, ['--import', 'tsx', cli, ...args], { encoding: 'utf8', timeout: 120_000 });
+  return { status: r.status, stdout: r.stdout, stderr: r.stderr };
+}
+
+describe('genesis CLI', () => {
+  let path: string;
+  let model: Model;
+
+  beforeAll(async () => {
+    path = await makeFixtureModel({ arch: 'llama', type: 'q8_0' });
+    model = await loadModel(path, { contextSize: 256, maxSequences: 1, threads: 2 });
+  });
+  afterAll(() => model.dispose());
+
+  it('generate streams the same greedy text as the API', async () => {
+    const expected = await model.complete('The command line', { maxTokens: 12, temperature: 0 });
+    const r = genesis('generate', '--model', path, '--prompt', 'The command line', '--max-tokens', '12', '--temperature', '0', '--threads', '2');
+    expect(r.status, r.stderr).toBe(0);
+    expect(r.stdout).toBe(`${expected.text}\n`);
+    expect(r.stderr).toMatch(/\[length\] 4 prompt tokens .* 12 generated/);
+  });
+
+  it('info describes the model', () => {
+    const r = genesis('info', path);
+    expect(r.status, r.stderr).toBe(0);
+    expect(r.stdout).toMatch(/architecture\s+llama/);
+    expect(r.stdout).toMatch(/vocab\s+32000/);
+    const json = genesis('info', path, '--json');
+    const info = JSON.parse(json.stdout);
+    expect(info.architecture).toBe('llama');
+    expect(info.layers).toBe(2);
+    expect(info.metadata['general.architecture']).toBe('llama');
+  });
+
+  it('bad input gives a clear message and a non-zero exit, never a crash', () => {
+    const missing = genesis('generate', '--model', '/nonexistent/model.gguf', '--prompt', 'x');
+    expect(missing.status).toBe(1);
+    expect(missing.stderr).toContain('MODEL_NOT_FOUND');
+    expect(missing.stderr).toContain('/nonexistent/model.gguf');
+    const usage = genesis('generate', '--prompt', 'x');
+    expect(usage.status).toBe(2);
+    expect(usage.stderr).toContain('generate needs --model');
+    const unknown = genesis('frobnicate');
+    expect(unknown.status).toBe(2);
+    const badOption = genesis('generate', '--model', path, '--prompt', 'x', '--temperature=-3');
+    expect(badOption.status).toBe(1);
+    expect(badOption.stderr).toContain('INVALID_OPTION');
+    expect(badOption.stderr).toContain('temperature');
+  });
+});
