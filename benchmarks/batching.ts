@@ -13,7 +13,7 @@ import { mkdirSync, writeFileSync } from 'node:fs';
 import { availableParallelism, cpus, hostname } from 'node:os';
 import { join } from 'node:path';
 import { parseArgs } from 'node:util';
-import { referenceTool, LLAMA_COMMIT } from '../scripts/llama.mjs';
+import { ensureReferenceTool, LLAMA_COMMIT } from '../scripts/llama.mjs';
 import { loadModel, systemInfo } from '../src/index.js';
 import { ensureDefaultModel } from '../src/synthetic/default-model.js';
 import { mulberry32 } from '../src/synthetic/models.js';
@@ -46,7 +46,7 @@ interface Row {
 }
 
 function runReference(): Map<number, number> {
-  const tool = referenceTool('llama-batched-bench');
+  const tool = ensureReferenceTool('llama-batched-bench');
   log(`reference: ${tool} (npl ${npl.join(',')})`);
   const r = spawnSync(
     tool,

@@ -11,3 +11,4 @@ export function buildDir(variant?: 'cpu' | 'cuda'): string;
 export function staticLibs(variant?: 'cpu' | 'cuda'): string[];
 export function cmakeBuildLlama(variant?: 'cpu' | 'cuda'): string;
 export function referenceTool(name: string, variant?: 'cpu' | 'cuda'): string;
+export function ensureReferenceTool(name: string, variant?: 'cpu' | 'cuda'): string;

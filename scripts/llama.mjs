@@ -17,8 +17,11 @@ export const repoRoot = resolve(dirname(fileURLToPath(import.meta.url)), '..');
 export const llamaDir = join(repoRoot, 'deps', 'llama.cpp');
 const patchesDir = join(repoRoot, 'native', 'patches');
 
-/** Reference tools built beside the libraries: tests and benchmarks compare against them. */
-export const REFERENCE_TOOLS = ['llama-simple', 'llama-batched-bench'];
+/**
+ * Reference tools built with the libraries at install: the tests compare against them. Heavier
+ * ones (llama-batched-bench pulls in llama-common) are built on demand by ensureReferenceTool().
+ */
+export const REFERENCE_TOOLS = ['llama-simple'];
 
 export function cacheDir() {
   return process.env.GENESIS_CACHE_DIR ?? join(process.env.XDG_CACHE_HOME ?? join(homedir(), '.cache'), 'genesis-runtime');
@@ -150,4 +153,15 @@ export function cmakeBuildLlama(variant = buildVariant()) {
 /** Path of a reference tool (llama-simple, ...) built from the same source. */
 export function referenceTool(name, variant = buildVariant()) {
   return join(buildDir(variant), 'bin', name);
+}
+
+/** Builds a llama.cpp tool target (same source, same flags as the libraries) if it is missing. */
+export function ensureReferenceTool(name, variant = buildVariant()) {
+  const tool = referenceTool(name, variant);
+  if (!existsSync(tool)) {
+    log(`building the reference tool ${name} (${variant}) from the pinned llama.cpp`);
+    const jobs = String(Number(process.env.GENESIS_JOBS) || Math.max(1, cpus().length));
+    run('cmake', ['--build', buildDir(variant), '--parallel', jobs, '--target', name], { stdio: ['ignore', 'inherit', 'inherit'] });
+  }
+  return tool;
 }
