@@ -122,8 +122,18 @@ export class Generation implements AsyncIterable<GenerationChunk> {
 
   #emit(chunk: GenerationChunk): void {
     const waiter = this.#waiters.shift();
-    if (waiter) waiter.resolve({ value: chunk, done: false });
-    else this.#chunks.push(chunk);
+    if (waiter) {
+      waiter.resolve({ value: chunk, done: false });
+      return;
+    }
+    // A consumer that fell behind gets the backlog as one chunk, not one per engine step.
+    const last = this.#chunks.at(-1);
+    if (last) {
+      last.text += chunk.text;
+      last.tokens.push(...chunk.tokens);
+    } else {
+      this.#chunks.push(chunk);
+    }
   }
 
   #finish(): void {

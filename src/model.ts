@@ -119,6 +119,12 @@ export class Model implements AsyncDisposable {
     if (typeof prompt === 'string') {
       tokens = this.#native.tokenize(prompt, options.addSpecial ?? true, true);
     } else if (prompt instanceof Int32Array || Array.isArray(prompt)) {
+      const vocabSize = this.info.vocabSize;
+      prompt.forEach((t: unknown, i: number) => {
+        if (!Number.isInteger(t) || (t as number) < 0 || (t as number) >= vocabSize) {
+          throw new InvalidOptionError(`prompt[${i}]`, `a token id (integer in [0, ${vocabSize}))`, t);
+        }
+      });
       tokens = Int32Array.from(prompt);
     } else {
       throw new InvalidOptionError('prompt', 'a string or an array of token ids', prompt);

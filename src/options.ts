@@ -32,7 +32,7 @@ export interface LoadModelOptions {
 }
 
 export interface SamplingOptions {
-  /** Maximum tokens to generate. Default: until end of generation or the context is full. */
+  /** Maximum tokens to generate (>= 1). Default: until end of generation or the context is full. */
   maxTokens?: number;
   /** 0 selects greedy decoding (argmax); top-k/top-p/min-p then do nothing. Default 0.8. */
   temperature?: number;
@@ -163,7 +163,7 @@ export function resolveSamplingOptions(options: SamplingOptions, vocabSize: numb
     throw new InvalidOptionError('signal', 'an AbortSignal', options.signal);
   }
   return {
-    maxTokens: checkInt('maxTokens', options.maxTokens, 0, 2 ** 31 - 1) ?? -1,
+    maxTokens: checkInt('maxTokens', options.maxTokens, 1, 2 ** 31 - 1) ?? -1,
     temperature: checkNumber('temperature', options.temperature, 0, 100) ?? 0.8,
     topK: checkInt('topK', options.topK, 0, vocabSize) ?? 40,
     topP: checkNumber('topP', options.topP, 0, 1) ?? 0.95,

@@ -16,13 +16,13 @@ describe('genesis CLI', () => {
 
   beforeAll(async () => {
     path = await makeFixtureModel({ arch: 'llama', type: 'q8_0' });
-    model = await loadModel(path, { contextSize: 256, maxSequences: 1, threads: 2 });
+    model = await loadModel(path, { contextSize: 256, maxSequences: 1, threads: 1 });
   });
   afterAll(() => model.dispose());
 
   it('generate streams the same greedy text as the API', async () => {
     const expected = await model.complete('The command line', { maxTokens: 12, temperature: 0 });
-    const r = genesis('generate', '--model', path, '--prompt', 'The command line', '--max-tokens', '12', '--temperature', '0', '--threads', '2');
+    const r = genesis('generate', '--model', path, '--prompt', 'The command line', '--max-tokens', '12', '--temperature', '0', '--threads', '1');
     expect(r.status, r.stderr).toBe(0);
     expect(r.stdout).toBe(`${expected.text}\n`);
     expect(r.stderr).toMatch(/\[length\] 4 prompt tokens .* 12 generated/);

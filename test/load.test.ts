@@ -21,7 +21,7 @@ describe('loading', () => {
 
   it('reports the dense model shape and the context it was given', async () => {
     const progress: number[] = [];
-    const model = await loadModel(llama, { contextSize: 512, maxSequences: 3, threads: 2, onProgress: (p) => progress.push(p) });
+    const model = await loadModel(llama, { contextSize: 512, maxSequences: 3, threads: 1, onProgress: (p) => progress.push(p) });
     try {
       const info = model.info;
       expect(info.architecture).toBe('llama');
@@ -44,7 +44,7 @@ describe('loading', () => {
   });
 
   it('reports experts of an MoE model', async () => {
-    const model = await loadModel(moe, { contextSize: 256, maxSequences: 1, threads: 2 });
+    const model = await loadModel(moe, { contextSize: 256, maxSequences: 1, threads: 1 });
     try {
       expect(model.info.architecture).toBe('qwen3moe');
       expect(model.info.experts).toBe(8);
@@ -70,7 +70,7 @@ describe('loading', () => {
     };
     for (const [kind, code] of Object.entries(expected)) {
       const path = (bad as Record<string, string>)[kind]!;
-      const error = await loadModel(path, { threads: 2 }).then(
+      const error = await loadModel(path, { threads: 1 }).then(
         () => undefined,
         (e: unknown) => e,
       );
@@ -80,7 +80,7 @@ describe('loading', () => {
       expect((error as Error).message, kind).toContain(path);
     }
     // Still alive and able to load a good model.
-    const model = await loadModel(llama, { contextSize: 128, maxSequences: 1, threads: 2 });
+    const model = await loadModel(llama, { contextSize: 128, maxSequences: 1, threads: 1 });
     const r = await model.complete('ok', { maxTokens: 3, temperature: 0 });
     expect(r.tokens).toHaveLength(3);
     await model.dispose();
@@ -97,7 +97,7 @@ describe('loading', () => {
     ];
     for (const [source, name, key, value, message] of cases) {
       const path = await rewriteMetadata(source, join(dir, `${name}.gguf`), set(key, value));
-      const error = await loadModel(path, { threads: 2 }).catch((e: unknown) => e);
+      const error = await loadModel(path, { threads: 1 }).catch((e: unknown) => e);
       expect(error, name).toBeInstanceOf(ModelLoadError);
       expect((error as ModelLoadError).code, name).toBe('MODEL_CORRUPT');
       expect((error as Error).message, name).toMatch(message);
@@ -134,7 +134,7 @@ describe('loading', () => {
     // keeps per-thread arenas of the engine threads; 200 cycles plateau near +55 MiB). A leaked model
     // alone would be its 9 MiB of touched weights per cycle, i.e. > 400 MiB here.
     const cycle = async () => {
-      const model = await loadModel(llama, { contextSize: 256, maxSequences: 2, threads: 2 });
+      const model = await loadModel(llama, { contextSize: 256, maxSequences: 2, threads: 1 });
       await model.complete('memory', { maxTokens: 2, temperature: 0 });
       await model.dispose();
     };

@@ -135,11 +135,6 @@ void Engine::loop() {
     if (!cancels.empty()) apply_cancels(cancels);
     admit();
     step();
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      stats_.active = static_cast<uint32_t>(std::count_if(slots_.begin(), slots_.end(), [](const Slot& s) { return s.busy; }));
-      stats_.queued = static_cast<uint32_t>(waiting_.size() + incoming_.size());
-    }
   }
 
   // Disposal: nothing in flight is dropped silently; every request learns why it ended.
@@ -152,6 +147,10 @@ void Engine::loop() {
     incoming_.clear();
   }
   for (auto& p : waiting_) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      stats_.queued--;
+    }
     Event e;
     e.id = p.request.id;
     e.kind = Event::Kind::Error;
@@ -160,9 +159,6 @@ void Engine::loop() {
     push(std::move(e));
   }
   waiting_.clear();
-  std::lock_guard<std::mutex> lock(mu_);
-  stats_.active = 0;
-  stats_.queued = 0;
 }
 
 void Engine::apply_cancels(const std::unordered_set<uint64_t>& ids) {
@@ -177,6 +173,10 @@ void Engine::apply_cancels(const std::unordered_set<uint64_t>& ids) {
     e.finish_reason = "abort";
     e.prompt_tokens = static_cast<int32_t>(p.request.prompt.size());
     e.timings.queued_ms = ms_between(p.submitted, Clock::now());
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      stats_.queued--;
+    }
     push(std::move(e));
     return true;
   });
@@ -194,6 +194,11 @@ void Engine::admit() {
     });
     Pending p = std::move(*best);
     waiting_.erase(best);
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      stats_.queued--;
+      stats_.active++;
+    }
 
     slot.busy = true;
     slot.request = std::move(p.request);
@@ -344,8 +349,8 @@ void Engine::finish_with(Slot& s, const char* reason, std::string text) {
     e.timings.generation_ms = ms_between(s.first_token, now);
     e.timings.time_to_first_token_ms = ms_between(s.submitted, s.first_token);
   }
-  push(std::move(e));
   release(s);
+  push(std::move(e));
 }
 
 void Engine::fail(Slot& s, const std::string& code, const std::string& message) {
@@ -356,8 +361,8 @@ void Engine::fail(Slot& s, const std::string& code, const std::string& message) 
   e.error_message = message;
   e.tokens.swap(s.unsent);
   e.completion_tokens = s.generated;
-  push(std::move(e));
   release(s);
+  push(std::move(e));
 }
 
 void Engine::release(Slot& s) {
@@ -366,6 +371,8 @@ void Engine::release(Slot& s) {
   s.busy = false;
   s.batch_index = -1;
   s.request = Request();
+  std::lock_guard<std::mutex> lock(mu_);
+  stats_.active--;
 }
 
 }  // namespace genesis

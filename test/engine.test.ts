@@ -1,0 +1,49 @@
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { loadModel, type Model } from '../src/index.js';
+import { makeFixtureModel } from './fixtures/models.js';
+
+describe('engine thread', () => {
+  let model: Model;
+
+  beforeAll(async () => {
+    model = await loadModel(await makeFixtureModel({ arch: 'llama', type: 'q8_0' }), { contextSize: 512, maxSequences: 2, threads: 1 });
+  });
+  afterAll(() => model.dispose());
+
+  it('keeps generating while the JS thread is blocked, and delivers the backlog coalesced', async () => {
+    const run = model.generate('The engine runs on its own thread', { maxTokens: 400, temperature: 0, ignoreEos: true });
+    const iterator = run[Symbol.asyncIterator]();
+    const first = await iterator.next();
+    expect(first.done).toBe(false);
+    const before = model.stats().steps;
+    const until = performance.now() + 300;
+    while (performance.now() < until) {
+      // Busy: no event loop turn, so no token callback can run here.
+    }
+    const after = model.stats().steps;
+    expect(after).toBeGreaterThan(before);
+    // Everything produced meanwhile arrives in one callback (uv async, poll phase, before the
+    // check phase's setImmediate) and waits as one chunk: many tokens, not one chunk per step.
+    await new Promise((resolve) => setImmediate(resolve));
+    const next = await iterator.next();
+    expect(next.value!.tokens.length).toBeGreaterThan(1);
+    await iterator.return!();
+    await expect(run.result).rejects.toMatchObject({ code: 'ABORTED' });
+  });
+
+  it('counts one decode per step across sequences', async () => {
+    const start = model.stats();
+    const runs = [0, 1].map((i) => model.complete(`sequence ${i}`, { maxTokens: 20, temperature: 0, ignoreEos: true }));
+    const results = await Promise.all(runs);
+    const end = model.stats();
+    const steps = end.steps - start.steps;
+    const tokens = end.decodedTokens - start.decodedTokens;
+    const prompt = results.reduce((n, r) => n + r.usage.promptTokens, 0);
+    // Every decoded token is a prompt token or a generated token fed back (the last sampled one is not decoded).
+    expect(tokens).toBe(prompt + results.reduce((n, r) => n + r.usage.completionTokens - 1, 0));
+    // Two sequences in flight together: far fewer steps than tokens.
+    expect(steps).toBeLessThan(tokens);
+    expect(end.active).toBe(0);
+    expect(end.queued).toBe(0);
+  });
+});
