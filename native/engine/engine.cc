@@ -295,7 +295,9 @@ void Engine::step() {
 }
 
 void Engine::sample_slot(Slot& s) {
-  const llama_token token = llama_sampler_sample(s.sampler.get(), ctx_, s.batch_index);
+  const llama_token token = is_plain_greedy(s.request.sampling)
+                                ? argmax(llama_get_logits_ith(ctx_, s.batch_index), llama_vocab_n_tokens(vocab_))
+                                : llama_sampler_sample(s.sampler.get(), ctx_, s.batch_index);
   s.batch_index = -1;
   if (!s.has_first_token) {
     s.has_first_token = true;

@@ -6,6 +6,16 @@ bool uses_penalties(const SamplingParams& p) {
   return p.penalty_last_n != 0 && (p.repeat_penalty != 1.0f || p.frequency_penalty != 0.0f || p.presence_penalty != 0.0f);
 }
 
+bool is_plain_greedy(const SamplingParams& p) { return p.temperature <= 0.0f && p.logit_bias.empty() && !uses_penalties(p); }
+
+llama_token argmax(const float* logits, int32_t n) {
+  int32_t best = 0;
+  for (int32_t i = 1; i < n; ++i) {
+    if (logits[i] > logits[best]) best = i;
+  }
+  return best;
+}
+
 SamplerPtr make_sampler_chain(const llama_vocab* vocab, const SamplingParams& p) {
   auto chain_params = llama_sampler_chain_default_params();
   chain_params.no_perf = true;

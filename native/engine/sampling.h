@@ -32,4 +32,11 @@ SamplerPtr make_sampler_chain(const llama_vocab* vocab, const SamplingParams& pa
 
 bool uses_penalties(const SamplingParams& params);
 
+// Plain greedy (no bias, no penalties): the token is the argmax of the logits, which needs no
+// candidate array of n_vocab entries per sequence and step.
+bool is_plain_greedy(const SamplingParams& params);
+
+// First index of the largest logit: the same choice as llama.cpp's greedy sampler.
+llama_token argmax(const float* logits, int32_t n);
+
 }  // namespace genesis
