@@ -1,5 +1,6 @@
 // `npm install` entry point: pinned llama.cpp -> static libraries (CMake) -> addon (node-gyp).
 //   GENESIS_CUDA=1      build the CUDA variant (ggml-cuda); default is CPU
+//   GENESIS_CUDA_ARCHS  CUDA architectures (default 90: Hopper); GENESIS_CUDA_LIB_DIRS extra lib dirs
 //   GENESIS_NATIVE=0    portable CPU code (for prebuilt binaries) instead of -march=native
 //   GENESIS_JOBS=N      parallel build jobs (default: all cores)
 //   --force             rebuild the addon even when a prebuilt binary would do
@@ -35,6 +36,14 @@ function nodeDirArgs() {
   return existsSync(join(prefix, 'include', 'node', 'node_api.h')) ? [`--nodedir=${prefix}`] : [];
 }
 
+/** -L flags for the CUDA runtime and cuBLAS the CUDA variant links against. */
+function cudaLibDirs() {
+  const roots = [process.env.CUDA_HOME, process.env.CUDA_PATH, '/usr/local/cuda'].filter(Boolean);
+  const dirs = roots.flatMap((root) => [join(root, 'lib64'), join(root, 'lib')]).filter((dir) => existsSync(dir));
+  if (process.env.GENESIS_CUDA_LIB_DIRS) dirs.unshift(...process.env.GENESIS_CUDA_LIB_DIRS.split(':'));
+  return dirs.map((dir) => `-L${dir}`).join(' ');
+}
+
 function main() {
   const force = process.argv.includes('--force') || process.env.GENESIS_BUILD_FROM_SOURCE === '1';
   if (!force && hasPrebuild()) {
@@ -53,6 +62,7 @@ function main() {
     ...nodeDirArgs(),
     `--llama_build=${relative(repoRoot, buildDir(variant))}`,
     `--genesis_cuda=${variant === 'cuda' ? 1 : 0}`,
+    ...(variant === 'cuda' ? [`--cuda_lib_dirs=${cudaLibDirs()}`] : []),
   ];
   const result = spawnSync(process.execPath, args, { cwd: repoRoot, stdio: 'inherit' });
   if (result.status !== 0) throw new Error(`node-gyp exited with status ${result.status}`);
