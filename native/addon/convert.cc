@@ -1,6 +1,7 @@
 #include "addon/convert.h"
 
 #include <cmath>
+#include <cstdlib>
 #include <string>
 
 #include "addon/model.h"
@@ -186,8 +187,8 @@ Napi::Object model_info(Napi::Env env, const llama_model* model, const Engine& e
   o.Set("vocabSize", llama_vocab_n_tokens(vocab));
   const std::string experts = meta(model, (arch + ".expert_count").c_str());
   const std::string used = meta(model, (arch + ".expert_used_count").c_str());
-  o.Set("experts", experts.empty() ? 0 : std::stoi(experts));
-  o.Set("expertsUsed", used.empty() ? 0 : std::stoi(used));
+  o.Set("experts", static_cast<double>(std::strtol(experts.c_str(), nullptr, 10)));
+  o.Set("expertsUsed", static_cast<double>(std::strtol(used.c_str(), nullptr, 10)));
   o.Set("recurrent", llama_model_is_recurrent(model));
   o.Set("hybrid", llama_model_is_hybrid(model));
   const char* tmpl = llama_model_chat_template(model, nullptr);
