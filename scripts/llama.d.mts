@@ -12,3 +12,4 @@ export function staticLibs(variant?: 'cpu' | 'cuda'): string[];
 export function cmakeBuildLlama(variant?: 'cpu' | 'cuda'): string;
 export function referenceTool(name: string, variant?: 'cpu' | 'cuda'): string;
 export function ensureReferenceTool(name: string, variant?: 'cpu' | 'cuda'): string;
+export function portable(): boolean;

@@ -103,8 +103,13 @@ export function buildVariant() {
   return 'cpu';
 }
 
+/** Portable code (no -march=native), for prebuilt binaries that must run on any x86-64 CPU. */
+export function portable() {
+  return process.env.GENESIS_NATIVE === '0';
+}
+
 export function buildDir(variant = buildVariant()) {
-  return join(llamaDir, `build-${variant}`);
+  return join(llamaDir, `build-${variant}${portable() ? '-portable' : ''}`);
 }
 
 /** Static libraries of a variant, in link order. */
@@ -124,7 +129,7 @@ export function cmakeBuildLlama(variant = buildVariant()) {
     BUILD_SHARED_LIBS: 'OFF',
     CMAKE_POSITION_INDEPENDENT_CODE: 'ON',
     // Portable builds (prebuilds) set GENESIS_NATIVE=0; a source build tunes for this CPU.
-    GGML_NATIVE: process.env.GENESIS_NATIVE === '0' ? 'OFF' : 'ON',
+    GGML_NATIVE: portable() ? 'OFF' : 'ON',
     LLAMA_BUILD_TESTS: 'OFF',
     LLAMA_BUILD_SERVER: 'OFF',
     LLAMA_BUILD_APP: 'OFF',

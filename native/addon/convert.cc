@@ -127,7 +127,7 @@ Request request_from_js(Napi::Env env, Napi::Value id, Napi::Value prompt, Napi:
   return r;
 }
 
-Napi::Array events_to_js(Napi::Env env, const std::vector<Event>& events, const llama_vocab*) {
+Napi::Array events_to_js(Napi::Env env, const std::vector<Event>& events) {
   Napi::Array out = Napi::Array::New(env, events.size());
   for (size_t i = 0; i < events.size(); ++i) {
     const Event& e = events[i];

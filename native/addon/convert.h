@@ -12,7 +12,7 @@ namespace genesis {
 
 std::vector<llama_token> tokens_from_js(Napi::Env env, Napi::Value value, int32_t n_vocab, const char* what);
 Request request_from_js(Napi::Env env, Napi::Value id, Napi::Value prompt, Napi::Object options, int32_t n_vocab);
-Napi::Array events_to_js(Napi::Env env, const std::vector<Event>& events, const llama_vocab* vocab);
+Napi::Array events_to_js(Napi::Env env, const std::vector<Event>& events);
 Napi::Object model_info(Napi::Env env, const llama_model* model, const Engine& engine);
 
 }  // namespace genesis

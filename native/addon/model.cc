@@ -316,7 +316,7 @@ void NativeModel::Deliver(Napi::Env env, Napi::Function on_events, Host& host) {
   for (const auto& e : events) {
     if (e.kind != Event::Kind::Tokens) finished++;
   }
-  Napi::Array array = events_to_js(env, events, llama_model_get_vocab(host.model));
+  Napi::Array array = events_to_js(env, events);
   host.active = host.active > finished ? host.active - finished : 0;
   if (host.active == 0 && host.events) host.events.Unref(env);
   on_events.Call({array});
