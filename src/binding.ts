@@ -16,6 +16,7 @@ export interface NativeLoadOptions {
   kvUnified: boolean;
   flashAttention: number;
   useMmap: boolean;
+  maxQueue: number;
 }
 
 export interface NativeSubmitOptions {
@@ -33,6 +34,7 @@ export interface NativeSubmitOptions {
   stop: string[];
   priority: number;
   ignoreEos: boolean;
+  grammar: string;
 }
 
 export interface NativeTimings {
@@ -75,7 +77,7 @@ export interface NativeModelInfo {
   hybrid: boolean;
   chatTemplate: string | null;
   specialTokens: { bos: number; eos: number; eot: number; addBos: boolean };
-  context: { contextSize: number; maxSequences: number; batchSize: number; totalContext: number };
+  context: { contextSize: number; maxSequences: number; batchSize: number; totalContext: number; maxQueue: number };
   metadata: Record<string, string>;
 }
 

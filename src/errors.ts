@@ -18,6 +18,8 @@ export type GenesisErrorCode =
   | ModelLoadErrorCode
   | 'CONTEXT_OVERFLOW'
   | 'INVALID_OPTION'
+  | 'QUEUE_FULL'
+  | 'SAMPLING'
   | 'ABORTED'
   | 'DISPOSED'
   | 'CHAT_TEMPLATE'
@@ -69,11 +71,18 @@ export class InvalidOptionError extends GenesisError {
   readonly expected: string;
   readonly received: unknown;
 
-  constructor(option: string, expected: string, received: unknown) {
-    super('INVALID_OPTION', `invalid option ${option}: expected ${expected}, got ${describe(received)}`);
+  constructor(option: string, expected: string, received: unknown, message?: string) {
+    super('INVALID_OPTION', message ?? `invalid option ${option}: expected ${expected}, got ${describe(received)}`);
     this.option = option;
     this.expected = expected;
     this.received = received;
+  }
+}
+
+/** maxQueue requests already wait for a sequence: retry later (a server answers 429). */
+export class QueueFullError extends GenesisError {
+  constructor(message: string) {
+    super('QUEUE_FULL', message);
   }
 }
 
@@ -117,6 +126,8 @@ export interface NativeFailure {
   code: string;
   message: string;
   path?: string;
+  option?: string;
+  expected?: string;
 }
 
 export function toGenesisError(failure: NativeFailure): GenesisError {
@@ -128,8 +139,12 @@ export function toGenesisError(failure: NativeFailure): GenesisError {
       return new AbortError(failure.message);
     case 'DISPOSED':
       return new DisposedError();
-    case 'CONTEXT_OVERFLOW':
     case 'INVALID_OPTION':
+      return new InvalidOptionError(failure.option ?? 'options', failure.expected ?? 'a valid value', undefined, failure.message);
+    case 'QUEUE_FULL':
+      return new QueueFullError(failure.message);
+    case 'CONTEXT_OVERFLOW':
+    case 'SAMPLING':
     case 'CHAT_TEMPLATE':
     case 'TOKENIZE':
     case 'NATIVE_BINDING':

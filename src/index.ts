@@ -10,6 +10,7 @@ export {
   GenesisError,
   InvalidOptionError,
   ModelLoadError,
+  QueueFullError,
 } from './errors.js';
 export type { GenesisErrorCode, ModelLoadErrorCode } from './errors.js';
 export { systemInfo } from './system.js';

@@ -27,6 +27,11 @@ export interface LoadModelOptions {
   flashAttention?: boolean | 'auto';
   /** Memory-map the weights instead of reading them. Default true. */
   useMmap?: boolean;
+  /**
+   * Requests that may wait for a free sequence; one more makes generate() throw QueueFullError.
+   * Default: no limit.
+   */
+  maxQueue?: number;
   /** Called with load progress in [0, 1]. */
   onProgress?: (progress: number) => void;
 }
@@ -60,6 +65,11 @@ export interface SamplingOptions {
   ignoreEos?: boolean;
   /** Queue priority when all sequences are busy: higher first, FIFO among equals. Default 0. */
   priority?: number;
+  /**
+   * A GBNF grammar (llama.cpp's grammar format, rule `root`) the output must follow: tokens the
+   * grammar forbids are never sampled. A grammar that does not parse is an InvalidOptionError.
+   */
+  grammar?: string;
   /** Cancels the generation; the iterator and `result` reject with AbortError. */
   signal?: AbortSignal;
 }
@@ -118,6 +128,7 @@ export function resolveLoadOptions(
   const fa = options.flashAttention;
   if (fa !== undefined && fa !== 'auto' && typeof fa !== 'boolean') throw new InvalidOptionError('flashAttention', "true, false or 'auto'", fa);
   const useMmap = checkBool('useMmap', options.useMmap) ?? true;
+  const maxQueue = options.maxQueue === Infinity ? 0 : (checkInt('maxQueue', options.maxQueue, 1, 2 ** 31 - 1) ?? 0);
   if (options.onProgress !== undefined && typeof options.onProgress !== 'function') {
     throw new InvalidOptionError('onProgress', 'a function', options.onProgress);
   }
@@ -130,7 +141,14 @@ export function resolveLoadOptions(
     kvUnified,
     flashAttention: fa === undefined || fa === 'auto' ? -1 : fa ? 1 : 0,
     useMmap,
+    maxQueue,
   };
+}
+
+function checkGrammar(grammar: unknown): string {
+  if (grammar === undefined) return '';
+  if (typeof grammar !== 'string' || grammar.trim().length === 0) throw new InvalidOptionError('grammar', 'a non-empty GBNF grammar string', grammar);
+  return grammar;
 }
 
 function resolveLogitBias(bias: SamplingOptions['logitBias'], vocabSize: number): Array<[number, number]> {
@@ -177,5 +195,6 @@ export function resolveSamplingOptions(options: SamplingOptions, vocabSize: numb
     stop,
     priority: checkInt('priority', options.priority, -(2 ** 31), 2 ** 31 - 1) ?? 0,
     ignoreEos: checkBool('ignoreEos', options.ignoreEos) ?? false,
+    grammar: checkGrammar(options.grammar),
   };
 }

@@ -1,9 +1,11 @@
 #include "addon/convert.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <string>
 
+#include "addon/log.h"
 #include "addon/model.h"
 
 namespace genesis {
@@ -11,7 +13,10 @@ namespace genesis {
 namespace {
 
 [[noreturn]] void invalid(Napi::Env env, const std::string& option, const std::string& expected) {
-  throw CodedError(env, "INVALID_OPTION", "invalid option " + option + ": expected " + expected);
+  Napi::Error error = CodedError(env, "INVALID_OPTION", "invalid option " + option + ": expected " + expected);
+  error.Set("option", Napi::String::New(env, option));
+  error.Set("expected", Napi::String::New(env, expected));
+  throw error;
 }
 
 float get_float(Napi::Env env, const Napi::Object& o, const char* key, float fallback) {
@@ -109,6 +114,12 @@ Request request_from_js(Napi::Env env, Napi::Value id, Napi::Value prompt, Napi:
     invalid(env, "logitBias", "an array of [tokenId, bias] pairs");
   }
 
+  Napi::Value grammar = o.Get("grammar");
+  if (grammar.IsString()) {
+    s.grammar = grammar.As<Napi::String>().Utf8Value();
+  } else if (!grammar.IsUndefined() && !grammar.IsNull()) {
+    invalid(env, "grammar", "a GBNF grammar string");
+  }
   r.max_tokens = static_cast<int32_t>(get_integer(env, o, "maxTokens", -1, -1, INT32_MAX));
   r.priority = static_cast<int32_t>(get_integer(env, o, "priority", 0, INT32_MIN, INT32_MAX));
   Napi::Value ignore_eos = o.Get("ignoreEos");
@@ -125,6 +136,19 @@ Request request_from_js(Napi::Env env, Napi::Value id, Napi::Value prompt, Napi:
     invalid(env, "stop", "an array of strings");
   }
   return r;
+}
+
+void check_grammar(Napi::Env env, const llama_vocab* vocab, const std::string& grammar) {
+  if (grammar.empty()) return;
+  LogCapture capture;
+  llama_sampler* sampler = llama_sampler_init_grammar(vocab, grammar.c_str(), "root");
+  if (sampler == nullptr) {
+    std::string reason = capture.text();
+    while (!reason.empty() && (reason.back() == '\n' || reason.back() == ' ')) reason.pop_back();
+    std::replace(reason.begin(), reason.end(), '\n', ' ');
+    invalid(env, "grammar", "a GBNF grammar with a root rule (llama.cpp: " + (reason.empty() ? std::string("it does not parse") : reason) + ")");
+  }
+  llama_sampler_free(sampler);
 }
 
 Napi::Array events_to_js(Napi::Env env, const std::vector<Event>& events) {
@@ -204,6 +228,7 @@ Napi::Object model_info(Napi::Env env, const llama_model* model, const Engine& e
   context.Set("maxSequences", engine.max_sequences());
   context.Set("batchSize", engine.batch_size());
   context.Set("totalContext", engine.total_context());
+  context.Set("maxQueue", engine.max_queue());
   o.Set("context", context);
   Napi::Object metadata = Napi::Object::New(env);
   const int32_t count = llama_model_meta_count(model);

@@ -12,6 +12,8 @@ namespace genesis {
 
 std::vector<llama_token> tokens_from_js(Napi::Env env, Napi::Value value, int32_t n_vocab, const char* what);
 Request request_from_js(Napi::Env env, Napi::Value id, Napi::Value prompt, Napi::Object options, int32_t n_vocab);
+// Parses a GBNF grammar once on the JS thread so a bad one is an INVALID_OPTION error at submit.
+void check_grammar(Napi::Env env, const llama_vocab* vocab, const std::string& grammar);
 Napi::Array events_to_js(Napi::Env env, const std::vector<Event>& events);
 Napi::Object model_info(Napi::Env env, const llama_model* model, const Engine& engine);
 

@@ -234,6 +234,7 @@ Napi::Value LoadModel(const Napi::CallbackInfo& info) {
   baton.engine.threads = get_int(opts, "threads", 0);
   baton.engine.kv_unified = get_bool(opts, "kvUnified", false);
   baton.engine.flash_attention = get_int(opts, "flashAttention", -1);
+  baton.engine.max_queue = static_cast<uint32_t>(std::max(0, get_int(opts, "maxQueue", 0)));
   if (baton.engine.max_sequences > llama_max_parallel_sequences()) {
     throw CodedError(env, "INVALID_OPTION",
                      "invalid option maxSequences: expected at most " + std::to_string(llama_max_parallel_sequences()) + ", got " +
@@ -415,6 +416,7 @@ Napi::Value NativeModel::Submit(const Napi::CallbackInfo& info) {
   }
   const llama_vocab* vocab = llama_model_get_vocab(host_->model);
   Request request = request_from_js(env, info[0], info[1], info[2].As<Napi::Object>(), llama_vocab_n_tokens(vocab));
+  check_grammar(env, vocab, request.sampling.grammar);
   const uint32_t n_ctx = host_->engine->context_size();
   if (request.prompt.empty()) throw CodedError(env, "INVALID_OPTION", "the prompt is empty: expected at least one token");
   if (request.prompt.size() >= n_ctx) {
@@ -424,6 +426,10 @@ Napi::Value NativeModel::Submit(const Napi::CallbackInfo& info) {
   }
   try {
     host_->engine->submit(std::move(request));
+  } catch (const QueueFull& full) {
+    throw CodedError(env, "QUEUE_FULL",
+                     "the request queue is full: " + std::to_string(full.queued) + " requests already wait for a sequence (maxQueue " +
+                         std::to_string(host_->engine->max_queue()) + "); retry later");
   } catch (const std::exception&) {
     throw CodedError(env, "DISPOSED", "the model has been disposed");
   }

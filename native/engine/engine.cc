@@ -51,6 +51,7 @@ Engine::Engine(llama_model* model, const EngineOptions& options, Notify notify)
   n_seq_max_ = llama_n_seq_max(ctx_);
   n_ctx_seq_ = std::min<uint32_t>(options.context_size, options.kv_unified ? llama_n_ctx(ctx_) : llama_n_ctx_seq(ctx_));
   n_batch_ = llama_n_batch(ctx_);
+  max_queue_ = options.max_queue;
   batch_ = llama_batch_init(static_cast<int32_t>(n_batch_), 0, 1);
   slots_.resize(n_seq_max_);
   for (uint32_t i = 0; i < n_seq_max_; ++i) slots_[i].seq = static_cast<llama_seq_id>(i);
@@ -70,6 +71,7 @@ void Engine::submit(Request request) {
   {
     std::lock_guard<std::mutex> lock(mu_);
     if (stop_) throw std::runtime_error("DISPOSED");
+    if (max_queue_ > 0 && stats_.queued >= max_queue_) throw QueueFull(stats_.queued);
     incoming_.push_back(Pending{std::move(request), next_order_++, Clock::now()});
     stats_.queued++;
   }
@@ -203,6 +205,11 @@ void Engine::admit() {
     slot.busy = true;
     slot.request = std::move(p.request);
     slot.sampler = make_sampler_chain(vocab_, slot.request.sampling);
+    if (!slot.sampler) {
+      // Grammars are parsed at submit already; this only guards against a mismatch.
+      fail(slot, "INVALID_OPTION", "invalid option grammar: llama.cpp could not parse it");
+      continue;
+    }
     if (uses_penalties(slot.request.sampling)) {
       // Penalties look at the prompt too, as in Hugging Face's generate.
       for (llama_token t : slot.request.prompt) llama_sampler_accept(slot.sampler.get(), t);
@@ -295,10 +302,16 @@ void Engine::step() {
 }
 
 void Engine::sample_slot(Slot& s) {
-  const llama_token token = is_plain_greedy(s.request.sampling)
-                                ? argmax(llama_get_logits_ith(ctx_, s.batch_index), llama_vocab_n_tokens(vocab_))
-                                : llama_sampler_sample(s.sampler.get(), ctx_, s.batch_index);
+  const float* logits = llama_get_logits_ith(ctx_, s.batch_index);
   s.batch_index = -1;
+  llama_token token;
+  try {
+    token = is_plain_greedy(s.request.sampling) ? argmax(logits, llama_vocab_n_tokens(vocab_))
+                                                : sample_token(s.sampler.get(), logits, llama_vocab_n_tokens(vocab_), scratch_);
+  } catch (const std::exception& e) {
+    fail(s, "SAMPLING", e.what());
+    return;
+  }
   if (!s.has_first_token) {
     s.has_first_token = true;
     s.first_token = Clock::now();

@@ -12,6 +12,7 @@
 #include <condition_variable>
 #include <cstdint>
 #include <functional>
+#include <stdexcept>
 #include <mutex>
 #include <string>
 #include <thread>
@@ -31,6 +32,13 @@ struct EngineOptions {
   int32_t threads = 0;           // 0: hardware concurrency
   bool kv_unified = false;       // one KV buffer shared by all sequences (masked attention)
   int32_t flash_attention = -1;  // -1: llama.cpp decides, 0: off, 1: on
+  uint32_t max_queue = 0;        // requests waiting for a sequence before submit refuses; 0: no limit
+};
+
+// submit() refuses a request when max_queue requests already wait.
+struct QueueFull : std::runtime_error {
+  explicit QueueFull(uint32_t queued) : std::runtime_error("queue full"), queued(queued) {}
+  uint32_t queued;
 };
 
 struct Request {
@@ -87,6 +95,7 @@ class Engine {
   uint32_t context_size() const { return n_ctx_seq_; }
   uint32_t max_sequences() const { return n_seq_max_; }
   uint32_t batch_size() const { return n_batch_; }
+  uint32_t max_queue() const { return max_queue_; }
   uint32_t total_context() const;
 
   void submit(Request request);
@@ -143,6 +152,8 @@ class Engine {
   uint32_t n_ctx_seq_ = 0;
   uint32_t n_seq_max_ = 0;
   uint32_t n_batch_ = 0;
+  uint32_t max_queue_ = 0;
+  std::vector<llama_token_data> scratch_;  // candidates for sampling (engine thread)
   Notify notify_;
 
   std::mutex mu_;  // guards incoming_, cancels_, stop_, outbox_, stats_

@@ -3,6 +3,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <string>
 #include <vector>
 
 #include "llama.h"
@@ -20,6 +21,7 @@ struct SamplingParams {
   float presence_penalty = 0.0f;   // 0: off
   std::vector<llama_logit_bias> logit_bias;
   uint32_t seed = 0;
+  std::string grammar;  // GBNF; empty: unconstrained
 };
 
 struct SamplerDeleter {
@@ -27,8 +29,14 @@ struct SamplerDeleter {
 };
 using SamplerPtr = std::unique_ptr<llama_sampler, SamplerDeleter>;
 
-// Chain order follows llama.cpp's common sampler: bias, penalties, truncation, temperature, draw.
+// Chain order: grammar (masks what the grammar forbids), bias, penalties, truncation, temperature,
+// draw, as llama.cpp's common sampler. Returns null when the grammar does not parse.
 SamplerPtr make_sampler_chain(const llama_vocab* vocab, const SamplingParams& params);
+
+// Applies the chain to a sequence's logits and accepts the chosen token. Throws std::runtime_error
+// when nothing is allowed (a grammar that no token can continue): accepting such a token would make
+// llama.cpp's grammar abort the process.
+llama_token sample_token(llama_sampler* chain, const float* logits, int32_t n_vocab, std::vector<llama_token_data>& scratch);
 
 bool uses_penalties(const SamplingParams& params);
 
