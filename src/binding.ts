@@ -86,6 +86,8 @@ export interface NativeEngineStats {
   queued: number;
   steps: number;
   decodedTokens: number;
+  kvUsedTokens: number;
+  kvCapacityTokens: number;
 }
 
 export interface NativeModel {

@@ -30,6 +30,10 @@ export interface EngineStats {
   steps: number;
   /** Tokens decoded (prompt + generated) since load. */
   decodedTokens: number;
+  /** Tokens held in the KV cache by active sequences. */
+  kvUsedTokens: number;
+  /** Tokens the KV cache can hold: contextSize × maxSequences. */
+  kvCapacityTokens: number;
 }
 
 let nextRequestId = 1;

@@ -23,6 +23,8 @@ describe('engine thread', () => {
       // busy
     }
     expect(model.stats().steps).toBeGreaterThanOrEqual(before + 5);
+    // The running sequence holds its prompt and every token decoded so far.
+    expect(model.stats().kvUsedTokens).toBeGreaterThanOrEqual(8 + 5);
     // Everything produced meanwhile arrives in one callback (uv async, poll phase, before the
     // check phase's setImmediate) and waits as one chunk: many tokens, not one chunk per step.
     await new Promise((resolve) => setImmediate(resolve));
@@ -46,5 +48,7 @@ describe('engine thread', () => {
     expect(steps).toBeLessThan(tokens);
     expect(end.active).toBe(0);
     expect(end.queued).toBe(0);
+    expect(end.kvUsedTokens).toBe(0);
+    expect(end.kvCapacityTokens).toBe(2048 * 2);
   });
 });

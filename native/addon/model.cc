@@ -453,6 +453,8 @@ Napi::Value NativeModel::Stats(const Napi::CallbackInfo& info) {
   out.Set("queued", s.queued);
   out.Set("steps", static_cast<double>(s.steps));
   out.Set("decodedTokens", static_cast<double>(s.decoded_tokens));
+  out.Set("kvUsedTokens", static_cast<double>(s.kv_used_tokens));
+  out.Set("kvCapacityTokens", static_cast<double>(host_->engine->context_size()) * host_->engine->max_sequences());
   return out;
 }
 

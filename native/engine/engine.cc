@@ -299,6 +299,12 @@ void Engine::step() {
   for (auto& s : slots_) {
     if (s.busy && s.batch_index >= 0) sample_slot(s);
   }
+  uint64_t kv_used = 0;
+  for (const auto& s : slots_) {
+    if (s.busy) kv_used += static_cast<uint64_t>(s.n_past);
+  }
+  std::lock_guard<std::mutex> lock(mu_);
+  stats_.kv_used_tokens = kv_used;
 }
 
 void Engine::sample_slot(Slot& s) {
@@ -388,6 +394,7 @@ void Engine::release(Slot& s) {
   s.request = Request();
   std::lock_guard<std::mutex> lock(mu_);
   stats_.active--;
+  stats_.kv_used_tokens -= std::min<uint64_t>(stats_.kv_used_tokens, static_cast<uint64_t>(s.n_past));
 }
 
 }  // namespace genesis

@@ -79,6 +79,7 @@ struct EngineStats {
   uint32_t queued = 0;
   uint64_t steps = 0;
   uint64_t decoded_tokens = 0;
+  uint64_t kv_used_tokens = 0;  // tokens held in the KV cache by active sequences
 };
 
 class Engine {
