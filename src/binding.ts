@@ -98,6 +98,7 @@ export interface NativeModel {
   submit(id: number, prompt: Int32Array, options: NativeSubmitOptions): void;
   cancel(id: number): void;
   stats(): NativeEngineStats;
+  embed(inputs: Int32Array[]): Promise<{ embeddings: Float32Array[]; pooling: string }>;
   close(onEvents: (events: NativeEvent[]) => void): Promise<void>;
 }
 

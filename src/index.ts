@@ -1,5 +1,5 @@
 export { loadModel, Model } from './model.js';
-export type { ChatMessage, EngineStats, ModelInfo } from './model.js';
+export type { ChatMessage, EmbeddingResult, EngineStats, ModelInfo } from './model.js';
 export { Generation } from './generation.js';
 export type { FinishReason, GenerationChunk, GenerationResult, GenerationTimings } from './generation.js';
 export type { ChatOptions, GenerateOptions, LoadModelOptions, SamplingOptions } from './options.js';

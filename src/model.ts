@@ -21,6 +21,15 @@ export interface ModelInfo extends NativeModelInfo {
   path: string;
 }
 
+export interface EmbeddingResult {
+  /** One unit-length vector per input, in input order. */
+  embeddings: number[][];
+  /** How token states were pooled: 'mean', 'cls' or 'last'. */
+  pooling: string;
+  /** Tokens of all inputs together. */
+  promptTokens: number;
+}
+
 export interface EngineStats {
   /** Sequences generating or prefilling now. */
   active: number;
@@ -148,6 +157,38 @@ export class Model implements AsyncDisposable {
     const bos = this.#bosPrefix();
     const addSpecial = !(bos.length > 0 && text.startsWith(bos));
     return this.generate(text, { ...options, addSpecial });
+  }
+
+  /**
+   * Sentence embeddings, L2-normalised, one per input, computed in a context of their own (the
+   * batching engine is not disturbed). Pooling is the model's own (mean/CLS for embedding models)
+   * or, for generative models without one, the last token.
+   */
+  async embed(input: string | readonly string[]): Promise<EmbeddingResult> {
+    this.#assertOpen();
+    const texts = typeof input === 'string' ? [input] : input;
+    if (!Array.isArray(texts) || texts.length === 0) throw new InvalidOptionError('input', 'a string or a non-empty array of strings', input);
+    const contextSize = this.info.context.contextSize;
+    const tokens = texts.map((text, i) => {
+      if (typeof text !== 'string') throw new InvalidOptionError(`input[${i}]`, 'a string', text);
+      // User text: special-token spellings stay plain text.
+      const ids = this.#native.tokenize(text, true, false);
+      if (ids.length === 0) throw new InvalidOptionError(`input[${i}]`, 'text that tokenizes to at least one token', text);
+      if (ids.length > contextSize) {
+        throw new ContextOverflowError(ids.length, contextSize, `input[${i}] has ${ids.length} tokens but the context holds ${contextSize}`);
+      }
+      return ids;
+    });
+    try {
+      const { embeddings, pooling } = await this.#native.embed(tokens);
+      return {
+        embeddings: embeddings.map((v) => Array.from(v)),
+        pooling,
+        promptTokens: tokens.reduce((n, t) => n + t.length, 0),
+      };
+    } catch (error) {
+      throw toGenesisError(error as { code: string; message: string });
+    }
   }
 
   stats(): EngineStats {

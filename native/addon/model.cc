@@ -4,6 +4,7 @@
 #include <atomic>
 #include <cmath>
 #include <stdexcept>
+#include <thread>
 
 #include "addon/convert.h"
 #include "addon/log.h"
@@ -22,7 +23,14 @@ Napi::Error CodedError(Napi::Env env, const std::string& code, const std::string
 
 Host::~Host() { shutdown(); }
 
+void Host::wait_embeds() {
+  std::unique_lock<std::mutex> lock(embed_mu);
+  embed_idle.wait(lock, [&] { return embeds_in_flight == 0; });
+}
+
 void Host::shutdown() {
+  wait_embeds();
+  embedder.reset();
   if (engine) {
     engine->stop();
     engine->join();
@@ -63,6 +71,7 @@ class LoadWorker : public Napi::AsyncWorker {
   LoadWorker(Napi::Env env, LoadBaton baton, Napi::Function on_progress, Napi::Function on_events)
       : Napi::AsyncWorker(env, "genesis.loadModel"), deferred_(Napi::Promise::Deferred::New(env)), baton_(std::move(baton)) {
     host_ = std::make_shared<Host>();
+    host_->threads = baton_.engine.threads;
     if (!on_progress.IsEmpty()) {
       progress_ = Napi::ThreadSafeFunction::New(env, on_progress, "genesis.loadProgress", 0, 1);
       on_progress_ = Napi::Persistent(on_progress);
@@ -178,6 +187,7 @@ class CloseWorker : public Napi::AsyncWorker {
 
   // The engine thread may be inside a decode step: waiting for it must not block JS.
   void Execute() override {
+    host_->wait_embeds();
     if (host_->engine) {
       host_->engine->stop();
       host_->engine->join();
@@ -204,6 +214,62 @@ class CloseWorker : public Napi::AsyncWorker {
   Napi::Promise::Deferred deferred_;
   std::shared_ptr<Host> host_;
   Napi::FunctionReference on_events_;
+};
+
+class EmbedWorker : public Napi::AsyncWorker {
+ public:
+  EmbedWorker(Napi::Env env, std::shared_ptr<Host> host, std::vector<std::vector<llama_token>> inputs)
+      : Napi::AsyncWorker(env, "genesis.embed"), deferred_(Napi::Promise::Deferred::New(env)), host_(std::move(host)), inputs_(std::move(inputs)) {
+    std::lock_guard<std::mutex> lock(host_->embed_mu);
+    host_->embeds_in_flight++;
+  }
+
+  Napi::Promise Promise() { return deferred_.Promise(); }
+
+  void Execute() override {
+    try {
+      {
+        std::lock_guard<std::mutex> lock(host_->embed_mu);
+        if (!host_->embedder) {
+          host_->embedder = std::make_unique<Embedder>(host_->model, host_->engine->context_size(),
+                                                       host_->threads > 0 ? host_->threads : static_cast<int32_t>(std::thread::hardware_concurrency()));
+        }
+      }
+      result_ = host_->embedder->embed(inputs_);
+      pooling_ = host_->embedder->pooling();
+    } catch (const std::exception& e) {
+      error_ = e.what();
+    }
+    std::lock_guard<std::mutex> lock(host_->embed_mu);
+    host_->embeds_in_flight--;
+    host_->embed_idle.notify_all();
+  }
+
+  void OnOK() override {
+    Napi::Env env = Env();
+    if (!error_.empty()) {
+      deferred_.Reject(CodedError(env, "ENGINE", error_).Value());
+      return;
+    }
+    Napi::Array vectors = Napi::Array::New(env, result_.size());
+    for (size_t i = 0; i < result_.size(); ++i) {
+      auto v = Napi::Float32Array::New(env, result_[i].size());
+      std::copy(result_[i].begin(), result_[i].end(), v.Data());
+      vectors.Set(static_cast<uint32_t>(i), v);
+    }
+    Napi::Object out = Napi::Object::New(env);
+    out.Set("embeddings", vectors);
+    out.Set("pooling", pooling_);
+    deferred_.Resolve(out);
+  }
+
+ private:
+  Napi::Promise::Deferred deferred_;
+  std::shared_ptr<Host> host_;
+  std::vector<std::vector<llama_token>> inputs_;
+  std::vector<std::vector<float>> result_;
+  std::string pooling_;
+  std::string error_;
 };
 
 int32_t get_int(const Napi::Object& obj, const char* key, int32_t fallback) {
@@ -267,6 +333,7 @@ Napi::Function NativeModel::Define(Napi::Env env) {
                                         InstanceMethod<&NativeModel::Submit>("submit"),
                                         InstanceMethod<&NativeModel::Cancel>("cancel"),
                                         InstanceMethod<&NativeModel::Stats>("stats"),
+                                        InstanceMethod<&NativeModel::Embed>("embed"),
                                         InstanceMethod<&NativeModel::Close>("close"),
                                     });
   auto* data = new AddonData();
@@ -456,6 +523,27 @@ Napi::Value NativeModel::Stats(const Napi::CallbackInfo& info) {
   out.Set("kvUsedTokens", static_cast<double>(s.kv_used_tokens));
   out.Set("kvCapacityTokens", static_cast<double>(host_->engine->context_size()) * host_->engine->max_sequences());
   return out;
+}
+
+Napi::Value NativeModel::Embed(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  EnsureOpen(env);
+  if (info.Length() < 1 || !info[0].IsArray()) throw CodedError(env, "NATIVE_BINDING", "embed(inputs: Int32Array[])");
+  Napi::Array array = info[0].As<Napi::Array>();
+  const int32_t n_vocab = llama_vocab_n_tokens(llama_model_get_vocab(host_->model));
+  const uint32_t n_ctx = host_->engine->context_size();
+  std::vector<std::vector<llama_token>> inputs;
+  for (uint32_t i = 0; i < array.Length(); ++i) {
+    std::string what = "input[" + std::to_string(i) + "]";
+    inputs.push_back(tokens_from_js(env, array.Get(i), n_vocab, what.c_str()));
+    if (inputs.back().empty() || inputs.back().size() > n_ctx) {
+      throw CodedError(env, "CONTEXT_OVERFLOW", what + " has " + std::to_string(inputs.back().size()) + " tokens; expected 1 to " + std::to_string(n_ctx));
+    }
+  }
+  auto* worker = new EmbedWorker(env, host_, std::move(inputs));
+  Napi::Promise promise = worker->Promise();
+  worker->Queue();
+  return promise;
 }
 
 Napi::Value NativeModel::Close(const Napi::CallbackInfo& info) {

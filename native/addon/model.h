@@ -5,11 +5,14 @@
 // callbacks queued on the TSFN, so a late callback after close finds an empty host, never freed memory.
 #pragma once
 
+#include <condition_variable>
 #include <memory>
+#include <mutex>
 #include <string>
 
 #include <napi.h>
 
+#include "engine/embedder.h"
 #include "engine/engine.h"
 
 namespace genesis {
@@ -17,6 +20,12 @@ namespace genesis {
 struct Host {
   llama_model* model = nullptr;
   std::unique_ptr<Engine> engine;
+  int32_t threads = 0;
+  // Created on the first embed() call; embed workers run on the libuv pool, so shutdown waits for them.
+  std::unique_ptr<Embedder> embedder;
+  std::mutex embed_mu;
+  std::condition_variable embed_idle;
+  uint32_t embeds_in_flight = 0;
   Napi::ThreadSafeFunction events;  // calls JS onEvents(events[])
   uint32_t active = 0;              // requests submitted and not finished (JS thread only)
   bool closing = false;  // close() in progress (JS thread only)
@@ -25,6 +34,8 @@ struct Host {
   ~Host();
   // Stops the engine thread and frees native resources; safe to call twice.
   void shutdown();
+  // Blocks until no embed computation runs (close and finalizers call it before freeing the model).
+  void wait_embeds();
 };
 
 class NativeModel : public Napi::ObjectWrap<NativeModel> {
@@ -46,6 +57,7 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
   Napi::Value Submit(const Napi::CallbackInfo& info);
   Napi::Value Cancel(const Napi::CallbackInfo& info);
   Napi::Value Stats(const Napi::CallbackInfo& info);
+  Napi::Value Embed(const Napi::CallbackInfo& info);
   Napi::Value Close(const Napi::CallbackInfo& info);
 
   void EnsureOpen(Napi::Env env) const;
