@@ -93,6 +93,7 @@ export interface NativeEngineStats {
 export interface NativeModel {
   info(): NativeModelInfo;
   tokenize(text: string, addSpecial: boolean, parseSpecial: boolean): Int32Array;
+  tokenizeAsync(text: string, addSpecial: boolean, parseSpecial: boolean): Promise<Int32Array>;
   detokenize(tokens: Int32Array | number[], removeSpecial: boolean, unparseSpecial: boolean): string;
   applyChatTemplate(messages: Array<{ role: string; content: string }>, addAssistant: boolean, template?: string): string;
   submit(id: number, prompt: Int32Array, options: NativeSubmitOptions): void;

@@ -105,6 +105,19 @@ export class Model implements AsyncDisposable {
     return Array.from(this.#native.tokenize(text, options.addSpecial ?? true, options.parseSpecial ?? true));
   }
 
+  /**
+   * tokenize() off the JS thread, for long documents: the result can go to generate() as tokens.
+   */
+  async tokenizeAsync(text: string, options: { addSpecial?: boolean; parseSpecial?: boolean } = {}): Promise<number[]> {
+    this.#assertOpen();
+    if (typeof text !== 'string') throw new InvalidOptionError('text', 'a string', text);
+    try {
+      return Array.from(await this.#native.tokenizeAsync(text, options.addSpecial ?? true, options.parseSpecial ?? true));
+    } catch (error) {
+      throw toGenesisError(error as { code: string; message: string });
+    }
+  }
+
   detokenize(tokens: readonly number[] | Int32Array, options: { removeSpecial?: boolean; renderSpecial?: boolean } = {}): string {
     this.#assertOpen();
     return this.#native.detokenize(Array.from(tokens), options.removeSpecial ?? false, options.renderSpecial ?? false);

@@ -47,6 +47,14 @@ describe('embeddings', { timeout: 120_000 }, () => {
     await expect(model.embed('word '.repeat(200))).rejects.toBeInstanceOf(ContextOverflowError);
   });
 
+  it('tokenizeAsync equals tokenize, for a long document too', async () => {
+    const text = 'A long document, tokenized off the JS thread. '.repeat(2000);
+    expect(await model.tokenizeAsync(text)).toEqual(model.tokenize(text));
+    expect(await model.tokenizeAsync('<s> x', { addSpecial: false, parseSpecial: false })).toEqual(
+      model.tokenize('<s> x', { addSpecial: false, parseSpecial: false }),
+    );
+  });
+
   it('dispose waits for an embedding in flight, then embed throws DisposedError', async () => {
     const other = await loadModel(await makeFixtureModel({ arch: 'llama', type: 'f32' }), { contextSize: 64, maxSequences: 1, threads: 1 });
     const pending = other.embed(Array.from({ length: 16 }, (_, i) => `text number ${i}`));

@@ -18,18 +18,31 @@ Napi::Error CodedError(Napi::Env env, const std::string& code, const std::string
   return error;
 }
 
+std::vector<llama_token> tokenize_text(const llama_vocab* vocab, const std::string& text, bool add_special, bool parse_special) {
+  if (text.size() > static_cast<size_t>(INT32_MAX / 2)) throw std::runtime_error("text too long to tokenize");
+  std::vector<llama_token> tokens(text.size() + 8);
+  int32_t n = llama_tokenize(vocab, text.data(), static_cast<int32_t>(text.size()), tokens.data(), static_cast<int32_t>(tokens.size()), add_special, parse_special);
+  if (n < 0 && n != INT32_MIN) {
+    tokens.resize(static_cast<size_t>(-n));
+    n = llama_tokenize(vocab, text.data(), static_cast<int32_t>(text.size()), tokens.data(), static_cast<int32_t>(tokens.size()), add_special, parse_special);
+  }
+  if (n < 0) throw std::runtime_error("llama.cpp could not tokenize the text");
+  tokens.resize(static_cast<size_t>(n));
+  return tokens;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Host
 
 Host::~Host() { shutdown(); }
 
-void Host::wait_embeds() {
-  std::unique_lock<std::mutex> lock(embed_mu);
-  embed_idle.wait(lock, [&] { return embeds_in_flight == 0; });
+void Host::wait_jobs() {
+  std::unique_lock<std::mutex> lock(jobs_mu);
+  jobs_idle.wait(lock, [&] { return jobs_in_flight == 0; });
 }
 
 void Host::shutdown() {
-  wait_embeds();
+  wait_jobs();
   embedder.reset();
   if (engine) {
     engine->stop();
@@ -187,7 +200,7 @@ class CloseWorker : public Napi::AsyncWorker {
 
   // The engine thread may be inside a decode step: waiting for it must not block JS.
   void Execute() override {
-    host_->wait_embeds();
+    host_->wait_jobs();
     if (host_->engine) {
       host_->engine->stop();
       host_->engine->join();
@@ -216,41 +229,67 @@ class CloseWorker : public Napi::AsyncWorker {
   Napi::FunctionReference on_events_;
 };
 
-class EmbedWorker : public Napi::AsyncWorker {
+// An async job on a model: counted from construction (JS thread) to the end of Execute, so that
+// close() and finalizers wait for it before freeing the model. Errors are carried as a message.
+class HostJob : public Napi::AsyncWorker {
  public:
-  EmbedWorker(Napi::Env env, std::shared_ptr<Host> host, std::vector<std::vector<llama_token>> inputs)
-      : Napi::AsyncWorker(env, "genesis.embed"), deferred_(Napi::Promise::Deferred::New(env)), host_(std::move(host)), inputs_(std::move(inputs)) {
-    std::lock_guard<std::mutex> lock(host_->embed_mu);
-    host_->embeds_in_flight++;
+  HostJob(Napi::Env env, const char* name, std::shared_ptr<Host> host)
+      : Napi::AsyncWorker(env, name), deferred_(Napi::Promise::Deferred::New(env)), host_(std::move(host)) {
+    std::lock_guard<std::mutex> lock(host_->jobs_mu);
+    host_->jobs_in_flight++;
   }
 
   Napi::Promise Promise() { return deferred_.Promise(); }
 
-  void Execute() override {
+  void Execute() final {
     try {
-      {
-        std::lock_guard<std::mutex> lock(host_->embed_mu);
-        if (!host_->embedder) {
-          host_->embedder = std::make_unique<Embedder>(host_->model, host_->engine->context_size(),
-                                                       host_->threads > 0 ? host_->threads : static_cast<int32_t>(std::thread::hardware_concurrency()));
-        }
-      }
-      result_ = host_->embedder->embed(inputs_);
-      pooling_ = host_->embedder->pooling();
+      Run();
     } catch (const std::exception& e) {
       error_ = e.what();
     }
-    std::lock_guard<std::mutex> lock(host_->embed_mu);
-    host_->embeds_in_flight--;
-    host_->embed_idle.notify_all();
+    std::lock_guard<std::mutex> lock(host_->jobs_mu);
+    host_->jobs_in_flight--;
+    host_->jobs_idle.notify_all();
   }
 
-  void OnOK() override {
+  void OnOK() final {
     Napi::Env env = Env();
     if (!error_.empty()) {
-      deferred_.Reject(CodedError(env, "ENGINE", error_).Value());
+      deferred_.Reject(CodedError(env, error_code_, error_).Value());
       return;
     }
+    deferred_.Resolve(Result(env));
+  }
+
+ protected:
+  virtual void Run() = 0;
+  virtual Napi::Value Result(Napi::Env env) = 0;
+
+  Napi::Promise::Deferred deferred_;
+  std::shared_ptr<Host> host_;
+  std::string error_;
+  const char* error_code_ = "ENGINE";
+};
+
+class EmbedWorker : public HostJob {
+ public:
+  EmbedWorker(Napi::Env env, std::shared_ptr<Host> host, std::vector<std::vector<llama_token>> inputs)
+      : HostJob(env, "genesis.embed", std::move(host)), inputs_(std::move(inputs)) {}
+
+ private:
+  void Run() override {
+    {
+      std::lock_guard<std::mutex> lock(host_->jobs_mu);
+      if (!host_->embedder) {
+        const int32_t threads = host_->threads > 0 ? host_->threads : static_cast<int32_t>(std::thread::hardware_concurrency());
+        host_->embedder = std::make_unique<Embedder>(host_->model, host_->engine->context_size(), threads);
+      }
+    }
+    result_ = host_->embedder->embed(inputs_);
+    pooling_ = host_->embedder->pooling();
+  }
+
+  Napi::Value Result(Napi::Env env) override {
     Napi::Array vectors = Napi::Array::New(env, result_.size());
     for (size_t i = 0; i < result_.size(); ++i) {
       auto v = Napi::Float32Array::New(env, result_[i].size());
@@ -260,16 +299,34 @@ class EmbedWorker : public Napi::AsyncWorker {
     Napi::Object out = Napi::Object::New(env);
     out.Set("embeddings", vectors);
     out.Set("pooling", pooling_);
-    deferred_.Resolve(out);
+    return out;
   }
 
- private:
-  Napi::Promise::Deferred deferred_;
-  std::shared_ptr<Host> host_;
   std::vector<std::vector<llama_token>> inputs_;
   std::vector<std::vector<float>> result_;
   std::string pooling_;
-  std::string error_;
+};
+
+class TokenizeWorker : public HostJob {
+ public:
+  TokenizeWorker(Napi::Env env, std::shared_ptr<Host> host, std::string text, bool add_special, bool parse_special)
+      : HostJob(env, "genesis.tokenize", std::move(host)), text_(std::move(text)), add_special_(add_special), parse_special_(parse_special) {
+    error_code_ = "TOKENIZE";
+  }
+
+ private:
+  void Run() override { tokens_ = tokenize_text(llama_model_get_vocab(host_->model), text_, add_special_, parse_special_); }
+
+  Napi::Value Result(Napi::Env env) override {
+    auto array = Napi::Int32Array::New(env, tokens_.size());
+    std::copy(tokens_.begin(), tokens_.end(), array.Data());
+    return array;
+  }
+
+  std::string text_;
+  bool add_special_;
+  bool parse_special_;
+  std::vector<llama_token> tokens_;
 };
 
 int32_t get_int(const Napi::Object& obj, const char* key, int32_t fallback) {
@@ -334,6 +391,7 @@ Napi::Function NativeModel::Define(Napi::Env env) {
                                         InstanceMethod<&NativeModel::Cancel>("cancel"),
                                         InstanceMethod<&NativeModel::Stats>("stats"),
                                         InstanceMethod<&NativeModel::Embed>("embed"),
+                                        InstanceMethod<&NativeModel::TokenizeAsync>("tokenizeAsync"),
                                         InstanceMethod<&NativeModel::Close>("close"),
                                     });
   auto* data = new AddonData();
@@ -399,21 +457,29 @@ Napi::Value NativeModel::Tokenize(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   EnsureOpen(env);
   if (info.Length() < 1 || !info[0].IsString()) throw CodedError(env, "INVALID_OPTION", "tokenize(text): expected a string");
-  const std::string text = info[0].As<Napi::String>().Utf8Value();
   const bool add_special = info.Length() > 1 && info[1].IsBoolean() ? info[1].As<Napi::Boolean>().Value() : true;
   const bool parse_special = info.Length() > 2 && info[2].IsBoolean() ? info[2].As<Napi::Boolean>().Value() : true;
-  const llama_vocab* vocab = llama_model_get_vocab(host_->model);
-  if (text.size() > static_cast<size_t>(INT32_MAX / 2)) throw CodedError(env, "TOKENIZE", "text too long to tokenize");
-  std::vector<llama_token> tokens(text.size() + 8);
-  int32_t n = llama_tokenize(vocab, text.data(), static_cast<int32_t>(text.size()), tokens.data(), static_cast<int32_t>(tokens.size()), add_special, parse_special);
-  if (n < 0 && n != INT32_MIN) {
-    tokens.resize(static_cast<size_t>(-n));
-    n = llama_tokenize(vocab, text.data(), static_cast<int32_t>(text.size()), tokens.data(), static_cast<int32_t>(tokens.size()), add_special, parse_special);
+  std::vector<llama_token> tokens;
+  try {
+    tokens = tokenize_text(llama_model_get_vocab(host_->model), info[0].As<Napi::String>().Utf8Value(), add_special, parse_special);
+  } catch (const std::exception& e) {
+    throw CodedError(env, "TOKENIZE", e.what());
   }
-  if (n < 0) throw CodedError(env, "TOKENIZE", "llama.cpp could not tokenize the text");
-  auto array = Napi::Int32Array::New(env, static_cast<size_t>(n));
-  std::copy(tokens.begin(), tokens.begin() + n, array.Data());
+  auto array = Napi::Int32Array::New(env, tokens.size());
+  std::copy(tokens.begin(), tokens.end(), array.Data());
   return array;
+}
+
+Napi::Value NativeModel::TokenizeAsync(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  EnsureOpen(env);
+  if (info.Length() < 1 || !info[0].IsString()) throw CodedError(env, "INVALID_OPTION", "tokenizeAsync(text): expected a string");
+  const bool add_special = info.Length() > 1 && info[1].IsBoolean() ? info[1].As<Napi::Boolean>().Value() : true;
+  const bool parse_special = info.Length() > 2 && info[2].IsBoolean() ? info[2].As<Napi::Boolean>().Value() : true;
+  auto* worker = new TokenizeWorker(env, host_, info[0].As<Napi::String>().Utf8Value(), add_special, parse_special);
+  Napi::Promise promise = worker->Promise();
+  worker->Queue();
+  return promise;
 }
 
 Napi::Value NativeModel::Detokenize(const Napi::CallbackInfo& info) {

@@ -9,6 +9,7 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <vector>
 
 #include <napi.h>
 
@@ -21,11 +22,12 @@ struct Host {
   llama_model* model = nullptr;
   std::unique_ptr<Engine> engine;
   int32_t threads = 0;
-  // Created on the first embed() call; embed workers run on the libuv pool, so shutdown waits for them.
+  // Created on the first embed() call (under jobs_mu).
   std::unique_ptr<Embedder> embedder;
-  std::mutex embed_mu;
-  std::condition_variable embed_idle;
-  uint32_t embeds_in_flight = 0;
+  // Async jobs (embed, tokenizeAsync) run on the libuv pool and use the model: shutdown waits for them.
+  std::mutex jobs_mu;
+  std::condition_variable jobs_idle;
+  uint32_t jobs_in_flight = 0;
   Napi::ThreadSafeFunction events;  // calls JS onEvents(events[])
   uint32_t active = 0;              // requests submitted and not finished (JS thread only)
   bool closing = false;  // close() in progress (JS thread only)
@@ -34,8 +36,8 @@ struct Host {
   ~Host();
   // Stops the engine thread and frees native resources; safe to call twice.
   void shutdown();
-  // Blocks until no embed computation runs (close and finalizers call it before freeing the model).
-  void wait_embeds();
+  // Blocks until no async job runs (close and finalizers call it before freeing the model).
+  void wait_jobs();
 };
 
 class NativeModel : public Napi::ObjectWrap<NativeModel> {
@@ -58,6 +60,7 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
   Napi::Value Cancel(const Napi::CallbackInfo& info);
   Napi::Value Stats(const Napi::CallbackInfo& info);
   Napi::Value Embed(const Napi::CallbackInfo& info);
+  Napi::Value TokenizeAsync(const Napi::CallbackInfo& info);
   Napi::Value Close(const Napi::CallbackInfo& info);
 
   void EnsureOpen(Napi::Env env) const;
@@ -71,6 +74,9 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
 
 // Load a model and create its engine off the JS thread: loadModel(path, options, onProgress, onEvents).
 Napi::Value LoadModel(const Napi::CallbackInfo& info);
+
+// Token ids of text; throws std::runtime_error when llama.cpp cannot tokenize it.
+std::vector<llama_token> tokenize_text(const llama_vocab* vocab, const std::string& text, bool add_special, bool parse_special);
 
 // A JS Error carrying a `code` (and optionally `path`) that src/errors.ts maps to a typed class.
 Napi::Error CodedError(Napi::Env env, const std::string& code, const std::string& message, const std::string& path = "");
