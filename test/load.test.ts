@@ -94,6 +94,9 @@ describe('loading', () => {
       [llama, 'rope', 'rope.dimension_count', 8, /rope.dimension_count \(8\) must equal the attention head size \(16\)/],
       [moe, 'too-many-used', 'expert_used_count', 9, /expert_used_count \(9\) exceeds qwen3moe.expert_count \(8\)/],
       [moe, 'none-used', 'expert_used_count', 0, /expert_used_count is 0/],
+      // Found by fuzzing: ggml asserts eps >= 0 when rms_norm first runs, aborting the process.
+      [llama, 'negative-eps', 'attention.layer_norm_rms_epsilon', -1, /layer_norm_rms_epsilon is -1, expected a finite number >= 0/],
+      [moe, 'zero-rope-base', 'rope.freq_base', 0, /rope.freq_base is 0, expected a finite number > 0/],
     ];
     for (const [source, name, key, value, message] of cases) {
       const path = await rewriteMetadata(source, join(dir, `${name}.gguf`), set(key, value));

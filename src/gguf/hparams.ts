@@ -39,6 +39,16 @@ export function checkHyperparameters(file: GgufFile, arch: string): void {
     if (used === undefined || used < 1) fail(`${arch}.expert_used_count is ${used ?? 'missing'}, expected 1 to expert_count (${experts})`);
     else if (used > experts) fail(`${arch}.expert_used_count (${used}) exceeds ${arch}.expert_count (${experts})`);
   }
+  // Norm epsilons are asserted non-negative when the graph runs (ggml-cpu rms_norm), not at load.
+  for (const [key, value] of file.metadata) {
+    if (!key.startsWith(`${arch}.`) || !/epsilon$/.test(key)) continue;
+    const eps = value.type === 'f32' || value.type === 'f64' ? value.value : NaN;
+    if (!(eps >= 0) || !Number.isFinite(eps)) fail(`${key} is ${value.type === 'array' ? 'an array' : String(value.value)}, expected a finite number >= 0`);
+  }
+  const freqBase = file.metadata.get(`${arch}.rope.freq_base`);
+  if (freqBase && !((freqBase.type === 'f32' || freqBase.type === 'f64') && Number.isFinite(freqBase.value) && freqBase.value > 0)) {
+    fail(`${arch}.rope.freq_base is ${freqBase.type === 'array' ? 'an array' : String(freqBase.value)}, expected a finite number > 0`);
+  }
   const heads = uint(file, `${arch}.attention.head_count`);
   const embd = uint(file, `${arch}.embedding_length`);
   const keyLength = uint(file, `${arch}.attention.key_length`);
