@@ -14,3 +14,5 @@ export {
 } from './errors.js';
 export type { GenesisErrorCode, ModelLoadErrorCode } from './errors.js';
 export { systemInfo } from './system.js';
+export { buildJsonGbnf, JSON_OBJECT_GBNF, JSON_VALUE_GBNF, jsonSchemaToGbnf } from './grammar/index.js';
+export type { JsonGrammarOptions, JsonSchemaGrammarOptions } from './grammar/index.js';
