@@ -4,12 +4,15 @@
  *   genesis generate --model M --prompt "..."   stream a completion to stdout
  *   genesis info M                              describe a model file
  *   genesis demo                                continuous batching on the built-in synthetic model
+ *   genesis serve [--model [name=]M ...]        OpenAI-compatible HTTP server with a chat page
  * Argument parsing uses node:util parseArgs (Node's own, no dependency).
  */
 import { parseArgs, type ParseArgsConfig } from 'node:util';
 import { GenesisError } from '../errors.js';
 import { loadModel, type Model } from '../model.js';
 import type { GenerateOptions, LoadModelOptions } from '../options.js';
+import { ServerConfigError } from '../server/app.js';
+import { serve, type ServeModelSpec } from '../server/serve.js';
 import { ensureDefaultModel } from '../synthetic/default-model.js';
 import { progressBar } from './progress.js';
 
@@ -17,6 +20,7 @@ const USAGE = `Usage:
   genesis generate --model <file.gguf> --prompt <text> [options]
   genesis info <file.gguf> [--json]
   genesis demo [--model <file.gguf>] [--requests N]
+  genesis serve [--model [name=]<file.gguf> ...] [--host H] [--port P] [--api-key K] [options]
 
 generate options:
   --max-tokens N        tokens to generate (default 256)
@@ -28,6 +32,19 @@ generate options:
   --system TEXT         system message (with --chat)
 model options:
   --context-size N --max-sequences N --threads N --gpu-layers N|max --batch-size N
+serve options (OpenAI-compatible API, chat page at /; no --model: the built-in demo model):
+  --model [name=]FILE   a model to serve, named by the request's "model" field (repeatable;
+                        default name: the file name without .gguf)
+  --host H              address to listen on (default 127.0.0.1)
+  --port P              (default 8080)
+  --api-key K           bearer key for /v1 and /metrics (or GENESIS_API_KEY); required when
+                        --host is not a loopback address
+  --max-queue N         requests waiting for a sequence before 429 (default: no limit)
+  --max-tokens-limit N  largest max_tokens a request may ask for (default 4096)
+  --max-choices N       largest n per request (default 8)
+  --body-limit BYTES    largest request body (default 1048576)
+  --drain-timeout S     on SIGTERM/SIGINT, wait this long for requests in flight (default 30)
+  --log-level L         log requests (Fastify/pino JSON on stdout): info, warn, ...
 `;
 
 const modelOptions = {
@@ -202,6 +219,68 @@ async function demoCommand(argv: string[]): Promise<void> {
   }
 }
 
+/** `--model [name=]path` → { name, path }; the name defaults to the file name without .gguf. */
+function modelSpec(value: string): ServeModelSpec {
+  const eq = value.indexOf('=');
+  // A '=' before any path separator separates a name; paths may contain '=' further on.
+  const slash = value.search(/[\\/]/);
+  if (eq > 0 && (slash < 0 || eq < slash)) return { name: value.slice(0, eq), path: value.slice(eq + 1) };
+  if (eq === 0) throw new UsageError(`--model ${JSON.stringify(value)}: the name before '=' is empty`);
+  const base = value.split(/[\\/]/).pop() ?? value;
+  return { name: base.replace(/\.gguf$/i, ''), path: value };
+}
+
+async function serveCommand(argv: string[]): Promise<void> {
+  const { values } = parseArgs({
+    args: argv,
+    options: {
+      ...modelOptions,
+      model: { type: 'string', short: 'm', multiple: true },
+      host: { type: 'string' },
+      port: { type: 'string' },
+      'api-key': { type: 'string' },
+      'max-queue': { type: 'string' },
+      'max-tokens-limit': { type: 'string' },
+      'max-choices': { type: 'string' },
+      'body-limit': { type: 'string' },
+      'drain-timeout': { type: 'string' },
+      'log-level': { type: 'string' },
+    },
+  });
+  if (values.help) return void process.stdout.write(USAGE);
+  let specs = (values.model ?? []).map(modelSpec);
+  if (specs.length === 0) {
+    const path = await ensureDefaultModel({ onProgress: (m: string) => process.stderr.write(`${m}\n`) });
+    process.stderr.write(`no --model given: serving the built-in demo model ${path}\n`);
+    process.stderr.write('(synthetic, RANDOM WEIGHTS: the text is noise; tokens, batching, streaming and speed are real)\n');
+    specs = [{ name: 'genesis-demo', path, randomWeights: true }];
+  }
+  const { onProgress: _unused, ...load } = loadOptions(values);
+  const port = int('port', values.port) ?? 8080;
+  const drainTimeout = int('drain-timeout', values['drain-timeout']);
+  const handle = await serve({
+    models: specs,
+    load: { ...load, maxQueue: int('max-queue', values['max-queue']) },
+    host: values.host ?? '127.0.0.1',
+    port,
+    apiKey: values['api-key'] ?? process.env['GENESIS_API_KEY'],
+    maxTokensLimit: int('max-tokens-limit', values['max-tokens-limit']),
+    maxChoices: int('max-choices', values['max-choices']),
+    bodyLimit: int('body-limit', values['body-limit']),
+    drainTimeoutMs: drainTimeout === undefined ? undefined : drainTimeout * 1000,
+    logLevel: values['log-level'],
+    progress: (name) => {
+      if (!process.stderr.isTTY) return undefined;
+      const bar = progressBar(`loading ${name}`);
+      return (fraction) => {
+        bar(fraction);
+        if (fraction >= 1) process.stderr.write('\n');
+      };
+    },
+  });
+  await handle.closed;
+}
+
 export async function main(argv = process.argv.slice(2)): Promise<number> {
   const [command, ...rest] = argv;
   try {
@@ -214,6 +293,9 @@ export async function main(argv = process.argv.slice(2)): Promise<number> {
         return 0;
       case 'demo':
         await demoCommand(rest);
+        return 0;
+      case 'serve':
+        await serveCommand(rest);
         return 0;
       case undefined:
       case '-h':
@@ -228,6 +310,14 @@ export async function main(argv = process.argv.slice(2)): Promise<number> {
     if (error instanceof UsageError || (error as { code?: string }).code?.startsWith('ERR_PARSE_ARGS')) {
       process.stderr.write(`genesis: ${(error as Error).message}\n\n${USAGE}`);
       return 2;
+    }
+    if (error instanceof ServerConfigError) {
+      process.stderr.write(`genesis: ${error.message}\n`);
+      return 2;
+    }
+    if ((error as { code?: string }).code === 'EADDRINUSE' || (error as { code?: string }).code === 'EACCES') {
+      process.stderr.write(`genesis: cannot listen: ${(error as Error).message}\n`);
+      return 1;
     }
     if (error instanceof GenesisError) {
       process.stderr.write(`genesis: ${error.code}: ${error.message}\n`);

@@ -1,0 +1,8 @@
+export { buildServer, ServerConfigError } from './app.js';
+export type { GenesisServer, GenesisServerExtras, ServerOptions } from './app.js';
+export { ApiError } from './errors.js';
+export type { ApiErrorBody, ApiErrorType } from './errors.js';
+export { isLoopbackHost } from './auth.js';
+export type { ServedModelInput, ModelsOption } from './models.js';
+export { serve } from './serve.js';
+export type { ServeOptions, ServeModelSpec } from './serve.js';

@@ -1,0 +1,137 @@
+/**
+ * Prometheus metrics with prom-client, in a Registry of the server's own (never the global one, so
+ * several servers in one process do not collide). Engine gauges are read from `model.stats()` at
+ * scrape time.
+ */
+import { collectDefaultMetrics, Counter, Gauge, Histogram, Registry } from 'prom-client';
+import type { GenerationResult } from '../generation.js';
+import type { ServedModel } from './models.js';
+
+const LATENCY_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60];
+const TOKEN_LATENCY_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.15, 0.3, 0.6, 1.2, 2.5];
+
+export class ServerMetrics {
+  readonly registry = new Registry();
+  readonly requests: Counter<'endpoint' | 'method' | 'status'>;
+  readonly requestDuration: Histogram<'endpoint'>;
+  readonly promptTokens: Counter<'model'>;
+  readonly completionTokens: Counter<'model'>;
+  readonly generations: Counter<'model' | 'finish_reason'>;
+  readonly timeToFirstToken: Histogram<'model'>;
+  readonly timePerOutputToken: Histogram<'model'>;
+
+  constructor(models: () => readonly ServedModel[], options: { processMetrics?: boolean; inFlight?: () => number } = {}) {
+    const registers = [this.registry];
+    this.requests = new Counter({
+      name: 'genesis_http_requests_total',
+      help: 'HTTP requests answered, by route, method and status (499: the client closed the connection first).',
+      labelNames: ['endpoint', 'method', 'status'],
+      registers,
+    });
+    this.requestDuration = new Histogram({
+      name: 'genesis_http_request_duration_seconds',
+      help: 'Time from request to the end of the response (streams included), by route.',
+      labelNames: ['endpoint'],
+      buckets: LATENCY_BUCKETS,
+      registers,
+    });
+    this.promptTokens = new Counter({
+      name: 'genesis_prompt_tokens_total',
+      help: 'Prompt tokens processed (each of n choices counts its prompt).',
+      labelNames: ['model'],
+      registers,
+    });
+    this.completionTokens = new Counter({
+      name: 'genesis_completion_tokens_total',
+      help: 'Tokens generated, including those of generations cancelled by a disconnect.',
+      labelNames: ['model'],
+      registers,
+    });
+    this.generations = new Counter({
+      name: 'genesis_generations_total',
+      help: "Generations ended, by the runtime's finish reason (eog, stop, length, context) or abort/error.",
+      labelNames: ['model', 'finish_reason'],
+      registers,
+    });
+    this.timeToFirstToken = new Histogram({
+      name: 'genesis_time_to_first_token_seconds',
+      help: 'Submit to first generated token, queueing and prompt processing included (engine clock).',
+      labelNames: ['model'],
+      buckets: LATENCY_BUCKETS,
+      registers,
+    });
+    this.timePerOutputToken = new Histogram({
+      name: 'genesis_time_per_output_token_seconds',
+      help: 'Inter-token latency: time between consecutive generated tokens (each token after the first of a generation is one observation of its generation’s mean).',
+      labelNames: ['model'],
+      buckets: TOKEN_LATENCY_BUCKETS,
+      registers,
+    });
+
+    const engineGauge = (name: string, help: string, read: (s: ReturnType<ServedModel['model']['stats']>) => number) =>
+      new Gauge({
+        name,
+        help,
+        labelNames: ['model'],
+        registers,
+        collect() {
+          this.reset();
+          for (const served of models()) {
+            if (served.model.disposed) continue;
+            this.set({ model: served.name }, read(served.model.stats()));
+          }
+        },
+      });
+    engineGauge('genesis_queue_depth', 'Requests waiting for a free sequence.', (s) => s.queued);
+    engineGauge('genesis_active_sequences', 'Sequences generating or prefilling.', (s) => s.active);
+    engineGauge('genesis_kv_used_tokens', 'Tokens held in the KV cache by active sequences.', (s) => s.kvUsedTokens);
+    engineGauge('genesis_kv_capacity_tokens', 'Tokens the KV cache can hold (contextSize × maxSequences).', (s) => s.kvCapacityTokens);
+    // Monotonic engine totals, read at scrape time like the gauges.
+    const engineCounter = (name: string, help: string, read: (s: ReturnType<ServedModel['model']['stats']>) => number) =>
+      new Counter({
+        name,
+        help,
+        labelNames: ['model'],
+        registers,
+        collect() {
+          this.reset();
+          for (const served of models()) {
+            if (!served.model.disposed) this.inc({ model: served.name }, read(served.model.stats()));
+          }
+        },
+      });
+    engineCounter('genesis_engine_steps_total', 'Engine steps (one llama_decode each) since load.', (s) => s.steps);
+    engineCounter('genesis_decoded_tokens_total', 'Tokens decoded (prompt + generated) since load.', (s) => s.decodedTokens);
+    if (options.inFlight) {
+      const inFlight = options.inFlight;
+      new Gauge({
+        name: 'genesis_http_requests_in_flight',
+        help: 'HTTP requests being answered now.',
+        registers,
+        collect() {
+          this.set(inFlight());
+        },
+      });
+    }
+    if (options.processMetrics ?? true) collectDefaultMetrics({ register: this.registry });
+  }
+
+  /** Records one finished generation's tokens and latencies. */
+  observeResult(model: string, result: GenerationResult): void {
+    this.promptTokens.inc({ model }, result.usage.promptTokens);
+    this.completionTokens.inc({ model }, result.usage.completionTokens);
+    this.generations.inc({ model, finish_reason: result.finishReason });
+    if (result.usage.completionTokens > 0) this.timeToFirstToken.observe({ model }, result.timings.timeToFirstTokenMs / 1000);
+    const later = result.usage.completionTokens - 1;
+    if (later > 0) {
+      const perToken = result.timings.generationMs / 1000 / later;
+      for (let i = 0; i < later; i++) this.timePerOutputToken.observe({ model }, perToken);
+    }
+  }
+
+  /** A generation that ended without a result (client gone, error): count what it produced. */
+  observeUnfinished(model: string, reason: 'abort' | 'error', completionTokens: number): void {
+    if (completionTokens > 0) this.completionTokens.inc({ model }, completionTokens);
+    this.generations.inc({ model, finish_reason: reason });
+  }
+}

@@ -1,0 +1,128 @@
+/**
+ * serve(): what `genesis serve` runs. Loads the models (progress on stderr), builds the server,
+ * listens, and on SIGTERM/SIGINT drains: new requests get 503, requests in flight finish, the server
+ * closes, the models are disposed. `closed` resolves when all of that is done.
+ */
+import { loadModel, type Model } from '../model.js';
+import type { LoadModelOptions } from '../options.js';
+import { buildServer, ServerConfigError, type GenesisServer, type ServerOptions } from './app.js';
+import { isLoopbackHost } from './auth.js';
+
+export interface ServeModelSpec {
+  name: string;
+  path: string;
+  /** The built-in demo model: said loudly at start-up and on the chat page. */
+  randomWeights?: boolean;
+}
+
+export interface ServeOptions extends Omit<ServerOptions, 'models' | 'logger'> {
+  models: ServeModelSpec[];
+  /** Load options for every model (onProgress is set by serve). */
+  load?: Omit<LoadModelOptions, 'onProgress'>;
+  /** Default 8080; 0 picks a free port. */
+  port?: number;
+  /** Status lines (default: stderr). */
+  log?: (line: string) => void;
+  /** Load progress for one model, or undefined for start/end lines only. */
+  progress?: (name: string) => ((fraction: number) => void) | undefined;
+  /** Fastify request log level ('info' logs every request as JSON on stdout); default none. */
+  logLevel?: string;
+  /** Drain on SIGTERM/SIGINT. Default true. */
+  handleSignals?: boolean;
+}
+
+export interface ServeHandle {
+  server: GenesisServer;
+  url: string;
+  models: Model[];
+  /** Drains the server and disposes the models (what a signal does). */
+  stop(): Promise<void>;
+  /** Resolves once stopped, by stop() or a signal. */
+  closed: Promise<void>;
+}
+
+export async function serve(options: ServeOptions): Promise<ServeHandle> {
+  const log = options.log ?? ((line: string) => process.stderr.write(`${line}\n`));
+  const host = options.host ?? '127.0.0.1';
+  const keys = typeof options.apiKey === 'string' ? [options.apiKey] : [...(options.apiKey ?? [])];
+  // Refuse before spending time on loading models.
+  if (keys.every((k) => k.length === 0) && !isLoopbackHost(host)) {
+    throw new ServerConfigError(
+      `refusing to listen on ${host} without an API key: a non-loopback address is reachable from other machines. ` +
+        'Pass --api-key KEY (or set GENESIS_API_KEY), or listen on 127.0.0.1.',
+    );
+  }
+  const names = new Set<string>();
+  for (const spec of options.models) {
+    if (names.has(spec.name)) throw new ServerConfigError(`two models are named ${JSON.stringify(spec.name)}: use --model name=path to tell them apart`);
+    names.add(spec.name);
+  }
+
+  const models: Model[] = [];
+  const disposeAll = () => Promise.all(models.map((m) => m.dispose())).then(() => undefined);
+  let server: GenesisServer;
+  try {
+    for (const spec of options.models) {
+      log(`loading ${spec.name} from ${spec.path}`);
+      const started = performance.now();
+      const model = await loadModel(spec.path, { ...options.load, onProgress: options.progress?.(spec.name) });
+      models.push(model);
+      const { context } = model.info;
+      log(
+        `loaded ${spec.name}: ${model.info.architecture}, ${model.info.parameters.toLocaleString('en-US')} parameters, ` +
+          `context ${context.contextSize} × ${context.maxSequences} sequences (${((performance.now() - started) / 1000).toFixed(1)} s)`,
+      );
+      if (spec.randomWeights) log(`${spec.name} is the built-in demo model with RANDOM WEIGHTS: its text is noise; tokens, batching and speed are real`);
+    }
+    server = buildServer({
+      ...options,
+      host,
+      models: options.models.map((spec, i) => ({ name: spec.name, model: models[i]!, randomWeights: spec.randomWeights })),
+      logger: options.logLevel ? { level: options.logLevel } : false,
+    });
+    await server.listen({ host, port: options.port ?? 8080 });
+  } catch (error) {
+    await disposeAll();
+    throw error;
+  }
+
+  const address = server.server.address();
+  const port = typeof address === 'object' && address ? address.port : options.port;
+  const url = `http://${host.includes(':') ? `[${host}]` : host}:${port}`;
+  log(`serving ${options.models.map((m) => m.name).join(', ')} on ${url}`);
+  log(`  chat page ${url}/   OpenAI API ${url}/v1   health ${url}/health   metrics ${url}/metrics`);
+  log(keys.some((k) => k.length > 0) ? '  API key required (Authorization: Bearer <key>)' : '  no API key (loopback only)');
+
+  let stopping: Promise<void> | undefined;
+  let resolveClosed!: () => void;
+  const closed = new Promise<void>((resolve) => (resolveClosed = resolve));
+  const signals: NodeJS.Signals[] = ['SIGTERM', 'SIGINT'];
+  const stop = (): Promise<void> => {
+    stopping ??= (async () => {
+      try {
+        await server.drain();
+        await disposeAll();
+      } finally {
+        for (const signal of signals) process.off(signal, onSignal);
+        resolveClosed();
+      }
+    })();
+    return stopping;
+  };
+  let signalled = 0;
+  function onSignal(signal: NodeJS.Signals): void {
+    signalled++;
+    if (signalled > 1) {
+      log(`${signal} again: exiting without waiting`);
+      process.exit(130);
+    }
+    const active = models.reduce((n, m) => n + (m.disposed ? 0 : m.stats().active + m.stats().queued), 0);
+    log(`${signal}: draining (${active} generation${active === 1 ? '' : 's'} in flight; new requests get 503), then exiting`);
+    stop().then(
+      () => log('drained; models disposed; bye'),
+      (error: unknown) => log(`error while stopping: ${(error as Error).message}`),
+    );
+  }
+  if (options.handleSignals ?? true) for (const signal of signals) process.on(signal, onSignal);
+  return { server, url, models, stop, closed };
+}
