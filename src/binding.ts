@@ -6,6 +6,7 @@ import { createRequire } from 'node:module';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { GenesisError } from './errors.js';
+import type { EngineStats } from './model.js';
 
 export interface NativeLoadOptions {
   contextSize: number;
@@ -81,15 +82,6 @@ export interface NativeModelInfo {
   metadata: Record<string, string>;
 }
 
-export interface NativeEngineStats {
-  active: number;
-  queued: number;
-  steps: number;
-  decodedTokens: number;
-  kvUsedTokens: number;
-  kvCapacityTokens: number;
-}
-
 export interface NativeModel {
   info(): NativeModelInfo;
   tokenize(text: string, addSpecial: boolean, parseSpecial: boolean): Int32Array;
@@ -98,7 +90,7 @@ export interface NativeModel {
   applyChatTemplate(messages: Array<{ role: string; content: string }>, addAssistant: boolean, template?: string): string;
   submit(id: number, prompt: Int32Array, options: NativeSubmitOptions): void;
   cancel(id: number): void;
-  stats(): NativeEngineStats;
+  stats(): EngineStats;
   embed(inputs: Int32Array[]): Promise<{ embeddings: Float32Array[]; pooling: string }>;
   close(onEvents: (events: NativeEvent[]) => void): Promise<void>;
 }

@@ -453,15 +453,32 @@ Napi::Value NativeModel::Info(const Napi::CallbackInfo& info) {
   return model_info(info.Env(), host_->model, *host_->engine);
 }
 
+namespace {
+
+struct TokenizeArgs {
+  std::string text;
+  bool add_special;
+  bool parse_special;
+};
+
+// (text, addSpecial = true, parseSpecial = true)
+TokenizeArgs tokenize_args(const Napi::CallbackInfo& info, const char* method) {
+  if (info.Length() < 1 || !info[0].IsString()) {
+    throw CodedError(info.Env(), "INVALID_OPTION", std::string(method) + "(text): expected a string");
+  }
+  return {info[0].As<Napi::String>().Utf8Value(), info.Length() > 1 && info[1].IsBoolean() ? info[1].As<Napi::Boolean>().Value() : true,
+          info.Length() > 2 && info[2].IsBoolean() ? info[2].As<Napi::Boolean>().Value() : true};
+}
+
+}  // namespace
+
 Napi::Value NativeModel::Tokenize(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   EnsureOpen(env);
-  if (info.Length() < 1 || !info[0].IsString()) throw CodedError(env, "INVALID_OPTION", "tokenize(text): expected a string");
-  const bool add_special = info.Length() > 1 && info[1].IsBoolean() ? info[1].As<Napi::Boolean>().Value() : true;
-  const bool parse_special = info.Length() > 2 && info[2].IsBoolean() ? info[2].As<Napi::Boolean>().Value() : true;
+  const TokenizeArgs args = tokenize_args(info, "tokenize");
   std::vector<llama_token> tokens;
   try {
-    tokens = tokenize_text(llama_model_get_vocab(host_->model), info[0].As<Napi::String>().Utf8Value(), add_special, parse_special);
+    tokens = tokenize_text(llama_model_get_vocab(host_->model), args.text, args.add_special, args.parse_special);
   } catch (const std::exception& e) {
     throw CodedError(env, "TOKENIZE", e.what());
   }
@@ -473,10 +490,8 @@ Napi::Value NativeModel::Tokenize(const Napi::CallbackInfo& info) {
 Napi::Value NativeModel::TokenizeAsync(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   EnsureOpen(env);
-  if (info.Length() < 1 || !info[0].IsString()) throw CodedError(env, "INVALID_OPTION", "tokenizeAsync(text): expected a string");
-  const bool add_special = info.Length() > 1 && info[1].IsBoolean() ? info[1].As<Napi::Boolean>().Value() : true;
-  const bool parse_special = info.Length() > 2 && info[2].IsBoolean() ? info[2].As<Napi::Boolean>().Value() : true;
-  auto* worker = new TokenizeWorker(env, host_, info[0].As<Napi::String>().Utf8Value(), add_special, parse_special);
+  TokenizeArgs args = tokenize_args(info, "tokenizeAsync");
+  auto* worker = new TokenizeWorker(env, host_, std::move(args.text), args.add_special, args.parse_special);
   Napi::Promise promise = worker->Promise();
   worker->Queue();
   return promise;
