@@ -9,6 +9,7 @@ import { createHash } from 'node:crypto';
 
 const STYLE = `
 *{box-sizing:border-box}
+code{white-space:nowrap}
 body{margin:0;font:15px/1.45 system-ui,sans-serif;background:#f6f7f9;color:#1d2228;display:flex;flex-direction:column;height:100vh}
 header{display:flex;flex-wrap:wrap;gap:.6rem;align-items:center;padding:.6rem 1rem;background:#1d2228;color:#fff}
 header h1{font-size:1rem;margin:0 1rem 0 0}
