@@ -16,3 +16,13 @@ export type { GenesisErrorCode, ModelLoadErrorCode } from './errors.js';
 export { systemInfo } from './system.js';
 export { buildJsonGbnf, JSON_OBJECT_GBNF, JSON_VALUE_GBNF, jsonSchemaToGbnf } from './grammar/index.js';
 export type { JsonGrammarOptions, JsonSchemaGrammarOptions } from './grammar/index.js';
+export {
+  createReceipt,
+  generateWithReceipt,
+  hashModel,
+  loadOrCreateReceiptKey,
+  replayReceipt,
+  verifyModelFile,
+  verifyReceipt,
+} from './verify/index.js';
+export type { ModelDigest, ReceiptEnvelope, ReceiptStatement } from './verify/index.js';

@@ -10,6 +10,7 @@ import { AbortError, ContextOverflowError, DisposedError, InvalidOptionError, Mo
 import { Generation, type GenerationResult } from './generation.js';
 import { checkHyperparameters } from './gguf/hparams.js';
 import { readGguf } from './gguf/index.js';
+import { verifyModelFile } from './verify/identity.js';
 import { resolveLoadOptions, resolveSamplingOptions, type ChatOptions, type GenerateOptions, type LoadModelOptions } from './options.js';
 
 export interface ChatMessage {
@@ -83,6 +84,8 @@ export class Model implements AsyncDisposable {
       gpuOffload: system.gpuOffload,
       maxSequences: system.maxSequences,
     });
+    // Checked after the options (cheap) and before llama.cpp reads anything.
+    if (options.expectedSha256 !== undefined) await verifyModelFile(path, options.expectedSha256);
     // Events can only arrive after submit(), which needs the Model: route through a late-bound handler.
     const route: { handler?: (events: NativeEvent[]) => void } = {};
     let native: NativeModel;

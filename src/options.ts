@@ -34,6 +34,11 @@ export interface LoadModelOptions {
   maxQueue?: number;
   /** Called with load progress in [0, 1]. */
   onProgress?: (progress: number) => void;
+  /**
+   * Refuse the file unless the SHA-256 of its tensor data (llama.cpp's gguf-hash convention, as
+   * `genesis hash` prints it) equals this hex digest. Hashed once per file identity, then cached.
+   */
+  expectedSha256?: string;
 }
 
 export interface SamplingOptions {
@@ -129,6 +134,9 @@ export function resolveLoadOptions(
   if (fa !== undefined && fa !== 'auto' && typeof fa !== 'boolean') throw new InvalidOptionError('flashAttention', "true, false or 'auto'", fa);
   const useMmap = checkBool('useMmap', options.useMmap) ?? true;
   const maxQueue = options.maxQueue === Infinity ? 0 : (checkInt('maxQueue', options.maxQueue, 1, 2 ** 31 - 1) ?? 0);
+  if (options.expectedSha256 !== undefined && (typeof options.expectedSha256 !== 'string' || !/^[0-9a-fA-F]{64}$/.test(options.expectedSha256))) {
+    throw new InvalidOptionError('expectedSha256', 'a SHA-256 digest of 64 hex characters', options.expectedSha256);
+  }
   if (options.onProgress !== undefined && typeof options.onProgress !== 'function') {
     throw new InvalidOptionError('onProgress', 'a function', options.onProgress);
   }

@@ -107,6 +107,21 @@ describe('loading', () => {
     }
   });
 
+  it('refuses weights whose digest is not the expected one', async () => {
+    const { hashModel } = await import('../src/index.js');
+    const { sha256 } = await hashModel(llama);
+    const model = await loadModel(llama, { contextSize: 64, maxSequences: 1, threads: 1, expectedSha256: sha256 });
+    await model.dispose();
+    const wrong = `${sha256.slice(0, 63)}${sha256.endsWith('0') ? '1' : '0'}`;
+    const error = await loadModel(llama, { threads: 1, expectedSha256: wrong }).catch((e: unknown) => e);
+    expect(error).toBeInstanceOf(ModelLoadError);
+    expect((error as ModelLoadError).code).toBe('MODEL_CORRUPT');
+    expect((error as Error).message).toContain(wrong);
+    expect((error as Error).message).toContain(sha256);
+    const malformed = await loadModel(llama, { expectedSha256: 'abc' }).catch((e: unknown) => e);
+    expect((malformed as InvalidOptionError).option).toBe('expectedSha256');
+  });
+
   it('rejects impossible load options with the option named', async () => {
     const cases: Array<[Record<string, unknown>, string]> = [
       [{ contextSize: 0 }, 'contextSize'],

@@ -5,6 +5,9 @@
  *   genesis info M                              describe a model file
  *   genesis demo                                continuous batching on the built-in synthetic model
  *   genesis serve [--model [name=]M ...]        OpenAI-compatible HTTP server with a chat page
+ *   genesis hash M [--tensors] [--json]         SHA-256 of a model's tensor data (llama-gguf-hash's convention)
+ *   genesis verify R [--model M]                check a signed generation receipt
+ *   genesis replay R --model M                  re-run a receipt and compare the output tokens
  * Argument parsing uses node:util parseArgs (Node's own, no dependency).
  */
 import { parseArgs, type ParseArgsConfig } from 'node:util';
@@ -15,12 +18,18 @@ import { ServerConfigError } from '../server/app.js';
 import { serve, type ServeModelSpec } from '../server/serve.js';
 import { ensureDefaultModel } from '../synthetic/default-model.js';
 import { progressBar } from './progress.js';
+import { hashModel } from '../verify/identity.js';
+import { decodeReceipt, replayReceipt, verifyReceipt, type ReceiptEnvelope } from '../verify/receipt.js';
+import { readFileSync } from 'node:fs';
 
 const USAGE = `Usage:
   genesis generate --model <file.gguf> --prompt <text> [options]
   genesis info <file.gguf> [--json]
   genesis demo [--model <file.gguf>] [--requests N]
   genesis serve [--model [name=]<file.gguf> ...] [--host H] [--port P] [--api-key K] [options]
+  genesis hash <file.gguf> [--tensors] [--json] [--no-cache]
+  genesis verify <receipt.json> [--model <file.gguf>] [--public-key <key.pem>] [--json]
+  genesis replay <receipt.json> --model <file.gguf> [--threads N]
 
 generate options:
   --max-tokens N        tokens to generate (default 256)
@@ -281,6 +290,101 @@ async function serveCommand(argv: string[]): Promise<void> {
   await handle.closed;
 }
 
+async function hashCommand(argv: string[]): Promise<void> {
+  const { values, positionals } = parseArgs({
+    args: argv,
+    allowPositionals: true,
+    options: { model: { type: 'string', short: 'm' }, tensors: { type: 'boolean' }, json: { type: 'boolean' }, 'no-cache': { type: 'boolean' }, help: { type: 'boolean', short: 'h' } },
+  });
+  if (values.help) return void process.stdout.write(USAGE);
+  const path = positionals[0] ?? values.model;
+  if (!path) throw new UsageError('hash needs a model file: genesis hash <file.gguf>');
+  const bar = process.stderr.isTTY ? progressBar('hashing') : undefined;
+  const digest = await hashModel(path, { onProgress: bar, cache: !values['no-cache'] });
+  if (bar) process.stderr.write('\n');
+  if (values.json) {
+    const { cached, ...rest } = digest;
+    process.stdout.write(`${JSON.stringify(values.tensors ? { ...rest, cached } : { sha256: rest.sha256, cached })}\n`);
+    return;
+  }
+  // The layout of `llama-gguf-hash --sha256`: per-tensor lines `sha256  <hex>  <file>:<tensor>`, then the model.
+  if (values.tensors) for (const t of digest.tensors) process.stdout.write(`sha256    ${t.sha256}  ${path}:${t.name}\n`);
+  process.stdout.write(`sha256    ${digest.sha256}  ${path}\n`);
+}
+
+function readReceipt(file: string): ReceiptEnvelope {
+  try {
+    return JSON.parse(readFileSync(file, 'utf8')) as ReceiptEnvelope;
+  } catch (error) {
+    throw new UsageError(`cannot read the receipt ${file}: ${(error as Error).message}`);
+  }
+}
+
+async function verifyCommand(argv: string[]): Promise<number> {
+  const { values, positionals } = parseArgs({
+    args: argv,
+    allowPositionals: true,
+    options: { model: { type: 'string', short: 'm' }, 'public-key': { type: 'string' }, json: { type: 'boolean' }, help: { type: 'boolean', short: 'h' } },
+  });
+  if (values.help) {
+    process.stdout.write(USAGE);
+    return 0;
+  }
+  if (!positionals[0]) throw new UsageError('verify needs a receipt file: genesis verify <receipt.json>');
+  const envelope = readReceipt(positionals[0]);
+  let publicKey: string | undefined;
+  if (values['public-key']) {
+    try {
+      publicKey = readFileSync(values['public-key'], 'utf8');
+    } catch (error) {
+      throw new UsageError(`cannot read --public-key: ${(error as Error).message}`);
+    }
+  }
+  const check = await verifyReceipt(envelope, { modelPath: values.model, publicKey });
+  if (values.json) {
+    process.stdout.write(`${JSON.stringify({ valid: check.valid, reasons: check.reasons, keyId: check.keyId })}\n`);
+  } else if (check.valid) {
+    const s = check.statement!;
+    process.stdout.write(
+      `valid: signed by key ${check.keyId}${publicKey ? '' : ' (the key named in the receipt: compare it with the one you trust)'}\n` +
+        `model ${s.model.fileName} sha256 ${s.model.sha256}${values.model ? ' (matches the file)' : ''}\n` +
+        `${s.prompt.count} prompt tokens, ${s.output.count} output tokens (${s.output.finishReason}), sampler ${s.sampler.chain.join(' > ')}, seed ${s.sampler.seed}\n`,
+    );
+  } else {
+    process.stdout.write('invalid:\n');
+    for (const r of check.reasons) process.stdout.write(`  ${r.code}: ${r.message}\n`);
+  }
+  return check.valid ? 0 : 1;
+}
+
+async function replayCommand(argv: string[]): Promise<number> {
+  const { values, positionals } = parseArgs({ args: argv, allowPositionals: true, options: { ...modelOptions } });
+  if (values.help) {
+    process.stdout.write(USAGE);
+    return 0;
+  }
+  if (!positionals[0]) throw new UsageError('replay needs a receipt file: genesis replay <receipt.json> --model <file.gguf>');
+  if (!values.model) throw new UsageError('replay needs --model <file.gguf>');
+  const statement = decodeReceipt(readReceipt(positionals[0]));
+  const needed = (statement.prompt?.count ?? 0) + Math.max(statement.output?.count ?? 0, statement.sampler?.params?.maxTokens ?? 0) + 1;
+  const model = await open(values.model, { ...loadOptions(values), maxSequences: 1, contextSize: int('context-size', values['context-size']) ?? Math.max(needed, 256) });
+  try {
+    const report = await replayReceipt(model, statement);
+    if (!report.modelDigestMatches) process.stderr.write(`note: ${values.model} is not the model named in the receipt (sha256 ${statement.model.sha256})\n`);
+    if (report.identical) {
+      process.stdout.write(`identical: ${report.tokens.length} output tokens\n`);
+      return 0;
+    }
+    const d = report.firstDivergence;
+    process.stdout.write(
+      d ? `divergent at token ${d.index}: receipt ${d.expected ?? 'none'}, replay ${d.actual ?? 'none'}\n` : 'divergent: the output token hash differs\n',
+    );
+    return 1;
+  } finally {
+    await model.dispose();
+  }
+}
+
 export async function main(argv = process.argv.slice(2)): Promise<number> {
   const [command, ...rest] = argv;
   try {
@@ -297,6 +401,13 @@ export async function main(argv = process.argv.slice(2)): Promise<number> {
       case 'serve':
         await serveCommand(rest);
         return 0;
+      case 'hash':
+        await hashCommand(rest);
+        return 0;
+      case 'verify':
+        return await verifyCommand(rest);
+      case 'replay':
+        return await replayCommand(rest);
       case undefined:
       case '-h':
       case '--help':

@@ -20,6 +20,7 @@ import { chatRoutes } from './routes/chat.js';
 import { completionRoutes } from './routes/completions.js';
 import { embeddingRoutes } from './routes/embeddings.js';
 import { modelRoutes } from './routes/models.js';
+import { receiptRoutes } from '../verify/server.js';
 import { statusRoutes } from './routes/status.js';
 
 export interface ServerOptions {
@@ -189,6 +190,7 @@ export function buildServer(options: ServerOptions): GenesisServer {
   completionRoutes(app, ctx);
   embeddingRoutes(app, ctx);
   modelRoutes(app, ctx);
+  receiptRoutes(app, ctx);
   statusRoutes(app, ctx, { draining: () => draining });
 
   async function drain(drainOptions: { timeoutMs?: number } = {}): Promise<void> {

@@ -6,6 +6,9 @@ import { CLIENT_CLOSED, newId, reportable, unixNow, type RouteContext } from '..
 import { invalidRequest, toApiError } from '../errors.js';
 import { asBody, choiceSeed, finishReason, parseCommon } from '../params.js';
 import { SSE_DONE, sendSse, sseEvent } from '../sse.js';
+import { chatPromptTokens, createReceipt } from '../../verify/receipt.js';
+import { parseReceiptParam } from '../../verify/server.js';
+import type { GenerationResult } from '../../generation.js';
 
 const ROLES = new Set(['system', 'developer', 'user', 'assistant']);
 
@@ -45,14 +48,23 @@ export function chatRoutes(app: FastifyInstance, ctx: RouteContext): void {
     const body = asBody(request.body);
     const params = parseCommon(body, ctx.limits);
     const messages = parseMessages(body['messages']);
+    const receiptOptions = parseReceiptParam(body, params.n);
     const served = ctx.models.get(params.model);
     const controller = ctx.requestController(request, reply);
     let group: ChoiceGroup;
+    // With a receipt the prompt is tokenized here (as chat() does) so that the receipt names its exact ids.
+    let promptTokens: number[] = [];
+    const startedAt = new Date();
     try {
       group = ChoiceGroup.start(
         params.n,
         controller,
-        (i, signal) => served.model.chat(messages, { ...params.sampling, seed: choiceSeed(params.sampling.seed, i), signal }),
+        (i, signal) => {
+          const options = { ...params.sampling, seed: choiceSeed(params.sampling.seed, i), signal };
+          if (!receiptOptions) return served.model.chat(messages, options);
+          promptTokens = chatPromptTokens(served.model, messages);
+          return served.model.generate(promptTokens, options);
+        },
         { metrics: ctx.metrics, model: served.name },
       );
     } catch (error) {
@@ -61,6 +73,10 @@ export function chatRoutes(app: FastifyInstance, ctx: RouteContext): void {
     const id = newId('chatcmpl');
     const created = unixNow();
     const model = served.name;
+    const receiptFor = async (result: GenerationResult) =>
+      receiptOptions
+        ? { receipt: await createReceipt(served.model, { promptTokens, options: params.sampling, result, startedAt }, receiptOptions) }
+        : {};
 
     if (!params.stream) {
       let results;
@@ -83,6 +99,7 @@ export function chatRoutes(app: FastifyInstance, ctx: RouteContext): void {
           finish_reason: finishReason(r.finishReason),
         })),
         usage: { prompt_tokens: promptTokens, completion_tokens: completionTokens, total_tokens: promptTokens + completionTokens },
+        ...(await receiptFor(results[0]!)),
       };
     }
 
@@ -94,12 +111,14 @@ export function chatRoutes(app: FastifyInstance, ctx: RouteContext): void {
       }
       let promptTokens = 0;
       let completionTokens = 0;
+      let lastResult: GenerationResult | undefined;
       for await (const event of group.events()) {
         if (event.kind === 'text') {
           yield chunk([{ index: event.index, delta: { content: event.text }, logprobs: null, finish_reason: null }]);
         } else if (event.kind === 'done') {
           promptTokens = event.result.usage.promptTokens;
           completionTokens += event.result.usage.completionTokens;
+          lastResult = event.result;
           yield chunk([{ index: event.index, delta: {}, logprobs: null, finish_reason: finishReason(event.result.finishReason) }]);
         } else {
           const failure = reportable(controller, event.error, 'messages');
@@ -107,8 +126,11 @@ export function chatRoutes(app: FastifyInstance, ctx: RouteContext): void {
           return;
         }
       }
+      const receipt = receiptOptions && lastResult ? await receiptFor(lastResult) : {};
       if (params.includeUsage) {
-        yield chunk([], { usage: { prompt_tokens: promptTokens, completion_tokens: completionTokens, total_tokens: promptTokens + completionTokens } });
+        yield chunk([], { usage: { prompt_tokens: promptTokens, completion_tokens: completionTokens, total_tokens: promptTokens + completionTokens }, ...receipt });
+      } else if (receiptOptions) {
+        yield chunk([], receipt);
       }
       yield SSE_DONE;
     }

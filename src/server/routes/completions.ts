@@ -5,6 +5,9 @@ import { CLIENT_CLOSED, newId, reportable, unixNow, type RouteContext } from '..
 import { invalidRequest, toApiError } from '../errors.js';
 import { asBody, boolean, choiceSeed, finishReason, parseCommon } from '../params.js';
 import { SSE_DONE, sendSse, sseEvent } from '../sse.js';
+import { createReceipt } from '../../verify/receipt.js';
+import { parseReceiptParam } from '../../verify/server.js';
+import type { GenerationResult } from '../../generation.js';
 
 /** Prompts per request (each is generated n times). */
 export const MAX_PROMPTS = 32;
@@ -39,19 +42,29 @@ export function completionRoutes(app: FastifyInstance, ctx: RouteContext): void 
     if (bestOf !== undefined && bestOf !== null && bestOf !== 1 && bestOf !== params.n) {
       throw invalidRequest('best_of', "'best_of' other than n is not supported by this server.", 'unsupported_parameter');
     }
+    const receiptOptions = parseReceiptParam(body, prompts.length * params.n);
     const served = ctx.models.get(params.model);
     const { n } = params;
     const controller = ctx.requestController(request, reply);
     let group: ChoiceGroup;
     let echoed: string[] = [];
+    // With a receipt the prompt is tokenized here (as generate() does) so that the receipt names its exact ids.
+    let promptTokens: number[] = [];
+    const startedAt = new Date();
     try {
       if (echo) echoed = prompts.map((p) => (typeof p === 'string' ? p : served.model.detokenize(p)));
       // Choice index = prompt index × n + i, as OpenAI numbers them.
       group = ChoiceGroup.start(
         prompts.length * n,
         controller,
-        (index, signal) =>
-          served.model.generate(prompts[Math.floor(index / n)]!, { ...params.sampling, seed: choiceSeed(params.sampling.seed, index % n), signal }),
+        (index, signal) => {
+          let prompt = prompts[Math.floor(index / n)]!;
+          if (receiptOptions) {
+            promptTokens = typeof prompt === 'string' ? served.model.tokenize(prompt, { addSpecial: true, parseSpecial: true }) : [...prompt];
+            prompt = promptTokens;
+          }
+          return served.model.generate(prompt, { ...params.sampling, seed: choiceSeed(params.sampling.seed, index % n), signal });
+        },
         { metrics: ctx.metrics, model: served.name },
       );
     } catch (error) {
@@ -60,6 +73,10 @@ export function completionRoutes(app: FastifyInstance, ctx: RouteContext): void 
     const id = newId('cmpl');
     const created = unixNow();
     const model = served.name;
+    const receiptFor = async (result: GenerationResult) =>
+      receiptOptions
+        ? { receipt: await createReceipt(served.model, { promptTokens, options: params.sampling, result, startedAt }, receiptOptions) }
+        : {};
     const promptOf = (index: number) => Math.floor(index / n);
     const usage = (results: Array<{ usage: { promptTokens: number; completionTokens: number } } | undefined>) => {
       let promptTokens = 0;
@@ -91,6 +108,7 @@ export function completionRoutes(app: FastifyInstance, ctx: RouteContext): void 
           finish_reason: finishReason(r.finishReason),
         })),
         usage: usage(results),
+        ...(await receiptFor(results[0]!)),
       };
     }
 
@@ -102,7 +120,7 @@ export function completionRoutes(app: FastifyInstance, ctx: RouteContext): void 
           yield chunk([{ index, text: echoed[promptOf(index)]!, logprobs: null, finish_reason: null }]);
         }
       }
-      const results: Array<{ usage: { promptTokens: number; completionTokens: number } } | undefined> = [];
+      const results: Array<GenerationResult | undefined> = [];
       for await (const event of group.events()) {
         if (event.kind === 'text') {
           yield chunk([{ index: event.index, text: event.text, logprobs: null, finish_reason: null }]);
@@ -115,7 +133,9 @@ export function completionRoutes(app: FastifyInstance, ctx: RouteContext): void 
           return;
         }
       }
-      if (params.includeUsage) yield chunk([], { usage: usage(results) });
+      const receipt = receiptOptions && results[0] ? await receiptFor(results[0]) : {};
+      if (params.includeUsage) yield chunk([], { usage: usage(results), ...receipt });
+      else if (receiptOptions) yield chunk([], receipt);
       yield SSE_DONE;
     }
     return sendSse(reply, events());
