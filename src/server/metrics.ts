@@ -68,7 +68,14 @@ export class ServerMetrics {
       registers,
     });
 
-    const engineGauge = (name: string, help: string, read: (s: ReturnType<ServedModel['model']['stats']>) => number) =>
+    type Stats = ReturnType<ServedModel['model']['stats']>;
+    // Engine figures are read at scrape time from every model still loaded.
+    const eachLoaded = (visit: (model: string, stats: Stats) => void) => {
+      for (const served of models()) {
+        if (!served.model.disposed) visit(served.name, served.model.stats());
+      }
+    };
+    const engineGauge = (name: string, help: string, read: (s: Stats) => number) =>
       new Gauge({
         name,
         help,
@@ -76,10 +83,7 @@ export class ServerMetrics {
         registers,
         collect() {
           this.reset();
-          for (const served of models()) {
-            if (served.model.disposed) continue;
-            this.set({ model: served.name }, read(served.model.stats()));
-          }
+          eachLoaded((model, stats) => this.set({ model }, read(stats)));
         },
       });
     engineGauge('genesis_queue_depth', 'Requests waiting for a free sequence.', (s) => s.queued);
@@ -87,7 +91,7 @@ export class ServerMetrics {
     engineGauge('genesis_kv_used_tokens', 'Tokens held in the KV cache by active sequences.', (s) => s.kvUsedTokens);
     engineGauge('genesis_kv_capacity_tokens', 'Tokens the KV cache can hold (contextSize × maxSequences).', (s) => s.kvCapacityTokens);
     // Monotonic engine totals, read at scrape time like the gauges.
-    const engineCounter = (name: string, help: string, read: (s: ReturnType<ServedModel['model']['stats']>) => number) =>
+    const engineCounter = (name: string, help: string, read: (s: Stats) => number) =>
       new Counter({
         name,
         help,
@@ -95,9 +99,7 @@ export class ServerMetrics {
         registers,
         collect() {
           this.reset();
-          for (const served of models()) {
-            if (!served.model.disposed) this.inc({ model: served.name }, read(served.model.stats()));
-          }
+          eachLoaded((model, stats) => this.inc({ model }, read(stats)));
         },
       });
     engineCounter('genesis_engine_steps_total', 'Engine steps (one llama_decode each) since load.', (s) => s.steps);
