@@ -14,6 +14,7 @@
         "native/addon/convert.cc",
         "native/addon/log.cc",
         "native/addon/model.cc",
+        "native/engine/bandwidth.cc",
         "native/engine/embedder.cc",
         "native/engine/engine.cc",
         "native/engine/sampling.cc",

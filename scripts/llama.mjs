@@ -121,9 +121,13 @@ export function staticLibs(variant = buildVariant()) {
   return libs;
 }
 
-export function cmakeBuildLlama(variant = buildVariant()) {
+function jobs() {
+  return String(Number(process.env.GENESIS_JOBS) || Math.max(1, cpus().length));
+}
+
+/** Runs CMake's configure step when there is no configuration or it differs from ours. */
+function configureLlama(variant) {
   const dir = buildDir(variant);
-  const jobs = String(Number(process.env.GENESIS_JOBS) || Math.max(1, cpus().length));
   const defines = {
     CMAKE_BUILD_TYPE: 'Release',
     BUILD_SHARED_LIBS: 'OFF',
@@ -131,7 +135,11 @@ export function cmakeBuildLlama(variant = buildVariant()) {
     // Portable builds (prebuilds) set GENESIS_NATIVE=0; a source build tunes for this CPU.
     GGML_NATIVE: portable() ? 'OFF' : 'ON',
     LLAMA_BUILD_TESTS: 'OFF',
-    LLAMA_BUILD_SERVER: 'OFF',
+    // llama-server is a reference for the benchmark harness (built on demand, never at install).
+    // Its web UI would come from npm or a Hugging Face download: neither, it is not needed here.
+    LLAMA_BUILD_SERVER: 'ON',
+    LLAMA_BUILD_UI: 'OFF',
+    LLAMA_USE_PREBUILT_UI: 'OFF',
     LLAMA_BUILD_APP: 'OFF',
     LLAMA_BUILD_EXAMPLES: 'ON',
     LLAMA_BUILD_TOOLS: 'ON',
@@ -140,15 +148,24 @@ export function cmakeBuildLlama(variant = buildVariant()) {
   };
   if (variant === 'cuda') defines.CMAKE_CUDA_ARCHITECTURES = process.env.GENESIS_CUDA_ARCHS ?? '90';
   const generator = spawnSync('ninja', ['--version'], { stdio: 'ignore' }).status === 0 ? 'Ninja' : 'Unix Makefiles';
-  if (!existsSync(join(dir, 'CMakeCache.txt'))) {
+  const cache = join(dir, 'CMakeCache.txt');
+  // Configure when there is no cache, or when an older configuration differs from `defines`.
+  const cached = existsSync(cache) ? readFileSync(cache, 'utf8') : undefined;
+  const current = (k, v) => new RegExp(`^${k}:[A-Z]+=${v}$`, 'm').test(cached ?? '');
+  if (!Object.entries(defines).every(([k, v]) => current(k, v))) {
     log(`configuring llama.cpp (${variant}) with CMake, generator ${generator}`);
     run('cmake', ['-S', llamaDir, '-B', dir, '-G', generator, ...Object.entries(defines).map(([k, v]) => `-D${k}=${v}`)], {
       stdio: ['ignore', 'ignore', 'inherit'],
     });
   }
-  log(`building llama.cpp static libraries (${variant}) with ${jobs} jobs`);
+  return dir;
+}
+
+export function cmakeBuildLlama(variant = buildVariant()) {
+  const dir = configureLlama(variant);
+  log(`building llama.cpp static libraries (${variant}) with ${jobs()} jobs`);
   const targets = ['llama', 'ggml', ...REFERENCE_TOOLS];
-  run('cmake', ['--build', dir, '--parallel', jobs, '--target', ...targets]);
+  run('cmake', ['--build', dir, '--parallel', jobs(), '--target', ...targets]);
   for (const lib of staticLibs(variant)) {
     if (!existsSync(lib)) throw new Error(`the llama.cpp build did not produce ${lib}`);
   }
@@ -164,9 +181,8 @@ export function referenceTool(name, variant = buildVariant()) {
 export function ensureReferenceTool(name, variant = buildVariant()) {
   const tool = referenceTool(name, variant);
   if (!existsSync(tool)) {
-    log(`building the reference tool ${name} (${variant}) from the pinned llama.cpp`);
-    const jobs = String(Number(process.env.GENESIS_JOBS) || Math.max(1, cpus().length));
-    run('cmake', ['--build', buildDir(variant), '--parallel', jobs, '--target', name], { stdio: ['ignore', 'inherit', 'inherit'] });
+    log(`building the reference tool ${name} (${variant}) from the pinned llama.cpp (once; a few minutes)`);
+    run('cmake', ['--build', configureLlama(variant), '--parallel', jobs(), '--target', name], { stdio: ['ignore', 'inherit', 'inherit'] });
   }
   return tool;
 }

@@ -103,6 +103,24 @@ export interface NativeSystemInfo {
   variant: 'cpu' | 'cuda';
 }
 
+export interface NativeBandwidthOptions {
+  device?: 'cpu' | 'gpu';
+  gpuIndex?: number;
+  bytes?: number;
+  iterations?: number;
+  warmup?: number;
+  threads?: number;
+}
+
+export interface NativeBandwidthResult {
+  device: string;
+  description: string;
+  bytes: number;
+  iterations: number;
+  bestBytesPerSecond: number;
+  meanBytesPerSecond: number;
+}
+
 export interface NativeBinding {
   loadModel(
     path: string,
@@ -111,6 +129,8 @@ export interface NativeBinding {
     onEvents: (events: NativeEvent[]) => void,
   ): Promise<NativeModel>;
   systemInfo(): NativeSystemInfo;
+  /** Runs on the libuv pool; rejects with `{ code, message, option?, expected? }`. */
+  measureBandwidth(options: NativeBandwidthOptions): Promise<NativeBandwidthResult>;
 }
 
 /** Root of the installed package (holds binding.gyp, build/ and prebuilds/). */

@@ -13,7 +13,8 @@ export {
   QueueFullError,
 } from './errors.js';
 export type { GenesisErrorCode, ModelLoadErrorCode } from './errors.js';
-export { systemInfo } from './system.js';
+export { measureBandwidth, systemInfo } from './system.js';
+export type { BandwidthOptions, BandwidthResult } from './system.js';
 export { buildJsonGbnf, JSON_OBJECT_GBNF, JSON_VALUE_GBNF, jsonSchemaToGbnf } from './grammar/index.js';
 export type { JsonGrammarOptions, JsonSchemaGrammarOptions } from './grammar/index.js';
 export {

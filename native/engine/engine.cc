@@ -1,5 +1,7 @@
 #include "engine/engine.h"
 
+#include "ggml-cpu.h"
+
 #include <algorithm>
 #include <stdexcept>
 
@@ -48,6 +50,10 @@ Engine::Engine(llama_model* model, const EngineOptions& options, Notify notify)
     throw std::runtime_error("llama.cpp could not create a context (contextSize " + std::to_string(options.context_size) +
                              " x maxSequences " + std::to_string(options.max_sequences) + "); try smaller values");
   }
+  ggml_threadpool_params tpp = ggml_threadpool_params_default(threads);
+  threadpool_ = ggml_threadpool_new(&tpp);
+  // Without a pool llama.cpp still works (a pool per compute), so a failure here is not fatal.
+  if (threadpool_ != nullptr) llama_attach_threadpool(ctx_, threadpool_, nullptr);
   n_seq_max_ = llama_n_seq_max(ctx_);
   n_ctx_seq_ = std::min<uint32_t>(options.context_size, options.kv_unified ? llama_n_ctx(ctx_) : llama_n_ctx_seq(ctx_));
   n_batch_ = llama_n_batch(ctx_);
@@ -63,6 +69,7 @@ Engine::~Engine() {
   join();
   llama_batch_free(batch_);
   if (ctx_ != nullptr) llama_free(ctx_);
+  if (threadpool_ != nullptr) ggml_threadpool_free(threadpool_);
 }
 
 uint32_t Engine::total_context() const { return llama_n_ctx(ctx_); }

@@ -149,6 +149,9 @@ class Engine {
   llama_model* model_;
   const llama_vocab* vocab_;
   llama_context* ctx_ = nullptr;
+  // CPU worker threads kept for the engine's life, as llama-bench and llama-cli attach one;
+  // without it ggml creates and joins its threads on every graph compute.
+  ggml_threadpool* threadpool_ = nullptr;
   llama_batch batch_{};
   uint32_t n_ctx_seq_ = 0;
   uint32_t n_seq_max_ = 0;

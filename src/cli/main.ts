@@ -8,6 +8,7 @@
  *   genesis hash M [--tensors] [--json]         SHA-256 of a model's tensor data (llama-gguf-hash's convention)
  *   genesis verify R [--model M]                check a signed generation receipt
  *   genesis replay R --model M                  re-run a receipt and compare the output tokens
+ *   genesis bench [--quick] [--model ...]       benchmarks against llama.cpp's own tools
  * Argument parsing uses node:util parseArgs (Node's own, no dependency).
  */
 import { parseArgs, type ParseArgsConfig } from 'node:util';
@@ -17,7 +18,9 @@ import type { GenerateOptions, LoadModelOptions } from '../options.js';
 import { ServerConfigError } from '../server/app.js';
 import { serve, type ServeModelSpec } from '../server/serve.js';
 import { ensureDefaultModel } from '../synthetic/default-model.js';
+import { benchCommand, BENCH_USAGE } from './bench.js';
 import { progressBar } from './progress.js';
+import { UsageError } from './usage-error.js';
 import { hashModel } from '../verify/identity.js';
 import { decodeReceipt, replayReceipt, verifyReceipt, type ReceiptEnvelope } from '../verify/receipt.js';
 import { readFileSync } from 'node:fs';
@@ -30,6 +33,7 @@ const USAGE = `Usage:
   genesis hash <file.gguf> [--tensors] [--json] [--no-cache]
   genesis verify <receipt.json> [--model <file.gguf>] [--public-key <key.pem>] [--json]
   genesis replay <receipt.json> --model <file.gguf> [--threads N]
+  genesis bench [--quick] [--model preset[:type[:layers]] | <file.gguf> ...] [options]
 
 generate options:
   --max-tokens N        tokens to generate (default 256)
@@ -54,7 +58,7 @@ serve options (OpenAI-compatible API, chat page at /; no --model: the built-in d
   --body-limit BYTES    largest request body (default 1048576)
   --drain-timeout S     on SIGTERM/SIGINT, wait this long for requests in flight (default 30)
   --log-level L         log requests (Fastify/pino JSON on stdout): info, warn, ...
-`;
+${BENCH_USAGE}`;
 
 const modelOptions = {
   model: { type: 'string', short: 'm' },
@@ -72,8 +76,6 @@ function int(name: string, value: string | undefined): number | undefined {
   if (!Number.isFinite(n)) throw new UsageError(`--${name} expects a number, got ${JSON.stringify(value)}`);
   return n;
 }
-
-class UsageError extends Error {}
 
 function loadOptions(values: Record<string, unknown>): LoadModelOptions {
   const gpu = values['gpu-layers'] as string | undefined;
@@ -408,6 +410,8 @@ export async function main(argv = process.argv.slice(2)): Promise<number> {
         return await verifyCommand(rest);
       case 'replay':
         return await replayCommand(rest);
+      case 'bench':
+        return await benchCommand(rest);
       case undefined:
       case '-h':
       case '--help':

@@ -1,5 +1,5 @@
 export { readGguf } from './reader.js';
-export { f16BitsToF32, f32ToF16Bits, quantizeQ4_0, quantizeQ8_0, writeGguf } from './writer.js';
+export { encodeTensorData, f16BitsToF32, f32ToF16Bits, quantizeQ4_0, quantizeQ8_0, writeGguf } from './writer.js';
 export type {
   GgufMetadataEntry,
   GgufTensorData,

@@ -340,7 +340,15 @@ function layoutTensors(tensors: readonly GgufTensorInput[], alignment: number): 
   });
 }
 
-function encodeTensor(t: GgufTensorInput, data: GgufTensorData, byteSize: number): Uint8Array {
+/**
+ * Encodes float values as a tensor of type `t.type` (F32, F16, Q8_0, Q4_0) exactly as writeGguf
+ * does; for callers that write the same bytes under several tensor names.
+ */
+export function encodeTensorData(t: Pick<GgufTensorInput, 'name' | 'type' | 'shape'>, data: GgufTensorData): Uint8Array {
+  return encodeTensor(t, data, ggmlTensorByteSize(t.type, t.shape));
+}
+
+function encodeTensor(t: Pick<GgufTensorInput, 'name' | 'type' | 'shape'>, data: GgufTensorData, byteSize: number): Uint8Array {
   if (data instanceof Uint8Array) {
     if (data.byteLength !== byteSize) {
       throw new RangeError(`tensor '${t.name}' has ${data.byteLength} bytes of data, expected ${byteSize}`);

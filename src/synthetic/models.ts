@@ -14,7 +14,7 @@ import { homedir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 
-import { GgmlType, readGguf, writeGguf } from '../gguf/index.js';
+import { encodeTensorData, GgmlType, readGguf, writeGguf } from '../gguf/index.js';
 import type { GgufMetadataEntry, GgufTensorInput } from '../gguf/index.js';
 
 /** Bump when the generator changes so stale cached files are not reused. */
@@ -52,6 +52,8 @@ export interface SyntheticModelOptions {
   nEmbd?: number;
   nHead?: number;
   nHeadKv?: number;
+  /** Attention head size (key and value). Default nEmbd / nHead; Qwen3 uses 128 with 2048 / 32. */
+  headDim?: number;
   /** Dense FFN width (llama); also written as feed_forward_length for qwen3moe. */
   nFf?: number;
   nExpert?: number;
@@ -75,6 +77,13 @@ export interface SyntheticModelOptions {
    * mostly repeats the last token: fine for load/tokenize tests, not for "varied output" tests.
    */
   tieEmbeddings?: boolean;
+  /**
+   * Give every layer layer 0's weights (same bytes, separate tensors). Generating and quantizing
+   * random weights in JS takes ~20 s per billion parameters; benchmark models with many big layers
+   * use this to pay for one layer only. Speed is unaffected: each layer's tensors are still read
+   * from their own memory. Default false.
+   */
+  shareLayerWeights?: boolean;
   /** Default: `defaultModelCacheDir()`. */
   cacheDir?: string;
 }
@@ -130,6 +139,7 @@ function resolve(options: SyntheticModelOptions): ResolvedOptions {
     nEmbd: options.nEmbd ?? 64,
     nHead: options.nHead ?? 4,
     nHeadKv: options.nHeadKv ?? 2,
+    headDim: options.headDim ?? Math.floor((options.nEmbd ?? 64) / (options.nHead ?? 4)),
     nFf: options.nFf ?? 128,
     nExpert: options.nExpert ?? 8,
     nExpertUsed: options.nExpertUsed ?? 2,
@@ -140,23 +150,23 @@ function resolve(options: SyntheticModelOptions): ResolvedOptions {
     chatTemplate: options.chatTemplate === undefined ? (vocab === 'llama-spm' ? LLAMA2_TEMPLATE : CHATML_TEMPLATE) : options.chatTemplate,
     name: options.name ?? `genesis-fixture-${arch}-${vocab}-${type}`,
     tieEmbeddings: options.tieEmbeddings ?? false,
+    shareLayerWeights: options.shareLayerWeights ?? false,
   };
   validate(r);
   return r;
 }
 
 function validate(o: ResolvedOptions): void {
-  const positive = ['nLayer', 'nEmbd', 'nHead', 'nHeadKv', 'nFf', 'nExpert', 'nExpertUsed', 'nFfExp', 'contextLength'] as const;
+  const positive = ['nLayer', 'nEmbd', 'nHead', 'nHeadKv', 'headDim', 'nFf', 'nExpert', 'nExpertUsed', 'nFfExp', 'contextLength'] as const;
   for (const k of positive) {
     if (!Number.isInteger(o[k]) || o[k] <= 0) throw new RangeError(`fixture option ${k} must be a positive integer, got ${o[k]}`);
   }
-  if (o.nEmbd % o.nHead !== 0) throw new RangeError(`nEmbd (${o.nEmbd}) must be divisible by nHead (${o.nHead})`);
   if (o.nHead % o.nHeadKv !== 0) throw new RangeError(`nHead (${o.nHead}) must be divisible by nHeadKv (${o.nHeadKv})`);
-  if ((o.nEmbd / o.nHead) % 2 !== 0) throw new RangeError(`head size nEmbd/nHead must be even for RoPE`);
+  if (o.headDim % 2 !== 0) throw new RangeError(`head size (headDim, default nEmbd/nHead) must be even for RoPE, got ${o.headDim}`);
   if (o.nExpertUsed > o.nExpert) throw new RangeError(`nExpertUsed (${o.nExpertUsed}) must not exceed nExpert (${o.nExpert})`);
   if (o.type === 'q8_0' || o.type === 'q4_0') {
     // Every quantized matrix has one of these as its contiguous dimension (ne0).
-    const rows = o.arch === 'llama' ? { nEmbd: o.nEmbd, nFf: o.nFf } : { nEmbd: o.nEmbd, nFfExp: o.nFfExp };
+    const rows = o.arch === 'llama' ? { nEmbd: o.nEmbd, nFf: o.nFf, 'headDim*nHead': o.headDim * o.nHead } : { nEmbd: o.nEmbd, nFfExp: o.nFfExp, 'headDim*nHead': o.headDim * o.nHead };
     for (const [k, v] of Object.entries(rows)) {
       if (v % 32 !== 0) throw new RangeError(`type ${o.type} needs ${k} to be a multiple of 32, got ${v}`);
     }
@@ -219,7 +229,7 @@ async function buildContent(o: ResolvedOptions): Promise<FixtureContent> {
   const nVocab = tokens.value.length;
 
   const a = o.arch;
-  const headDim = o.nEmbd / o.nHead;
+  const headDim = o.headDim;
   const u32 = (key: string, value: number): GgufMetadataEntry => ({ key, type: 'u32', value });
   const f32 = (key: string, value: number): GgufMetadataEntry => ({ key, type: 'f32', value });
 
@@ -239,10 +249,11 @@ async function buildContent(o: ResolvedOptions): Promise<FixtureContent> {
     f32(`${a}.rope.freq_base`, a === 'qwen3moe' ? 1_000_000 : 10_000),
     u32(`${a}.rope.dimension_count`, headDim),
   ];
+  if (a === 'qwen3moe' || headDim !== o.nEmbd / o.nHead) {
+    metadata.push(u32(`${a}.attention.key_length`, headDim), u32(`${a}.attention.value_length`, headDim));
+  }
   if (a === 'qwen3moe') {
     metadata.push(
-      u32(`${a}.attention.key_length`, headDim),
-      u32(`${a}.attention.value_length`, headDim),
       u32(`${a}.expert_count`, o.nExpert),
       u32(`${a}.expert_used_count`, o.nExpertUsed),
       u32(`${a}.expert_feed_forward_length`, o.nFfExp),
@@ -258,11 +269,30 @@ async function buildContent(o: ResolvedOptions): Promise<FixtureContent> {
   const ones = (name: string, n: number): void => {
     tensors.push({ name, type: GgmlType.F32, shape: [n], data: () => new Float32Array(n).fill(1) });
   };
+  const shared = new Map<string, Uint8Array>();
   // Uniform(±1/sqrt(fan_in)) keeps every projection's output variance near a third of its input's,
   // so activations stay O(1) through the layers and the logits are neither flat nor saturated.
   const matrix = (name: string, shape: number[], type = wtype, scale = 1 / Math.sqrt(shape[0]!)): void => {
     const n = shape.reduce((x, y) => x * y, 1);
-    tensors.push({ name, type, shape, data: () => uniform(o.seed, name, n, scale) });
+    const layer = /^blk\.\d+\./.exec(name);
+    if (!o.shareLayerWeights || !layer) {
+      tensors.push({ name, type, shape, data: () => uniform(o.seed, name, n, scale) });
+      return;
+    }
+    // Layers are written in order: layer 0 encodes each shared tensor once, the last layer frees it.
+    const source = name.replace(layer[0], 'blk.0.');
+    const last = layer[0] === `blk.${o.nLayer - 1}.`;
+    tensors.push({
+      name,
+      type,
+      shape,
+      data: () => {
+        const bytes = shared.get(source) ?? encodeTensorData({ name, type, shape }, uniform(o.seed, source, n, scale));
+        if (last) shared.delete(source);
+        else shared.set(source, bytes);
+        return bytes;
+      },
+    });
   };
 
   const nEmbdKv = headDim * o.nHeadKv;

@@ -1,0 +1,149 @@
+/**
+ * Benchmark models: synthetic GGUFs with the layer shapes of real models, made by our own writer
+ * (random weights, llama.cpp's real tokenizers). Speed depends on shapes and types, not on the
+ * values, so these stand in for the real files on machines that have none; the layer count is
+ * chosen per machine (a 2-core VM runs one layer, an H100 all of them).
+ */
+import { statSync } from 'node:fs';
+
+import { ggmlTypeInfo, readGguf } from '../gguf/index.js';
+import { makeSyntheticModel, type SyntheticModelOptions, type SyntheticWeightType } from '../synthetic/models.js';
+import type { BenchModelShape } from './types.js';
+
+export interface ModelPreset {
+  /** What it is shaped like. */
+  description: string;
+  /** Layers of the real model. */
+  realLayers: number;
+  options: Omit<SyntheticModelOptions, 'nLayer' | 'type' | 'cacheDir'>;
+}
+
+export const MODEL_PRESETS = {
+  // Qwen3-30B-A3B: hidden 2048, 32 query / 4 KV heads of 128, 128 experts of FFN 768, 8 used.
+  'qwen3-30b-a3b': {
+    description: 'Qwen3-30B-A3B-shaped MoE (2048 hidden, 128 experts × 768, 8 active, 32/4 heads × 128, Qwen vocab)',
+    realLayers: 48,
+    options: {
+      arch: 'qwen3moe',
+      vocab: 'qwen2',
+      nEmbd: 2048,
+      nHead: 32,
+      nHeadKv: 4,
+      headDim: 128,
+      nFf: 6144,
+      nExpert: 128,
+      nExpertUsed: 8,
+      nFfExp: 768,
+      contextLength: 40960,
+      name: 'bench-qwen3-30b-a3b-shape',
+    },
+  },
+  // Llama-3-8B: hidden 4096, 32 query / 8 KV heads of 128, FFN 14336, Llama-3 vocab (128256).
+  'llama-3-8b': {
+    description: 'Llama-3-8B-shaped dense model (4096 hidden, FFN 14336, 32/8 heads × 128, Llama-3 vocab)',
+    realLayers: 32,
+    options: {
+      arch: 'llama',
+      vocab: 'llama-bpe',
+      nEmbd: 4096,
+      nHead: 32,
+      nHeadKv: 8,
+      headDim: 128,
+      nFf: 14336,
+      contextLength: 8192,
+      name: 'bench-llama-3-8b-shape',
+    },
+  },
+  // The demo model's shape: seconds to run, for smoke tests of the harness itself.
+  tiny: {
+    description: 'tiny llama (256 hidden, FFN 512, llama-spm vocab): harness smoke tests',
+    realLayers: 4,
+    options: { arch: 'llama', vocab: 'llama-spm', nEmbd: 256, nHead: 4, nHeadKv: 4, nFf: 512, name: 'bench-tiny' },
+  },
+} satisfies Record<string, ModelPreset>;
+
+export type ModelPresetName = keyof typeof MODEL_PRESETS;
+
+export const WEIGHT_TYPES: readonly SyntheticWeightType[] = ['f16', 'q8_0', 'q4_0'];
+
+export function isPresetName(name: string): name is ModelPresetName {
+  return Object.hasOwn(MODEL_PRESETS, name);
+}
+
+export interface BenchModelSpec {
+  preset: ModelPresetName;
+  type: SyntheticWeightType;
+  /** Default: the real model's layer count. */
+  layers?: number;
+}
+
+/** Parses 'qwen3-30b-a3b:q4_0:2' (preset, type, layers; type and layers optional). */
+export function parseModelSpec(spec: string, defaults: { type: SyntheticWeightType; layers?: number }): BenchModelSpec {
+  const [preset = '', type = defaults.type, layers] = spec.split(':');
+  if (!isPresetName(preset)) {
+    throw new RangeError(`unknown benchmark model '${preset}': expected one of ${Object.keys(MODEL_PRESETS).join(', ')} (optionally :type:layers)`);
+  }
+  if (!(WEIGHT_TYPES as readonly string[]).includes(type) && type !== 'f32') {
+    throw new RangeError(`unknown weight type '${type}' in '${spec}': expected one of ${WEIGHT_TYPES.join(', ')}`);
+  }
+  const n = layers === undefined ? defaults.layers : Number(layers);
+  if (n !== undefined && (!Number.isInteger(n) || n < 1 || n > MODEL_PRESETS[preset].realLayers)) {
+    throw new RangeError(`layer count in '${spec}' must be an integer from 1 to ${MODEL_PRESETS[preset].realLayers}`);
+  }
+  return { preset, type: type as SyntheticWeightType, ...(n !== undefined ? { layers: n } : {}) };
+}
+
+export function specLabel(spec: BenchModelSpec): string {
+  return `${spec.preset}:${spec.type}:${spec.layers ?? MODEL_PRESETS[spec.preset].realLayers}L`;
+}
+
+/** Path of the spec's GGUF, generated on first use and cached (same spec, same bytes). */
+export async function ensureBenchModel(spec: BenchModelSpec, cacheDir?: string): Promise<string> {
+  const preset: ModelPreset = MODEL_PRESETS[spec.preset];
+  return makeSyntheticModel({
+    ...preset.options,
+    nLayer: spec.layers ?? preset.realLayers,
+    type: spec.type,
+    // One layer of random weights is generated; the others reuse its bytes (see the option).
+    shareLayerWeights: true,
+    ...(cacheDir ? { cacheDir } : {}),
+  });
+}
+
+/** The shape of a GGUF as the report records it, from the file's own metadata. */
+export async function describeModel(path: string, preset = 'file'): Promise<BenchModelShape> {
+  const gguf = await readGguf(path);
+  const arch = String(gguf.metadata.get('general.architecture')?.value ?? 'unknown');
+  const num = (key: string): number | undefined => {
+    const v = gguf.metadata.get(`${arch}.${key}`)?.value;
+    return typeof v === 'number' ? v : typeof v === 'bigint' ? Number(v) : undefined;
+  };
+  const nEmbd = num('embedding_length') ?? 0;
+  const nHead = num('attention.head_count') ?? 0;
+  const tokens = gguf.metadata.get('tokenizer.ggml.tokens');
+  const types = new Map<string, number>();
+  let params = 0;
+  for (const t of gguf.tensors) {
+    const n = t.shape.reduce((a, b) => a * Number(b), 1);
+    params += n;
+    const typeName = ggmlTypeInfo(t.type)?.name ?? `type${t.type}`;
+    if (t.shape.length >= 2) types.set(typeName, (types.get(typeName) ?? 0) + n);
+  }
+  // The weight type is that of most matrix parameters (norms and routers stay F32).
+  const type = [...types].sort((a, b) => b[1] - a[1])[0]?.[0] ?? 'unknown';
+  const nExpert = num('expert_count');
+  return {
+    preset,
+    arch,
+    type: type.toLowerCase(),
+    nLayer: num('block_count') ?? 0,
+    nEmbd,
+    nHead,
+    nHeadKv: num('attention.head_count_kv') ?? nHead,
+    headDim: num('attention.key_length') ?? (nHead ? nEmbd / nHead : 0),
+    ...(nExpert ? { nExpert, nExpertUsed: num('expert_used_count') ?? 0, nFfExp: num('expert_feed_forward_length') ?? 0 } : { nFf: num('feed_forward_length') ?? 0 }),
+    vocabSize: tokens?.type === 'array' ? tokens.value.length : (num('vocab_size') ?? 0),
+    fileBytes: statSync(path).size,
+    params,
+  };
+}

@@ -1,0 +1,428 @@
+/**
+ * The benchmark harness: every workload on every model, each figure measured next to llama.cpp's
+ * own tool for it in the same run, on the same GGUF with the same threads, batch and GPU layers.
+ *
+ *   single stream   ours (in-process Model) vs llama-bench pp/tg
+ *   batched         ours (in-process, B concurrent requests) vs llama-batched-bench, per B
+ *   server          `genesis serve` vs `llama-server`, same load generator, per concurrency
+ *   shared-prefix   many requests with one long common prefix, both servers
+ *   mixed           Poisson arrivals with random prompt/output lengths, both servers
+ *   roofline        weight bytes per decode step / bandwidth measured in this run
+ *
+ * Rounds interleave ours and the reference and keep each side's best figure: on a shared machine
+ * the best run is the least disturbed one, and interleaving spreads slow spells over both sides.
+ */
+import { execFileSync } from 'node:child_process';
+import { mkdirSync, writeFileSync } from 'node:fs';
+import { availableParallelism, cpus, hostname, totalmem, type, release } from 'node:os';
+import { join } from 'node:path';
+
+import { LLAMA_COMMIT, repoRoot } from '../../scripts/llama.mjs';
+import { readGguf } from '../gguf/index.js';
+import { loadModel } from '../model.js';
+import { mulberry32 } from '../synthetic/models.js';
+import { measureBandwidth, systemInfo } from '../system.js';
+import { poissonArrivals, runLoad, type LoadRequest } from './loadgen.js';
+import { describeModel, ensureBenchModel, specLabel, type BenchModelSpec } from './models.js';
+import { batchedBench, llamaBench } from './reference.js';
+import { renderHtml, renderMarkdown, formatRatioTable } from './report.js';
+import { roofline } from './roofline.js';
+import { startGenesisServer, startLlamaServer, type RunningServer } from './servers.js';
+import type {
+  BatchedRow, BenchModelRun, BenchReport, BenchSettings, LatencyRow, LoadStats, MixedResult, RatioRow, SharedPrefixResult, SingleStreamRow,
+} from './types.js';
+
+export type Workload = 'single' | 'batched' | 'server' | 'shared-prefix' | 'mixed';
+export const WORKLOADS: readonly Workload[] = ['single', 'batched', 'server', 'shared-prefix', 'mixed'];
+
+export interface BenchOptions {
+  /** Preset specs (generated on first use) or paths of GGUF files. */
+  models: Array<BenchModelSpec | string>;
+  quick: boolean;
+  threads: number;
+  batchSize: number;
+  gpuLayers: number;
+  repeat: number;
+  workloads: ReadonlySet<Workload>;
+  /** Single stream: prompt lengths for pp, tokens for tg. */
+  ppTokens: number[];
+  tgTokens: number;
+  /** Concurrency levels of the batched sweep and the server latency sweep. */
+  concurrency: number[];
+  batched: { promptTokens: number; genTokens: number };
+  latency: { promptTokens: number; genTokens: number; requestsPerSlot: number };
+  sharedPrefix: { requests: number; concurrency: number; prefixTokens: number; suffixTokens: number; genTokens: number };
+  mixed: { requests: number; arrivalRate: number; promptTokens: [number, number]; genTokens: [number, number]; seed: number };
+  /** Measure memory bandwidth and compute the roofline (default true). */
+  roofline: boolean;
+  /** Directory for report.json, report.md and report.html. */
+  outDir: string;
+  /** Where generated models are cached (default: the synthetic model cache). */
+  modelCacheDir?: string;
+  log: (line: string) => void;
+}
+
+export function defaultBenchOptions(quick: boolean): Omit<BenchOptions, 'outDir' | 'log'> {
+  const threads = availableParallelism();
+  if (quick) {
+    return {
+      models: [{ preset: 'qwen3-30b-a3b', type: 'q4_0', layers: 1 }, { preset: 'llama-3-8b', type: 'q4_0', layers: 1 }],
+      quick,
+      threads,
+      batchSize: 512,
+      gpuLayers: 0,
+      repeat: 2,
+      workloads: new Set(WORKLOADS),
+      ppTokens: [64, 256],
+      tgTokens: 32,
+      concurrency: [1, 2, 4, 8],
+      batched: { promptTokens: 32, genTokens: 16 },
+      latency: { promptTokens: 64, genTokens: 16, requestsPerSlot: 2 },
+      sharedPrefix: { requests: 8, concurrency: 4, prefixTokens: 256, suffixTokens: 16, genTokens: 8 },
+      mixed: { requests: 12, arrivalRate: 2, promptTokens: [16, 128], genTokens: [4, 24], seed: 7 },
+      roofline: true,
+    };
+  }
+  return {
+    models: (['qwen3-30b-a3b', 'llama-3-8b'] as const).flatMap((preset) =>
+      (['q4_0', 'q8_0', 'f16'] as const).map((type) => ({ preset, type, layers: 2 })),
+    ),
+    quick,
+    threads,
+    batchSize: 512,
+    gpuLayers: 0,
+    repeat: 3,
+    workloads: new Set(WORKLOADS),
+    ppTokens: [128, 512, 2048],
+    tgTokens: 128,
+    concurrency: [1, 2, 4, 8, 16, 32, 64],
+    batched: { promptTokens: 128, genTokens: 64 },
+    latency: { promptTokens: 256, genTokens: 64, requestsPerSlot: 3 },
+    sharedPrefix: { requests: 64, concurrency: 16, prefixTokens: 2048, suffixTokens: 64, genTokens: 32 },
+    mixed: { requests: 64, arrivalRate: 4, promptTokens: [32, 1024], genTokens: [16, 256], seed: 7 },
+    roofline: true,
+  };
+}
+
+/** Step counter for progress lines: "[bench 3/14, 1m20s] ...". */
+class Progress {
+  #done = 0;
+  readonly #started = performance.now();
+  constructor(
+    readonly total: number,
+    readonly log: (line: string) => void,
+  ) {}
+  step(what: string): void {
+    this.#done++;
+    this.log(`[${this.#done}/${this.total} ${this.elapsed()}] ${what}`);
+  }
+  elapsed(): string {
+    const s = Math.round((performance.now() - this.#started) / 1000);
+    return `${Math.floor(s / 60)}m${String(s % 60).padStart(2, '0')}s`;
+  }
+}
+
+const best = (a: number | undefined, b: number): number => Math.max(a ?? 0, b);
+
+function randomPrompt(random: () => number, vocabSize: number, length: number): number[] {
+  // Token 0 and the last ids are often special; stay within ordinary ids.
+  return Array.from({ length }, () => 1 + Math.floor(random() * Math.max(1, vocabSize - 2)));
+}
+
+async function singleStream(o: BenchOptions, path: string, progress: Progress): Promise<SingleStreamRow[]> {
+  const reference = new Map<string, number>();
+  const ours = new Map<string, number>();
+  const key = (test: string, n: number) => `${test}${n}`;
+  const contextSize = Math.max(...o.ppTokens, o.tgTokens + 1) + 1;
+  for (let round = 0; round < o.repeat; round++) {
+    progress.step(`single stream, round ${round + 1}/${o.repeat}: llama-bench pp ${o.ppTokens.join(',')} tg ${o.tgTokens}`);
+    for (const r of await llamaBench({ model: path, threads: o.threads, batchSize: o.batchSize, gpuLayers: o.gpuLayers, pp: o.ppTokens, tg: o.tgTokens, repetitions: 1 })) {
+      const k = r.nGen > 0 ? key('tg', r.nGen) : key('pp', r.nPrompt);
+      reference.set(k, best(reference.get(k), Math.max(...r.samples)));
+    }
+    progress.step(`single stream, round ${round + 1}/${o.repeat}: genesis pp ${o.ppTokens.join(',')} tg ${o.tgTokens}`);
+    const model = await loadModel(path, { contextSize, maxSequences: 1, batchSize: o.batchSize, threads: o.threads, gpuLayers: o.gpuLayers });
+    try {
+      const random = mulberry32(round + 1);
+      // Warm-up, as llama-bench does: the first decode allocates compute buffers.
+      await model.complete(randomPrompt(random, model.info.vocabSize, 8), { maxTokens: 2, temperature: 0, ignoreEos: true });
+      for (const n of o.ppTokens) {
+        const r = await model.complete(randomPrompt(random, model.info.vocabSize, n), { maxTokens: 1, temperature: 0, ignoreEos: true });
+        // promptMs: admitted to first token, the prompt's decode (plus sampling one token).
+        ours.set(key('pp', n), best(ours.get(key('pp', n)), (n / r.timings.promptMs) * 1000));
+      }
+      // llama-bench tg: n decodes of one token from an empty context; ours: a 1-token prompt
+      // and n tokens, which is also n decodes (the prompt's decode yields the first token).
+      const r = await model.complete(randomPrompt(random, model.info.vocabSize, 1), { maxTokens: o.tgTokens, temperature: 0, ignoreEos: true });
+      const ms = r.timings.promptMs + r.timings.generationMs;
+      ours.set(key('tg', o.tgTokens), best(ours.get(key('tg', o.tgTokens)), (r.usage.completionTokens / ms) * 1000));
+    } finally {
+      await model.dispose();
+    }
+  }
+  return [
+    ...o.ppTokens.map((n) => ({ test: 'pp' as const, tokens: n, ours: ours.get(key('pp', n)) ?? 0, reference: reference.get(key('pp', n)) ?? 0 })),
+    { test: 'tg' as const, tokens: o.tgTokens, ours: ours.get(key('tg', o.tgTokens)) ?? 0, reference: reference.get(key('tg', o.tgTokens)) ?? 0 },
+  ];
+}
+
+async function batched(o: BenchOptions, path: string, progress: Progress): Promise<BatchedRow[]> {
+  const { promptTokens: pp, genTokens: tg } = o.batched;
+  const npl = o.concurrency;
+  const contextPerSequence = pp + tg + 1;
+  const ref = new Map<number, { tg: number; total: number }>();
+  const ours = new Map<number, { tg: number; total: number }>();
+  const keep = (into: typeof ref, B: number, v: { tg: number; total: number }) => {
+    const old = into.get(B);
+    into.set(B, { tg: best(old?.tg, v.tg), total: best(old?.total, v.total) });
+  };
+  for (let round = 0; round < o.repeat; round++) {
+    progress.step(`batched, round ${round + 1}/${o.repeat}: llama-batched-bench B=${npl.join(',')}`);
+    const rows = await batchedBench({ model: path, threads: o.threads, batchSize: o.batchSize, gpuLayers: o.gpuLayers, pp, tg, npl, contextPerSequence });
+    for (const r of rows) keep(ref, r.pl, { tg: r.speedTg, total: r.speed });
+    progress.step(`batched, round ${round + 1}/${o.repeat}: genesis B=${npl.join(',')}`);
+    const model = await loadModel(path, {
+      contextSize: contextPerSequence, maxSequences: Math.max(...npl), batchSize: o.batchSize, threads: o.threads, gpuLayers: o.gpuLayers,
+    });
+    try {
+      const random = mulberry32(100 + round);
+      await model.complete(randomPrompt(random, model.info.vocabSize, 8), { maxTokens: 2, temperature: 0, ignoreEos: true });
+      for (const B of npl) {
+        const started = performance.now();
+        const results = await Promise.all(
+          Array.from({ length: B }, () =>
+            model.complete(randomPrompt(random, model.info.vocabSize, pp), { maxTokens: tg, temperature: 0, ignoreEos: true }),
+          ),
+        );
+        const ended = performance.now();
+        // As llama-batched-bench splits prompt and generation: generation runs from the moment
+        // every sequence has its first token to the last token (B·(tg-1) tokens decoded).
+        const firstAll = Math.max(...results.map((r) => r.timings.queuedMs + r.timings.promptMs));
+        const lastAll = Math.max(...results.map((r) => r.timings.queuedMs + r.timings.promptMs + r.timings.generationMs));
+        const tgSpeed = ((B * (tg - 1)) / (lastAll - firstAll)) * 1000;
+        keep(ours, B, { tg: tgSpeed, total: ((B * (pp + tg)) / (ended - started)) * 1000 });
+      }
+    } finally {
+      await model.dispose();
+    }
+  }
+  return npl.map((B) => ({
+    concurrency: B,
+    promptTokens: pp,
+    genTokens: tg,
+    ours: ours.get(B)?.tg ?? 0,
+    reference: ref.get(B)?.tg ?? 0,
+    oursTotal: ours.get(B)?.total ?? 0,
+    referenceTotal: ref.get(B)?.total ?? 0,
+  }));
+}
+
+interface ServerWorkloads {
+  latency: Array<{ concurrency: number; stats: LoadStats }>;
+  sharedPrefix?: LoadStats;
+  mixed?: LoadStats;
+}
+
+/** Every server workload against one running server, with prompts identical for both servers. */
+async function serverWorkloads(o: BenchOptions, server: RunningServer, vocabSize: number, progress: Progress, tag: string): Promise<ServerWorkloads> {
+  const out: ServerWorkloads = { latency: [] };
+  const run = (requests: LoadRequest[], concurrency?: number) =>
+    runLoad({ baseUrl: server.baseUrl, model: 'bench', requests, ...(concurrency ? { concurrency } : {}), timeoutMs: 600_000 });
+  // Warm-up request (compute buffers, first-use paths).
+  await run([{ prompt: randomPrompt(mulberry32(1), vocabSize, 8), maxTokens: 2 }], 1);
+  if (o.workloads.has('server')) {
+    const { promptTokens, genTokens, requestsPerSlot } = o.latency;
+    for (const c of o.concurrency) {
+      progress.step(`${server.name}, ${tag}: latency at concurrency ${c} (${c * requestsPerSlot} requests, prompt ${promptTokens}, output ${genTokens})`);
+      const random = mulberry32(1000 + c);
+      const requests = Array.from({ length: c * requestsPerSlot }, () => ({ prompt: randomPrompt(random, vocabSize, promptTokens), maxTokens: genTokens }));
+      out.latency.push({ concurrency: c, stats: await run(requests, c) });
+    }
+  }
+  if (o.workloads.has('shared-prefix')) {
+    const s = o.sharedPrefix;
+    progress.step(`${server.name}, ${tag}: shared prefix (${s.requests} requests, ${s.prefixTokens}-token common prefix, concurrency ${s.concurrency})`);
+    const random = mulberry32(2000);
+    const prefix = randomPrompt(random, vocabSize, s.prefixTokens);
+    const requests = Array.from({ length: s.requests }, () => ({ prompt: [...prefix, ...randomPrompt(random, vocabSize, s.suffixTokens)], maxTokens: s.genTokens }));
+    out.sharedPrefix = await run(requests, s.concurrency);
+  }
+  if (o.workloads.has('mixed')) {
+    const m = o.mixed;
+    progress.step(`${server.name}, ${tag}: mixed (${m.requests} Poisson arrivals at ${m.arrivalRate}/s)`);
+    const random = mulberry32(m.seed);
+    const at = poissonArrivals(m.requests, m.arrivalRate, random);
+    const between = ([lo, hi]: [number, number]) => lo + Math.floor(random() * (hi - lo + 1));
+    const requests = at.map((t) => ({ at: t, prompt: randomPrompt(random, vocabSize, between(m.promptTokens)), maxTokens: between(m.genTokens) }));
+    out.mixed = await run(requests);
+  }
+  return out;
+}
+
+/** Per workload, the round with the higher output throughput (fewer errors first), stats kept whole. */
+function bestServerRun(a: ServerWorkloads | undefined, b: ServerWorkloads): ServerWorkloads {
+  if (!a) return b;
+  const pick = (x: LoadStats | undefined, y: LoadStats | undefined) =>
+    !x || !y ? (x ?? y) : y.errors < x.errors || (y.errors === x.errors && y.outputTokensPerSecond > x.outputTokensPerSecond) ? y : x;
+  const out: ServerWorkloads = { latency: a.latency.map((l, i) => ({ concurrency: l.concurrency, stats: pick(l.stats, b.latency[i]?.stats)! })) };
+  const sharedPrefix = pick(a.sharedPrefix, b.sharedPrefix);
+  const mixed = pick(a.mixed, b.mixed);
+  if (sharedPrefix) out.sharedPrefix = sharedPrefix;
+  if (mixed) out.mixed = mixed;
+  return out;
+}
+
+function serverContext(o: BenchOptions): { parallel: number; contextPerSequence: number } {
+  const need = [o.latency.promptTokens + o.latency.genTokens];
+  if (o.workloads.has('shared-prefix')) need.push(o.sharedPrefix.prefixTokens + o.sharedPrefix.suffixTokens + o.sharedPrefix.genTokens);
+  if (o.workloads.has('mixed')) need.push(o.mixed.promptTokens[1] + o.mixed.genTokens[1]);
+  const parallel = Math.max(...(o.workloads.has('server') ? o.concurrency : [1]), o.workloads.has('shared-prefix') ? o.sharedPrefix.concurrency : 1,
+    o.workloads.has('mixed') ? Math.min(o.mixed.requests, 16) : 1);
+  // Round up to a multiple of 256 (llama.cpp pads per-sequence context to 256 anyway).
+  return { parallel, contextPerSequence: Math.ceil((Math.max(...need) + 8) / 256) * 256 };
+}
+
+async function withServer<T>(start: () => Promise<RunningServer>, body: (s: RunningServer) => Promise<T>): Promise<T> {
+  const server = await start();
+  try {
+    return await body(server);
+  } finally {
+    await server.stop();
+  }
+}
+
+function ratioRows(runs: BenchModelRun[]): RatioRow[] {
+  const rows: RatioRow[] = [];
+  const add = (r: Omit<RatioRow, 'ratio'>, lowerIsBetter = false) => {
+    if (!(r.ours > 0) || !(r.reference > 0)) return;
+    rows.push({ ...r, ratio: lowerIsBetter ? r.reference / r.ours : r.ours / r.reference });
+  };
+  for (const run of runs) {
+    const model = run.name;
+    for (const s of run.single) {
+      add({ model, workload: s.test, label: `${s.test}${s.tokens}`, metric: 'tokens/s', unit: 't/s', ours: s.ours, reference: s.reference, referenceTool: 'llama-bench', target: 0.97 });
+    }
+    for (const b of run.batched) {
+      add({
+        model, workload: 'batched', label: `B=${b.concurrency}`, metric: 'aggregate decode', unit: 't/s', ours: b.ours, reference: b.reference,
+        referenceTool: 'llama-batched-bench', ...(b.concurrency === 8 || b.concurrency === 32 ? { target: 1.0 } : {}),
+      });
+    }
+    for (const l of run.latency) {
+      add({ model, workload: 'server', label: `c=${l.concurrency}`, metric: 'output throughput', unit: 't/s', ours: l.ours.outputTokensPerSecond, reference: l.reference.outputTokensPerSecond, referenceTool: 'llama-server', target: 1.0 });
+      add({ model, workload: 'server', label: `c=${l.concurrency}`, metric: 'TTFT p50 (lower is better)', unit: 'ms', ours: l.ours.ttftMs.p50, reference: l.reference.ttftMs.p50, referenceTool: 'llama-server' }, true);
+    }
+    for (const [workload, r] of [['shared-prefix', run.sharedPrefix], ['mixed', run.mixed]] as const) {
+      if (!r) continue;
+      add({ model, workload, label: workload, metric: 'output throughput', unit: 't/s', ours: r.ours.outputTokensPerSecond, reference: r.reference.outputTokensPerSecond, referenceTool: 'llama-server' });
+      add({ model, workload, label: workload, metric: 'TTFT p50 (lower is better)', unit: 'ms', ours: r.ours.ttftMs.p50, reference: r.reference.ttftMs.p50, referenceTool: 'llama-server' }, true);
+    }
+  }
+  return rows;
+}
+
+function gitCommit(): string | null {
+  try {
+    const head = execFileSync('git', ['rev-parse', 'HEAD'], { cwd: repoRoot, encoding: 'utf8', stdio: ['ignore', 'pipe', 'ignore'] }).trim();
+    const dirty = execFileSync('git', ['status', '--porcelain', '--untracked-files=no'], { cwd: repoRoot, encoding: 'utf8', stdio: ['ignore', 'pipe', 'ignore'] }).trim();
+    return dirty ? `${head}+dirty` : head;
+  } catch {
+    return null;
+  }
+}
+
+function stepsPerModel(o: BenchOptions): number {
+  let n = 1; // model preparation
+  if (o.workloads.has('single')) n += 2 * o.repeat;
+  if (o.workloads.has('batched')) n += 2 * o.repeat;
+  const serverSteps = (o.workloads.has('server') ? o.concurrency.length : 0) + (o.workloads.has('shared-prefix') ? 1 : 0) + (o.workloads.has('mixed') ? 1 : 0);
+  return n + 2 * o.repeat * serverSteps;
+}
+
+export interface BenchOutcome {
+  report: BenchReport;
+  files: { json: string; markdown: string; html: string };
+}
+
+export async function runBench(o: BenchOptions): Promise<BenchOutcome> {
+  const started = performance.now();
+  const info = systemInfo();
+  const onGpu = info.variant === 'cuda' && o.gpuLayers !== 0;
+  const progress = new Progress(o.models.length * stepsPerModel(o) + (o.roofline ? 1 : 0), o.log);
+
+  let bandwidth: number | undefined;
+  let deviceName = `${cpus()[0]?.model.trim() ?? 'CPU'} ×${availableParallelism()}`;
+  if (o.roofline) {
+    progress.step(`measuring ${onGpu ? 'GPU' : 'CPU'} memory bandwidth`);
+    const bw = await measureBandwidth(
+      onGpu ? { device: 'gpu', bytes: 1024 ** 3, iterations: 20 } : { device: 'cpu', bytes: 256 * 1024 ** 2, iterations: 10, threads: o.threads },
+    );
+    bandwidth = bw.bestBytesPerSecond;
+    if (onGpu) deviceName = bw.description || bw.device;
+    o.log(`bandwidth: ${(bandwidth / 1e9).toFixed(1)} GB/s (${bw.device}, copy of ${bw.bytes / 1024 ** 2} MiB)`);
+  }
+
+  const runs: BenchModelRun[] = [];
+  for (const m of o.models) {
+    const label = typeof m === 'string' ? m : specLabel(m);
+    progress.step(`${label}: preparing the model${typeof m === 'string' ? '' : ' (generated once, then cached)'}`);
+    const path = typeof m === 'string' ? m : await ensureBenchModel(m, o.modelCacheDir);
+    const shape = await describeModel(path, typeof m === 'string' ? 'file' : m.preset);
+    o.log(`${label}: ${path} (${(shape.fileBytes / 1024 ** 3).toFixed(2)} GiB, ${(shape.params / 1e9).toFixed(2)} B parameters)`);
+    const run: BenchModelRun = { name: label, path, shape, single: [], batched: [], latency: [] };
+    if (o.workloads.has('single')) run.single = await singleStream(o, path, progress);
+    if (o.workloads.has('batched')) run.batched = await batched(o, path, progress);
+    const serving = ['server', 'shared-prefix', 'mixed'].some((w) => o.workloads.has(w as Workload));
+    if (serving) {
+      const settings = { model: path, threads: o.threads, batchSize: o.batchSize, gpuLayers: o.gpuLayers, ...serverContext(o), log: o.log };
+      let reference: ServerWorkloads | undefined;
+      let ours: ServerWorkloads | undefined;
+      for (let round = 0; round < o.repeat; round++) {
+        const tag = `round ${round + 1}/${o.repeat}`;
+        reference = bestServerRun(reference, await withServer(() => startLlamaServer(settings), (s) => serverWorkloads(o, s, shape.vocabSize, progress, tag)));
+        ours = bestServerRun(ours, await withServer(() => startGenesisServer(settings), (s) => serverWorkloads(o, s, shape.vocabSize, progress, tag)));
+      }
+      if (!reference || !ours) throw new RangeError('repeat must be at least 1');
+      run.latency = ours.latency.map((l, i): LatencyRow => ({
+        concurrency: l.concurrency, promptTokens: o.latency.promptTokens, genTokens: o.latency.genTokens, ours: l.stats, reference: reference.latency[i]!.stats,
+      }));
+      if (ours.sharedPrefix && reference.sharedPrefix) {
+        const s = o.sharedPrefix;
+        run.sharedPrefix = { ...s, ours: ours.sharedPrefix, reference: reference.sharedPrefix } satisfies SharedPrefixResult;
+      }
+      if (ours.mixed && reference.mixed) {
+        const { requests, arrivalRate, promptTokens, genTokens, seed } = o.mixed;
+        run.mixed = { requests, arrivalRate, promptTokens, genTokens, seed, ours: ours.mixed, reference: reference.mixed } satisfies MixedResult;
+      }
+    }
+    if (bandwidth && run.batched.length > 0) {
+      run.roofline = roofline(await readGguf(path), bandwidth, run.batched.map((b) => ({ concurrency: b.concurrency, tokensPerSecond: b.ours })));
+    }
+    runs.push(run);
+  }
+
+  const settings: BenchSettings = {
+    quick: o.quick, threads: o.threads, batchSize: o.batchSize, gpuLayers: o.gpuLayers, repeat: o.repeat, concurrency: o.concurrency, ppTokens: o.ppTokens, tgTokens: o.tgTokens,
+  };
+  const report: BenchReport = {
+    version: 1,
+    date: new Date().toISOString(),
+    durationSeconds: (performance.now() - started) / 1000,
+    machine: { host: hostname(), os: `${type()} ${release()}`, cpu: cpus()[0]?.model.trim() ?? 'unknown', cores: availableParallelism(), memoryBytes: totalmem() },
+    device: { variant: info.variant, name: deviceName, ...(bandwidth ? { bandwidthBytesPerSecond: bandwidth } : {}) },
+    commit: gitCommit(),
+    llamaCommit: LLAMA_COMMIT,
+    settings,
+    runs,
+    ratios: ratioRows(runs),
+  };
+  mkdirSync(o.outDir, { recursive: true });
+  const files = { json: join(o.outDir, 'report.json'), markdown: join(o.outDir, 'report.md'), html: join(o.outDir, 'report.html') };
+  writeFileSync(files.json, `${JSON.stringify(report, null, 2)}\n`);
+  writeFileSync(files.markdown, renderMarkdown(report));
+  writeFileSync(files.html, renderHtml(report));
+  o.log(`done in ${progress.elapsed()}`);
+  return { report, files };
+}
+
+export { formatRatioTable };

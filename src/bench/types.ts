@@ -1,0 +1,181 @@
+/**
+ * The benchmark harness's report: one JSON document per run, from which the markdown table and the
+ * HTML report are rendered. Every figure sits next to its reference (llama.cpp's own tool, built
+ * from the same source, run in the same process tree on the same GGUF with the same settings).
+ */
+
+/** Latency percentiles in milliseconds. */
+export interface Percentiles {
+  p50: number;
+  p90: number;
+  p99: number;
+  mean: number;
+}
+
+/** One load-generator run against one server (ours or llama-server). */
+export interface LoadStats {
+  requests: number;
+  completed: number;
+  errors: number;
+  /** First error message seen, if any (for the report; errors make the figure suspect). */
+  firstError?: string;
+  durationSeconds: number;
+  /** Completion tokens of all requests / wall time. */
+  outputTokensPerSecond: number;
+  requestsPerSecond: number;
+  /** Time to first token. */
+  ttftMs: Percentiles;
+  /** Time per output token after the first: (end - first token) / (tokens - 1), per request. */
+  tpotMs: Percentiles;
+  /** Whole request, send to last byte. */
+  e2eMs: Percentiles;
+}
+
+/** A value of ours and the reference's for the same measurement; ratio = ours / reference. */
+export interface Paired<T> {
+  ours: T;
+  reference: T;
+}
+
+export interface SingleStreamRow {
+  /** 'pp' (prompt processing of `tokens` tokens) or 'tg' (generating `tokens` tokens). */
+  test: 'pp' | 'tg';
+  tokens: number;
+  /** tokens/s. Reference: llama-bench. */
+  ours: number;
+  reference: number;
+}
+
+export interface BatchedRow {
+  concurrency: number;
+  promptTokens: number;
+  genTokens: number;
+  /** Aggregate generation tokens/s (all sequences). Reference: llama-batched-bench S_TG. */
+  ours: number;
+  reference: number;
+  /** Whole run, prompt and generation, tokens/s (llama-batched-bench's S). */
+  oursTotal: number;
+  referenceTotal: number;
+}
+
+export interface LatencyRow extends Paired<LoadStats> {
+  concurrency: number;
+  promptTokens: number;
+  genTokens: number;
+}
+
+export interface SharedPrefixResult extends Paired<LoadStats> {
+  requests: number;
+  concurrency: number;
+  prefixTokens: number;
+  suffixTokens: number;
+  genTokens: number;
+}
+
+export interface MixedResult extends Paired<LoadStats> {
+  requests: number;
+  /** Mean arrival rate (Poisson arrivals), requests/s. */
+  arrivalRate: number;
+  promptTokens: [min: number, max: number];
+  genTokens: [min: number, max: number];
+  seed: number;
+}
+
+/** Weight bytes a decode step must read at batch B against the device's measured bandwidth. */
+export interface RooflineRow {
+  concurrency: number;
+  /** Expected distinct experts touched per MoE layer at this batch (uniform routing); 0 for dense. */
+  expertsPerLayer: number;
+  weightBytesPerStep: number;
+  /** bandwidth / bytes: steps per second if decode were purely weight-read bound. */
+  idealStepsPerSecond: number;
+  /** idealStepsPerSecond × B. */
+  idealTokensPerSecond: number;
+  /** Our aggregate decode tokens/s at this B (from the batched sweep). */
+  measuredTokensPerSecond: number;
+  /** measured / ideal. */
+  fraction: number;
+}
+
+export interface BenchModelShape {
+  preset: string;
+  arch: string;
+  type: string;
+  nLayer: number;
+  nEmbd: number;
+  nHead: number;
+  nHeadKv: number;
+  headDim: number;
+  nFf?: number;
+  nExpert?: number;
+  nExpertUsed?: number;
+  nFfExp?: number;
+  vocabSize: number;
+  fileBytes: number;
+  /** Total parameter count. */
+  params: number;
+}
+
+export interface BenchModelRun {
+  name: string;
+  path: string;
+  shape: BenchModelShape;
+  single: SingleStreamRow[];
+  batched: BatchedRow[];
+  latency: LatencyRow[];
+  sharedPrefix?: SharedPrefixResult;
+  mixed?: MixedResult;
+  roofline?: RooflineRow[];
+}
+
+/** One line of the ratio table: what the harness prints last. */
+export interface RatioRow {
+  model: string;
+  /** 'pp', 'tg', 'batched', 'server', 'shared-prefix', 'mixed'. */
+  workload: string;
+  /** e.g. 'pp512', 'B=8'. */
+  label: string;
+  metric: string;
+  unit: string;
+  ours: number;
+  reference: number;
+  referenceTool: string;
+  /** ours / reference for higher-is-better metrics, reference / ours for latencies. */
+  ratio: number;
+  /** Target ratio from the benchmark issue, where there is one. */
+  target?: number;
+}
+
+export interface BenchSettings {
+  quick: boolean;
+  threads: number;
+  batchSize: number;
+  gpuLayers: number;
+  /** Best of this many interleaved rounds (ours, reference, ours, ...). */
+  repeat: number;
+  concurrency: number[];
+  ppTokens: number[];
+  tgTokens: number;
+}
+
+export interface BenchReport {
+  version: 1;
+  date: string;
+  /** Wall time of the whole run. */
+  durationSeconds: number;
+  machine: { host: string; os: string; cpu: string; cores: number; memoryBytes: number };
+  device: {
+    /** Build variant of our addon (and of the reference tools): 'cpu' or 'cuda'. */
+    variant: string;
+    /** Human-readable: CPU model, or GPU name(s). */
+    name: string;
+    /** Memory read/write bandwidth measured in this run (bytes/s), if measured. */
+    bandwidthBytesPerSecond?: number;
+  };
+  /** git commit of this repository, if known. */
+  commit: string | null;
+  llamaCommit: string;
+  settings: BenchSettings;
+  runs: BenchModelRun[];
+  ratios: RatioRow[];
+}

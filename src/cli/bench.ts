@@ -1,0 +1,112 @@
+/** `genesis bench` (also `npm run bench -- ...`): the benchmark harness from the command line. */
+import { existsSync } from 'node:fs';
+import { join, resolve } from 'node:path';
+import { parseArgs } from 'node:util';
+
+import { isPresetName, MODEL_PRESETS, parseModelSpec, type BenchModelSpec } from '../bench/models.js';
+import { defaultBenchOptions, formatRatioTable, runBench, WORKLOADS, type Workload } from '../bench/run.js';
+import { repoRoot } from '../synthetic/models.js';
+import type { SyntheticWeightType } from '../synthetic/models.js';
+import { UsageError } from './usage-error.js';
+
+export const BENCH_USAGE = `bench options (figures printed next to llama.cpp's own tools, built from the same source):
+  --quick               a small version of everything (a few minutes on 2 cores)
+  --model SPEC          a model: a GGUF file, or a preset shape generated once and cached:
+                        ${Object.keys(MODEL_PRESETS).join(', ')}, as preset[:type[:layers]]
+                        (type f16, q8_0 or q4_0); repeatable (default: both real shapes)
+  --type T              default type for presets without one (default q4_0 with --quick)
+  --layers N            default layer count for presets without one
+  --workloads LIST      ${WORKLOADS.join(',')} (default: all)
+  --concurrency LIST    batched and server sweep, e.g. 1,2,4,8,16,32,64
+  --pp LIST             single-stream prompt lengths (llama-bench -p)
+  --tg N                single-stream generated tokens (llama-bench -n)
+  --repeat N            interleaved rounds, best kept (default 2 quick, 3 full)
+  --threads N --batch-size N --gpu-layers N
+  --no-roofline         skip the bandwidth measurement and roofline
+  --out DIR             where report.json, report.md and report.html go
+                        (default benchmarks/out/<date>)
+`;
+
+function list(name: string, value: string | undefined): number[] | undefined {
+  if (value === undefined) return undefined;
+  const items = value.split(',').map((v) => Number(v.trim()));
+  if (items.length === 0 || items.some((n) => !Number.isInteger(n) || n < 1)) {
+    throw new UsageError(`--${name} expects a comma-separated list of positive integers, got ${JSON.stringify(value)}`);
+  }
+  return items;
+}
+
+function positive(name: string, value: string | undefined, min = 1): number | undefined {
+  if (value === undefined) return undefined;
+  const n = Number(value);
+  if (!Number.isInteger(n) || n < min) throw new UsageError(`--${name} expects an integer ≥ ${min}, got ${JSON.stringify(value)}`);
+  return n;
+}
+
+export async function benchCommand(argv: string[]): Promise<number> {
+  const { values } = parseArgs({
+    args: argv,
+    options: {
+      quick: { type: 'boolean' },
+      model: { type: 'string', short: 'm', multiple: true },
+      type: { type: 'string' },
+      layers: { type: 'string' },
+      workloads: { type: 'string' },
+      concurrency: { type: 'string' },
+      pp: { type: 'string' },
+      tg: { type: 'string' },
+      repeat: { type: 'string' },
+      threads: { type: 'string', short: 't' },
+      'batch-size': { type: 'string' },
+      'gpu-layers': { type: 'string' },
+      'no-roofline': { type: 'boolean' },
+      out: { type: 'string' },
+      help: { type: 'boolean', short: 'h' },
+    },
+  });
+  if (values.help) {
+    process.stdout.write(BENCH_USAGE);
+    return 0;
+  }
+  const quick = values.quick ?? false;
+  const o = defaultBenchOptions(quick);
+  const type = (values.type ?? 'q4_0') as SyntheticWeightType;
+  const layers = positive('layers', values.layers);
+  if (values.model) {
+    o.models = values.model.map((spec): BenchModelSpec | string => {
+      if (isPresetName(spec.split(':')[0]!)) {
+        try {
+          return parseModelSpec(spec, { type, ...(layers ? { layers } : {}) });
+        } catch (error) {
+          throw new UsageError((error as Error).message);
+        }
+      }
+      if (!existsSync(spec)) {
+        throw new UsageError(`--model ${JSON.stringify(spec)} is neither a GGUF file nor a preset (${Object.keys(MODEL_PRESETS).join(', ')})`);
+      }
+      return resolve(spec);
+    });
+  } else if (values.type || layers) {
+    o.models = o.models.map((m) => (typeof m === 'string' ? m : { ...m, ...(values.type ? { type } : {}), ...(layers ? { layers } : {}) }));
+  }
+  if (values.workloads) {
+    const chosen = values.workloads.split(',').map((w) => w.trim());
+    const unknown = chosen.filter((w) => !(WORKLOADS as readonly string[]).includes(w));
+    if (unknown.length > 0) throw new UsageError(`unknown workload ${unknown.join(', ')}: expected some of ${WORKLOADS.join(', ')}`);
+    o.workloads = new Set(chosen as Workload[]);
+  }
+  o.concurrency = list('concurrency', values.concurrency) ?? o.concurrency;
+  o.ppTokens = list('pp', values.pp) ?? o.ppTokens;
+  o.tgTokens = positive('tg', values.tg, 2) ?? o.tgTokens;
+  o.repeat = positive('repeat', values.repeat) ?? o.repeat;
+  o.threads = positive('threads', values.threads) ?? o.threads;
+  o.batchSize = positive('batch-size', values['batch-size']) ?? o.batchSize;
+  o.gpuLayers = positive('gpu-layers', values['gpu-layers'], 0) ?? o.gpuLayers;
+  if (values['no-roofline']) o.roofline = false;
+  const outDir = resolve(values.out ?? join(repoRoot(), 'benchmarks', 'out', new Date().toISOString().replace(/[:.]/g, '-')));
+
+  const { report, files } = await runBench({ ...o, outDir, log: (line) => process.stderr.write(`[bench] ${line}\n`) });
+  process.stdout.write(`\nreport: ${files.html}\n        ${files.markdown}\n        ${files.json}\n\n`);
+  process.stdout.write(`${formatRatioTable(report.ratios)}\n`);
+  return 0;
+}

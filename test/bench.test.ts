@@ -1,0 +1,181 @@
+import { spawnSync } from 'node:child_process';
+import { createHash } from 'node:crypto';
+import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+
+import { ensureReferenceTool } from '../scripts/llama.mjs';
+import { describeModel, MODEL_PRESETS, parseModelSpec, specLabel } from '../src/bench/models.js';
+import { parseBatchedBenchJsonl, parseLlamaBenchJson } from '../src/bench/reference.js';
+import { expectedExperts, roofline, weightBytesPerStep } from '../src/bench/roofline.js';
+import type { BenchReport } from '../src/bench/types.js';
+import { readGguf } from '../src/gguf/index.js';
+import { loadModel } from '../src/index.js';
+import { makeFixtureModel } from './fixtures/models.js';
+
+describe('benchmark model specs', () => {
+  it('parses preset[:type[:layers]] with defaults', () => {
+    expect(parseModelSpec('qwen3-30b-a3b', { type: 'q4_0' })).toEqual({ preset: 'qwen3-30b-a3b', type: 'q4_0' });
+    expect(parseModelSpec('llama-3-8b:f16:3', { type: 'q4_0', layers: 1 })).toEqual({ preset: 'llama-3-8b', type: 'f16', layers: 3 });
+    expect(parseModelSpec('llama-3-8b:q8_0', { type: 'q4_0', layers: 2 })).toEqual({ preset: 'llama-3-8b', type: 'q8_0', layers: 2 });
+    expect(specLabel({ preset: 'qwen3-30b-a3b', type: 'q4_0' })).toBe('qwen3-30b-a3b:q4_0:48L');
+  });
+
+  it('names what is wrong in a bad spec', () => {
+    expect(() => parseModelSpec('gpt-5', { type: 'q4_0' })).toThrow(/unknown benchmark model 'gpt-5'.*qwen3-30b-a3b/);
+    expect(() => parseModelSpec('llama-3-8b:q3_k', { type: 'q4_0' })).toThrow(/unknown weight type 'q3_k'/);
+    expect(() => parseModelSpec('llama-3-8b:q4_0:33', { type: 'q4_0' })).toThrow(/from 1 to 32/);
+    expect(() => parseModelSpec('llama-3-8b:q4_0:x', { type: 'q4_0' })).toThrow(/layer count/);
+  });
+
+  it('keeps the real shapes the benchmark issue names', () => {
+    const q = MODEL_PRESETS['qwen3-30b-a3b'].options;
+    expect([q.nEmbd, q.nExpert, q.nExpertUsed, q.nFfExp, q.nHead, q.nHeadKv, q.headDim]).toEqual([2048, 128, 8, 768, 32, 4, 128]);
+    const l = MODEL_PRESETS['llama-3-8b'].options;
+    expect([l.nEmbd, l.nFf, l.nHead, l.nHeadKv, l.headDim]).toEqual([4096, 14336, 32, 8, 128]);
+  });
+});
+
+describe('shared layer weights', () => {
+  it('gives every layer the bytes of layer 0 and still loads and generates', async () => {
+    const options = { arch: 'qwen3moe', nLayer: 3, nEmbd: 64, nHead: 2, headDim: 64, nFfExp: 32, type: 'q8_0', shareLayerWeights: true } as const;
+    const path = await makeFixtureModel(options);
+    const gguf = await readGguf(path);
+    const bytes = readFileSync(path);
+    const digest = (name: string) => {
+      const t = gguf.tensors.find((x) => x.name === name)!;
+      const start = gguf.dataOffset + t.offset;
+      return createHash('sha256').update(bytes.subarray(start, start + t.byteSize)).digest('hex');
+    };
+    for (const suffix of ['attn_q.weight', 'ffn_up_exps.weight', 'ffn_gate_inp.weight']) {
+      expect(digest(`blk.2.${suffix}`)).toBe(digest(`blk.0.${suffix}`));
+    }
+    expect(digest('blk.0.attn_q.weight')).not.toBe(digest('blk.0.attn_k.weight'));
+    // head dim 64 with 2 heads of a 64-wide model: q projects 64 → 128.
+    expect(gguf.tensors.find((t) => t.name === 'blk.0.attn_q.weight')!.shape).toEqual([64, 128]);
+    const shape = await describeModel(path, 'test');
+    expect(shape).toMatchObject({ arch: 'qwen3moe', type: 'q8_0', nLayer: 3, headDim: 64, nExpert: 8, nExpertUsed: 2 });
+
+    const model = await loadModel(path, { contextSize: 64, threads: 1 });
+    try {
+      const r = await model.complete('shared layers', { maxTokens: 4, temperature: 0, ignoreEos: true });
+      expect(r.usage.completionTokens).toBe(4);
+    } finally {
+      await model.dispose();
+    }
+  });
+});
+
+describe('roofline', () => {
+  it('expects k experts at batch 1 and approaches all of them at large batches', () => {
+    expect(expectedExperts(128, 8, 1)).toBeCloseTo(8, 10);
+    expect(expectedExperts(128, 8, 2)).toBeCloseTo(128 * (1 - (120 / 128) ** 2), 10);
+    expect(expectedExperts(128, 8, 1024)).toBeCloseTo(128, 6);
+    expect(expectedExperts(0, 0, 8)).toBe(0);
+  });
+
+  it('counts all dense weights, B rows of the embedding, and only the routed share of expert tensors', () => {
+    const mk = (name: string, shape: number[], byteSize: number) => ({ name, type: 0, shape, offset: 0, byteSize });
+    const dense = {
+      metadata: new Map([['general.architecture', { type: 'string' as const, value: 'llama' }]]),
+      tensors: [mk('token_embd.weight', [4, 100], 1600), mk('output.weight', [4, 100], 1600), mk('blk.0.attn_q.weight', [4, 4], 64)],
+    };
+    expect(weightBytesPerStep(dense, 1)).toEqual({ bytes: 16 + 1600 + 64, expertsPerLayer: 0 });
+    expect(weightBytesPerStep(dense, 8).bytes).toBe(8 * 16 + 1600 + 64);
+    // Tied embeddings: the LM head reads the whole embedding.
+    expect(weightBytesPerStep({ ...dense, tensors: [dense.tensors[0]!, dense.tensors[2]!] }, 8).bytes).toBe(1600 + 64);
+
+    const moe = {
+      metadata: new Map<string, { type: 'string' | 'u32'; value: string | number }>([
+        ['general.architecture', { type: 'string', value: 'qwen3moe' }],
+        ['qwen3moe.expert_count', { type: 'u32', value: 4 }],
+        ['qwen3moe.expert_used_count', { type: 'u32', value: 2 }],
+      ]),
+      tensors: [mk('blk.0.ffn_up_exps.weight', [4, 8, 4], 4000), mk('blk.0.ffn_gate_inp.weight', [4, 4], 64)],
+    };
+    expect(weightBytesPerStep(moe as never, 1)).toEqual({ bytes: 2000 + 64, expertsPerLayer: 2 });
+    expect(weightBytesPerStep(moe as never, 2).bytes).toBeCloseTo(1000 * 4 * (1 - 0.25) + 64, 6);
+
+    const rows = roofline(dense, 1e6, [{ concurrency: 1, tokensPerSecond: 300 }]);
+    expect(rows[0]!.idealStepsPerSecond).toBeCloseTo(1e6 / 1680, 6);
+    expect(rows[0]!.fraction).toBeCloseTo(300 / (1e6 / 1680), 6);
+  });
+});
+
+describe('reference tool output', () => {
+  it('reads llama-bench JSON, keeping every repetition', () => {
+    const out = `warming up\n[\n  {"n_prompt": 64, "n_gen": 0, "avg_ts": 10, "samples_ts": [9, 11]},\n  {"n_prompt": 0, "n_gen": 16, "avg_ts": 5, "samples_ts": [5]}\n]\n`;
+    expect(parseLlamaBenchJson(out)).toEqual([
+      { nPrompt: 64, nGen: 0, samples: [9, 11] },
+      { nPrompt: 0, nGen: 16, samples: [5] },
+    ]);
+    expect(() => parseLlamaBenchJson('error: failed to load model')).toThrow(/no JSON/);
+  });
+
+  it('reads llama-batched-bench JSONL', () => {
+    const out = [
+      'main: n_kv_max = 1024',
+      '{"n_kv_max": 1024, "pp": 32, "tg": 16, "pl": 4, "n_kv": 192, "t_pp": 0.08, "speed_pp": 1448.5, "t_tg": 0.25, "speed_tg": 252.6, "t": 0.34, "speed": 561.9}',
+      '',
+    ].join('\n');
+    expect(parseBatchedBenchJsonl(out)).toEqual([{ pp: 32, tg: 16, pl: 4, speedTg: 252.6, speed: 561.9 }]);
+  });
+});
+
+describe('genesis bench end to end (tiny model, real llama.cpp tools)', () => {
+  const cli = new URL('../src/cli/main.ts', import.meta.url).pathname;
+  let out: string;
+
+  beforeAll(() => {
+    // Built once from the pinned source (minutes on 2 cores the first time; cached afterwards).
+    for (const tool of ['llama-bench', 'llama-batched-bench', 'llama-server']) ensureReferenceTool(tool);
+    out = mkdtempSync(join(tmpdir(), 'genesis-bench-'));
+  }, 1_800_000);
+  afterAll(() => rmSync(out, { recursive: true, force: true }));
+
+  it('runs every workload against its reference and writes JSON, markdown and HTML', () => {
+    const r = spawnSync(
+      process.execPath,
+      ['--import', 'tsx', cli, 'bench', '--quick', '--model', 'tiny:q8_0:2', '--threads', '1', '--repeat', '1', '--concurrency', '1,2', '--pp', '16,32', '--tg', '8', '--out', out],
+      { encoding: 'utf8', timeout: 600_000 },
+    );
+    expect(r.status, r.stderr.slice(-3000)).toBe(0);
+    // Progress lines while it runs, the ratio table last.
+    expect(r.stderr).toMatch(/\[bench\] \[1\/\d+ 0m\d\ds\] measuring CPU memory bandwidth/);
+    expect(r.stdout).toMatch(/\| tiny:q8_0:2L \| tg \| tg8 \|/);
+    expect(r.stdout.trim().split('\n').at(-1)).toMatch(/^\| tiny:q8_0:2L \| mixed \|/);
+
+    const report = JSON.parse(readFileSync(join(out, 'report.json'), 'utf8')) as BenchReport;
+    expect(report.llamaCommit).toMatch(/^[0-9a-f]{40}$/);
+    expect(report.device.bandwidthBytesPerSecond).toBeGreaterThan(0);
+    const run = report.runs[0]!;
+    expect(run.shape).toMatchObject({ preset: 'tiny', arch: 'llama', type: 'q8_0', nLayer: 2 });
+    expect(run.single.map((s) => `${s.test}${s.tokens}`)).toEqual(['pp16', 'pp32', 'tg8']);
+    for (const s of run.single) expect(Math.min(s.ours, s.reference)).toBeGreaterThan(0);
+    expect(run.batched.map((b) => b.concurrency)).toEqual([1, 2]);
+    for (const b of run.batched) expect(Math.min(b.ours, b.reference, b.oursTotal, b.referenceTotal)).toBeGreaterThan(0);
+    expect(run.latency.map((l) => l.concurrency)).toEqual([1, 2]);
+    for (const stats of [...run.latency.flatMap((l) => [l.ours, l.reference]), run.sharedPrefix!.ours, run.sharedPrefix!.reference, run.mixed!.ours, run.mixed!.reference]) {
+      expect(stats.errors, stats.firstError).toBe(0);
+      expect(stats.completed).toBe(stats.requests);
+      expect(stats.outputTokensPerSecond).toBeGreaterThan(0);
+    }
+    // Every request generated exactly its max_tokens (ignore_eos) on both servers.
+    expect(run.latency[1]!.ours.requests).toBe(4);
+    expect(run.roofline!.map((x) => x.concurrency)).toEqual([1, 2]);
+    for (const x of run.roofline!) expect(x.fraction).toBeGreaterThan(0);
+    expect(report.ratios.filter((x) => x.target !== undefined).map((x) => x.label)).toEqual(['pp16', 'pp32', 'tg8', 'c=1', 'c=2']);
+
+    expect(readFileSync(join(out, 'report.md'), 'utf8')).toContain('| tiny:q8_0:2L |');
+    expect(readFileSync(join(out, 'report.html'), 'utf8')).toMatch(/<canvas/);
+  }, 600_000);
+
+  it('rejects unknown presets, workloads and bad lists with usage errors', () => {
+    for (const args of [['--model', 'nosuch-model'], ['--workloads', 'single,warp'], ['--concurrency', '1,0'], ['--model', 'llama-3-8b:q4_0:99']]) {
+      const r = spawnSync(process.execPath, ['--import', 'tsx', cli, 'bench', ...args], { encoding: 'utf8', timeout: 60_000 });
+      expect(r.status, r.stderr).toBe(2);
+      expect(r.stderr).toMatch(/genesis: .*(nosuch-model|warp|--concurrency|from 1 to 32)/);
+    }
+  });
+});
