@@ -3,6 +3,7 @@
 //   GENESIS_CUDA_ARCHS  CUDA architectures (default 90: Hopper); GENESIS_CUDA_LIB_DIRS extra lib dirs
 //   GENESIS_NATIVE=0    portable CPU code (for prebuilt binaries) instead of -march=native
 //   GENESIS_JOBS=N      parallel build jobs (default: all cores)
+//   GENESIS_CMAKE_ARGS  extra arguments for llama.cpp's CMake configure step
 //   --force             rebuild the addon even when a prebuilt binary would do
 import { spawnSync } from 'node:child_process';
 import { existsSync } from 'node:fs';

@@ -55,15 +55,34 @@ function patchesDigest() {
   return hash.digest('hex');
 }
 
+const archiveFile = join(llamaDir, '.genesis-archive.json');
+
+/** The commit deps/llama.cpp holds: its git HEAD, or the commit an archive of it records. */
+function sourceCommit() {
+  if (existsSync(archiveFile)) return JSON.parse(readFileSync(archiveFile, 'utf8')).commit;
+  try {
+    return git(['rev-parse', 'HEAD'], llamaDir);
+  } catch {
+    return undefined;
+  }
+}
+
 /** Clone the bundle into deps/llama.cpp at the pinned commit and apply native/patches/*.patch. */
 export function fetchLlama() {
   const stampFile = join(llamaDir, '.genesis-source.json');
   const wanted = { commit: LLAMA_COMMIT, patches: patchesDigest() };
-  if (existsSync(stampFile)) {
-    const stamp = JSON.parse(readFileSync(stampFile, 'utf8'));
-    if (stamp.commit === wanted.commit && stamp.patches === wanted.patches && git(['rev-parse', 'HEAD'], llamaDir) === LLAMA_COMMIT) {
-      return;
+  const stamp = existsSync(stampFile) ? JSON.parse(readFileSync(stampFile, 'utf8')) : undefined;
+  const commit = sourceCommit();
+  if (stamp?.commit === wanted.commit && stamp.patches === wanted.patches && commit === LLAMA_COMMIT) return;
+  if (existsSync(archiveFile) && !stamp) {
+    // A `git archive` of the pinned commit (scripts/device-pack.mjs, for machines with no registry).
+    if (commit !== LLAMA_COMMIT) throw new Error(`deps/llama.cpp is an archive of ${commit}, expected the pinned commit ${LLAMA_COMMIT}`);
+    for (const patch of patchFiles()) {
+      log(`applying ${patch}`);
+      run('git', ['apply', '--whitespace=nowarn', patch], { cwd: llamaDir });
     }
+    writeFileSync(stampFile, JSON.stringify(wanted, null, 2));
+    return;
   }
 
   const cache = cacheDir();
@@ -152,9 +171,11 @@ function configureLlama(variant) {
   // Configure when there is no cache, or when an older configuration differs from `defines`.
   const cached = existsSync(cache) ? readFileSync(cache, 'utf8') : undefined;
   const current = (k, v) => new RegExp(`^${k}:[A-Z]+=${v}$`, 'm').test(cached ?? '');
-  if (!Object.entries(defines).every(([k, v]) => current(k, v))) {
+  // GENESIS_CMAKE_ARGS: extra configure arguments (e.g. where cuBLAS lives); given, always configure.
+  const extra = (process.env.GENESIS_CMAKE_ARGS ?? '').split(/\s+/).filter(Boolean);
+  if (extra.length > 0 || !Object.entries(defines).every(([k, v]) => current(k, v))) {
     log(`configuring llama.cpp (${variant}) with CMake, generator ${generator}`);
-    run('cmake', ['-S', llamaDir, '-B', dir, '-G', generator, ...Object.entries(defines).map(([k, v]) => `-D${k}=${v}`)], {
+    run('cmake', ['-S', llamaDir, '-B', dir, '-G', generator, ...Object.entries(defines).map(([k, v]) => `-D${k}=${v}`), ...extra], {
       stdio: ['ignore', 'ignore', 'inherit'],
     });
   }
@@ -180,9 +201,55 @@ export function referenceTool(name, variant = buildVariant()) {
 /** Builds a llama.cpp tool target (same source, same flags as the libraries) if it is missing. */
 export function ensureReferenceTool(name, variant = buildVariant()) {
   const tool = referenceTool(name, variant);
-  if (!existsSync(tool)) {
+  if (existsSync(tool)) return tool;
+  return withBuildLock(variant, () => {
+    if (existsSync(tool)) return tool; // built by the process we waited for
     log(`building the reference tool ${name} (${variant}) from the pinned llama.cpp (once; a few minutes)`);
     run('cmake', ['--build', configureLlama(variant), '--parallel', jobs(), '--target', name], { stdio: ['ignore', 'inherit', 'inherit'] });
+    return tool;
+  });
+}
+
+/**
+ * Runs `fn` holding a lock on the variant's build directory: two ninja runs in one build tree (two
+ * test workers each wanting a tool) corrupt its logs and race on shared targets. The lock is a
+ * directory (mkdir is atomic) holding the owner's pid; one whose owner is gone is taken over.
+ */
+function withBuildLock(variant, fn) {
+  const lock = `${buildDir(variant)}.lock`;
+  const sleeper = new Int32Array(new SharedArrayBuffer(4));
+  const deadline = Date.now() + 60 * 60 * 1000;
+  let waiting = false;
+  for (;;) {
+    try {
+      mkdirSync(lock);
+      writeFileSync(join(lock, 'pid'), String(process.pid));
+      break;
+    } catch (error) {
+      if (error.code !== 'EEXIST') throw error;
+      const owner = Number(existsSync(join(lock, 'pid')) ? readFileSync(join(lock, 'pid'), 'utf8') : NaN);
+      if (Number.isInteger(owner) && !alive(owner)) {
+        rmSync(lock, { recursive: true, force: true });
+        continue;
+      }
+      if (Date.now() > deadline) throw new Error(`timed out waiting for the build lock ${lock} (held by pid ${owner})`);
+      if (!waiting) log(`waiting for another build in ${buildDir(variant)} (pid ${owner}) to finish`);
+      waiting = true;
+      Atomics.wait(sleeper, 0, 0, 500);
+    }
   }
-  return tool;
+  try {
+    return fn();
+  } finally {
+    rmSync(lock, { recursive: true, force: true });
+  }
+}
+
+function alive(pid) {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (error) {
+    return error.code === 'EPERM';
+  }
 }

@@ -7,6 +7,7 @@ import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { GenesisError } from './errors.js';
 import type { EngineStats } from './model.js';
+import type { BandwidthOptions, BandwidthResult } from './system.js';
 
 export interface NativeLoadOptions {
   contextSize: number;
@@ -103,24 +104,6 @@ export interface NativeSystemInfo {
   variant: 'cpu' | 'cuda';
 }
 
-export interface NativeBandwidthOptions {
-  device?: 'cpu' | 'gpu';
-  gpuIndex?: number;
-  bytes?: number;
-  iterations?: number;
-  warmup?: number;
-  threads?: number;
-}
-
-export interface NativeBandwidthResult {
-  device: string;
-  description: string;
-  bytes: number;
-  iterations: number;
-  bestBytesPerSecond: number;
-  meanBytesPerSecond: number;
-}
-
 export interface NativeBinding {
   loadModel(
     path: string,
@@ -130,7 +113,7 @@ export interface NativeBinding {
   ): Promise<NativeModel>;
   systemInfo(): NativeSystemInfo;
   /** Runs on the libuv pool; rejects with `{ code, message, option?, expected? }`. */
-  measureBandwidth(options: NativeBandwidthOptions): Promise<NativeBandwidthResult>;
+  measureBandwidth(options: BandwidthOptions): Promise<BandwidthResult>;
 }
 
 /** Root of the installed package (holds binding.gyp, build/ and prebuilds/). */

@@ -4,6 +4,7 @@
 #include <cmath>
 #include <mutex>
 
+#include "addon/convert.h"
 #include "addon/log.h"
 #include "addon/model.h"
 #include "engine/bandwidth.h"
@@ -23,13 +24,6 @@ static Napi::Value SystemInfo(const Napi::CallbackInfo& info) {
 }
 
 namespace {
-
-[[noreturn]] void invalid_option(Napi::Env env, const std::string& option, const std::string& expected) {
-  Napi::Error error = CodedError(env, "INVALID_OPTION", "invalid option " + option + ": expected " + expected);
-  error.Set("option", Napi::String::New(env, option));
-  error.Set("expected", Napi::String::New(env, expected));
-  throw error;
-}
 
 // An optional integer option: `fallback` when undefined or null, else an integer in [min, max].
 double integer_option(Napi::Env env, const Napi::Object& o, const char* key, double fallback, double min, double max) {

@@ -10,31 +10,31 @@
 
 namespace genesis {
 
-namespace {
-
-[[noreturn]] void invalid(Napi::Env env, const std::string& option, const std::string& expected) {
+void invalid_option(Napi::Env env, const std::string& option, const std::string& expected) {
   Napi::Error error = CodedError(env, "INVALID_OPTION", "invalid option " + option + ": expected " + expected);
   error.Set("option", Napi::String::New(env, option));
   error.Set("expected", Napi::String::New(env, expected));
   throw error;
 }
 
+namespace {
+
 float get_float(Napi::Env env, const Napi::Object& o, const char* key, float fallback) {
   Napi::Value v = o.Get(key);
   if (v.IsUndefined() || v.IsNull()) return fallback;
-  if (!v.IsNumber()) invalid(env, key, "a number");
+  if (!v.IsNumber()) invalid_option(env, key, "a number");
   const double d = v.As<Napi::Number>().DoubleValue();
-  if (!std::isfinite(d)) invalid(env, key, "a finite number");
+  if (!std::isfinite(d)) invalid_option(env, key, "a finite number");
   return static_cast<float>(d);
 }
 
 int64_t get_integer(Napi::Env env, const Napi::Object& o, const char* key, int64_t fallback, int64_t min, int64_t max) {
   Napi::Value v = o.Get(key);
   if (v.IsUndefined() || v.IsNull()) return fallback;
-  if (!v.IsNumber()) invalid(env, key, "an integer");
+  if (!v.IsNumber()) invalid_option(env, key, "an integer");
   const double d = v.As<Napi::Number>().DoubleValue();
   if (!std::isfinite(d) || std::floor(d) != d || d < static_cast<double>(min) || d > static_cast<double>(max)) {
-    invalid(env, key, "an integer in [" + std::to_string(min) + ", " + std::to_string(max) + "]");
+    invalid_option(env, key, "an integer in [" + std::to_string(min) + ", " + std::to_string(max) + "]");
   }
   return static_cast<int64_t>(d);
 }
@@ -89,36 +89,36 @@ Request request_from_js(Napi::Env env, Napi::Value id, Napi::Value prompt, Napi:
   s.frequency_penalty = get_float(env, o, "frequencyPenalty", s.frequency_penalty);
   s.presence_penalty = get_float(env, o, "presencePenalty", s.presence_penalty);
   s.seed = static_cast<uint32_t>(get_integer(env, o, "seed", 0, 0, UINT32_MAX));
-  if (s.top_p < 0 || s.top_p > 1) invalid(env, "topP", "a number in [0, 1]");
-  if (s.min_p < 0 || s.min_p > 1) invalid(env, "minP", "a number in [0, 1]");
-  if (s.repeat_penalty <= 0) invalid(env, "repeatPenalty", "a number > 0");
+  if (s.top_p < 0 || s.top_p > 1) invalid_option(env, "topP", "a number in [0, 1]");
+  if (s.min_p < 0 || s.min_p > 1) invalid_option(env, "minP", "a number in [0, 1]");
+  if (s.repeat_penalty <= 0) invalid_option(env, "repeatPenalty", "a number > 0");
 
   Napi::Value bias = o.Get("logitBias");
   if (bias.IsArray()) {
     Napi::Array pairs = bias.As<Napi::Array>();
     for (uint32_t i = 0; i < pairs.Length(); ++i) {
       Napi::Value pair = pairs.Get(i);
-      if (!pair.IsArray() || pair.As<Napi::Array>().Length() != 2) invalid(env, "logitBias", "an array of [tokenId, bias] pairs");
+      if (!pair.IsArray() || pair.As<Napi::Array>().Length() != 2) invalid_option(env, "logitBias", "an array of [tokenId, bias] pairs");
       Napi::Array p = pair.As<Napi::Array>();
-      if (!p.Get(0u).IsNumber() || !p.Get(1u).IsNumber()) invalid(env, "logitBias", "numeric [tokenId, bias] pairs");
+      if (!p.Get(0u).IsNumber() || !p.Get(1u).IsNumber()) invalid_option(env, "logitBias", "numeric [tokenId, bias] pairs");
       const double token = p.Get(0u).As<Napi::Number>().DoubleValue();
       const double value = p.Get(1u).As<Napi::Number>().DoubleValue();
       if (!(token >= 0 && token < n_vocab) || std::floor(token) != token) {
-        invalid(env, "logitBias", "token ids in [0, " + std::to_string(n_vocab) + ")");
+        invalid_option(env, "logitBias", "token ids in [0, " + std::to_string(n_vocab) + ")");
       }
       // -Infinity bans a token; +Infinity is meaningless, NaN is a mistake.
-      if (std::isnan(value) || value == INFINITY) invalid(env, "logitBias", "finite biases or -Infinity");
+      if (std::isnan(value) || value == INFINITY) invalid_option(env, "logitBias", "finite biases or -Infinity");
       s.logit_bias.push_back({static_cast<llama_token>(token), static_cast<float>(value)});
     }
   } else if (!bias.IsUndefined() && !bias.IsNull()) {
-    invalid(env, "logitBias", "an array of [tokenId, bias] pairs");
+    invalid_option(env, "logitBias", "an array of [tokenId, bias] pairs");
   }
 
   Napi::Value grammar = o.Get("grammar");
   if (grammar.IsString()) {
     s.grammar = grammar.As<Napi::String>().Utf8Value();
   } else if (!grammar.IsUndefined() && !grammar.IsNull()) {
-    invalid(env, "grammar", "a GBNF grammar string");
+    invalid_option(env, "grammar", "a GBNF grammar string");
   }
   r.max_tokens = static_cast<int32_t>(get_integer(env, o, "maxTokens", -1, -1, INT32_MAX));
   r.priority = static_cast<int32_t>(get_integer(env, o, "priority", 0, INT32_MIN, INT32_MAX));
@@ -129,11 +129,11 @@ Request request_from_js(Napi::Env env, Napi::Value id, Napi::Value prompt, Napi:
     Napi::Array a = stop.As<Napi::Array>();
     for (uint32_t i = 0; i < a.Length(); ++i) {
       Napi::Value v = a.Get(i);
-      if (!v.IsString()) invalid(env, "stop", "an array of strings");
+      if (!v.IsString()) invalid_option(env, "stop", "an array of strings");
       r.stop.push_back(v.As<Napi::String>().Utf8Value());
     }
   } else if (!stop.IsUndefined() && !stop.IsNull()) {
-    invalid(env, "stop", "an array of strings");
+    invalid_option(env, "stop", "an array of strings");
   }
   return r;
 }
@@ -146,7 +146,7 @@ void check_grammar(Napi::Env env, const llama_vocab* vocab, const std::string& g
     std::string reason = capture.text();
     while (!reason.empty() && (reason.back() == '\n' || reason.back() == ' ')) reason.pop_back();
     std::replace(reason.begin(), reason.end(), '\n', ' ');
-    invalid(env, "grammar", "a GBNF grammar with a root rule (llama.cpp: " + (reason.empty() ? std::string("it does not parse") : reason) + ")");
+    invalid_option(env, "grammar", "a GBNF grammar with a root rule (llama.cpp: " + (reason.empty() ? std::string("it does not parse") : reason) + ")");
   }
   llama_sampler_free(sampler);
 }

@@ -4,12 +4,15 @@
 
 #include <napi.h>
 
+#include <string>
 #include <vector>
 
 #include "engine/engine.h"
 
 namespace genesis {
 
+// Throws an INVALID_OPTION error naming the option and what it expects.
+[[noreturn]] void invalid_option(Napi::Env env, const std::string& option, const std::string& expected);
 std::vector<llama_token> tokens_from_js(Napi::Env env, Napi::Value value, int32_t n_vocab, const char* what);
 Request request_from_js(Napi::Env env, Napi::Value id, Napi::Value prompt, Napi::Object options, int32_t n_vocab);
 // Parses a GBNF grammar once on the JS thread so a bad one is an INVALID_OPTION error at submit.

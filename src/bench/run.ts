@@ -2,8 +2,8 @@
  * The benchmark harness: every workload on every model, each figure measured next to llama.cpp's
  * own tool for it in the same run, on the same GGUF with the same threads, batch and GPU layers.
  *
- *   single stream   ours (in-process Model) vs llama-bench pp/tg
- *   batched         ours (in-process, B concurrent requests) vs llama-batched-bench, per B
+ *   single stream   ours (the Model API, in a fresh process per round) vs llama-bench pp/tg
+ *   batched         ours (B concurrent requests, fresh process per round) vs llama-batched-bench
  *   server          `genesis serve` vs `llama-server`, same load generator, per concurrency
  *   shared-prefix   many requests with one long common prefix, both servers
  *   mixed           Poisson arrivals with random prompt/output lengths, both servers
@@ -11,6 +11,7 @@
  *
  * Rounds interleave ours and the reference and keep each side's best figure: on a shared machine
  * the best run is the least disturbed one, and interleaving spreads slow spells over both sides.
+ * Every round starts fresh processes on both sides (worker.ts says why).
  */
 import { execFileSync } from 'node:child_process';
 import { mkdirSync, writeFileSync } from 'node:fs';
@@ -19,8 +20,8 @@ import { join } from 'node:path';
 
 import { LLAMA_COMMIT, repoRoot } from '../../scripts/llama.mjs';
 import { readGguf } from '../gguf/index.js';
-import { loadModel } from '../model.js';
 import { mulberry32 } from '../synthetic/models.js';
+import { randomPrompt, runInWorker } from './worker.js';
 import { measureBandwidth, systemInfo } from '../system.js';
 import { poissonArrivals, runLoad, type LoadRequest } from './loadgen.js';
 import { describeModel, ensureBenchModel, specLabel, type BenchModelSpec } from './models.js';
@@ -124,52 +125,29 @@ class Progress {
 
 const best = (a: number | undefined, b: number): number => Math.max(a ?? 0, b);
 
-function randomPrompt(random: () => number, vocabSize: number, length: number): number[] {
-  // Token 0 and the last ids are often special; stay within ordinary ids.
-  return Array.from({ length }, () => 1 + Math.floor(random() * Math.max(1, vocabSize - 2)));
-}
-
 async function singleStream(o: BenchOptions, path: string, progress: Progress): Promise<SingleStreamRow[]> {
   const reference = new Map<string, number>();
   const ours = new Map<string, number>();
-  const key = (test: string, n: number) => `${test}${n}`;
-  const contextSize = Math.max(...o.ppTokens, o.tgTokens + 1) + 1;
+  const model = { path, threads: o.threads, batchSize: o.batchSize, gpuLayers: o.gpuLayers };
   for (let round = 0; round < o.repeat; round++) {
     progress.step(`single stream, round ${round + 1}/${o.repeat}: llama-bench pp ${o.ppTokens.join(',')} tg ${o.tgTokens}`);
     for (const r of await llamaBench({ model: path, threads: o.threads, batchSize: o.batchSize, gpuLayers: o.gpuLayers, pp: o.ppTokens, tg: o.tgTokens, repetitions: 1 })) {
-      const k = r.nGen > 0 ? key('tg', r.nGen) : key('pp', r.nPrompt);
+      const k = r.nGen > 0 ? `tg${r.nGen}` : `pp${r.nPrompt}`;
       reference.set(k, best(reference.get(k), Math.max(...r.samples)));
     }
     progress.step(`single stream, round ${round + 1}/${o.repeat}: genesis pp ${o.ppTokens.join(',')} tg ${o.tgTokens}`);
-    const model = await loadModel(path, { contextSize, maxSequences: 1, batchSize: o.batchSize, threads: o.threads, gpuLayers: o.gpuLayers });
-    try {
-      const random = mulberry32(round + 1);
-      // Warm-up, as llama-bench does: the first decode allocates compute buffers.
-      await model.complete(randomPrompt(random, model.info.vocabSize, 8), { maxTokens: 2, temperature: 0, ignoreEos: true });
-      for (const n of o.ppTokens) {
-        const r = await model.complete(randomPrompt(random, model.info.vocabSize, n), { maxTokens: 1, temperature: 0, ignoreEos: true });
-        // promptMs: admitted to first token, the prompt's decode (plus sampling one token).
-        ours.set(key('pp', n), best(ours.get(key('pp', n)), (n / r.timings.promptMs) * 1000));
-      }
-      // llama-bench tg: n decodes of one token from an empty context; ours: a 1-token prompt
-      // and n tokens, which is also n decodes (the prompt's decode yields the first token).
-      const r = await model.complete(randomPrompt(random, model.info.vocabSize, 1), { maxTokens: o.tgTokens, temperature: 0, ignoreEos: true });
-      const ms = r.timings.promptMs + r.timings.generationMs;
-      ours.set(key('tg', o.tgTokens), best(ours.get(key('tg', o.tgTokens)), (r.usage.completionTokens / ms) * 1000));
-    } finally {
-      await model.dispose();
-    }
+    const figures = await runInWorker({ kind: 'single', ...model, ppTokens: o.ppTokens, tgTokens: o.tgTokens, seed: round + 1 });
+    for (const [k, v] of Object.entries(figures)) ours.set(k, best(ours.get(k), v));
   }
   return [
-    ...o.ppTokens.map((n) => ({ test: 'pp' as const, tokens: n, ours: ours.get(key('pp', n)) ?? 0, reference: reference.get(key('pp', n)) ?? 0 })),
-    { test: 'tg' as const, tokens: o.tgTokens, ours: ours.get(key('tg', o.tgTokens)) ?? 0, reference: reference.get(key('tg', o.tgTokens)) ?? 0 },
+    ...o.ppTokens.map((n) => ({ test: 'pp' as const, tokens: n, ours: ours.get(`pp${n}`) ?? 0, reference: reference.get(`pp${n}`) ?? 0 })),
+    { test: 'tg' as const, tokens: o.tgTokens, ours: ours.get(`tg${o.tgTokens}`) ?? 0, reference: reference.get(`tg${o.tgTokens}`) ?? 0 },
   ];
 }
 
 async function batched(o: BenchOptions, path: string, progress: Progress): Promise<BatchedRow[]> {
   const { promptTokens: pp, genTokens: tg } = o.batched;
   const npl = o.concurrency;
-  const contextPerSequence = pp + tg + 1;
   const ref = new Map<number, { tg: number; total: number }>();
   const ours = new Map<number, { tg: number; total: number }>();
   const keep = (into: typeof ref, B: number, v: { tg: number; total: number }) => {
@@ -178,33 +156,13 @@ async function batched(o: BenchOptions, path: string, progress: Progress): Promi
   };
   for (let round = 0; round < o.repeat; round++) {
     progress.step(`batched, round ${round + 1}/${o.repeat}: llama-batched-bench B=${npl.join(',')}`);
-    const rows = await batchedBench({ model: path, threads: o.threads, batchSize: o.batchSize, gpuLayers: o.gpuLayers, pp, tg, npl, contextPerSequence });
+    const rows = await batchedBench({ model: path, threads: o.threads, batchSize: o.batchSize, gpuLayers: o.gpuLayers, pp, tg, npl, contextPerSequence: pp + tg + 1 });
     for (const r of rows) keep(ref, r.pl, { tg: r.speedTg, total: r.speed });
     progress.step(`batched, round ${round + 1}/${o.repeat}: genesis B=${npl.join(',')}`);
-    const model = await loadModel(path, {
-      contextSize: contextPerSequence, maxSequences: Math.max(...npl), batchSize: o.batchSize, threads: o.threads, gpuLayers: o.gpuLayers,
+    const figures = await runInWorker({
+      kind: 'batched', path, threads: o.threads, batchSize: o.batchSize, gpuLayers: o.gpuLayers, concurrency: npl, promptTokens: pp, genTokens: tg, seed: 100 + round,
     });
-    try {
-      const random = mulberry32(100 + round);
-      await model.complete(randomPrompt(random, model.info.vocabSize, 8), { maxTokens: 2, temperature: 0, ignoreEos: true });
-      for (const B of npl) {
-        const started = performance.now();
-        const results = await Promise.all(
-          Array.from({ length: B }, () =>
-            model.complete(randomPrompt(random, model.info.vocabSize, pp), { maxTokens: tg, temperature: 0, ignoreEos: true }),
-          ),
-        );
-        const ended = performance.now();
-        // As llama-batched-bench splits prompt and generation: generation runs from the moment
-        // every sequence has its first token to the last token (B·(tg-1) tokens decoded).
-        const firstAll = Math.max(...results.map((r) => r.timings.queuedMs + r.timings.promptMs));
-        const lastAll = Math.max(...results.map((r) => r.timings.queuedMs + r.timings.promptMs + r.timings.generationMs));
-        const tgSpeed = ((B * (tg - 1)) / (lastAll - firstAll)) * 1000;
-        keep(ours, B, { tg: tgSpeed, total: ((B * (pp + tg)) / (ended - started)) * 1000 });
-      }
-    } finally {
-      await model.dispose();
-    }
+    for (const [B, v] of Object.entries(figures)) keep(ours, Number(B), v);
   }
   return npl.map((B) => ({
     concurrency: B,
