@@ -17,6 +17,7 @@
         "native/engine/bandwidth.cc",
         "native/engine/embedder.cc",
         "native/engine/engine.cc",
+        "native/engine/memory.cc",
         "native/engine/sampling.cc",
         "native/engine/text.cc"
       ],
@@ -24,6 +25,7 @@
         "<!@(node -p \"require('node-addon-api').include\")",
         "native",
         "deps/llama.cpp/include",
+        "deps/llama.cpp/src",
         "deps/llama.cpp/ggml/include"
       ],
       "defines": [

@@ -19,6 +19,26 @@ export interface NativeLoadOptions {
   flashAttention: number;
   useMmap: boolean;
   maxQueue: number;
+  cpuMoeLayers: number;
+}
+
+export interface NativeDeviceMemory {
+  name: string;
+  description: string;
+  host: boolean;
+  model: number;
+  context: number;
+  compute: number;
+  free: number;
+  total: number;
+}
+
+export interface NativeMemoryEstimate {
+  devices: NativeDeviceMemory[];
+  contextCells: number;
+  layers: number;
+  experts: number;
+  parameters: number;
 }
 
 export interface NativeSubmitOptions {
@@ -114,6 +134,7 @@ export interface NativeBinding {
   systemInfo(): NativeSystemInfo;
   /** Runs on the libuv pool; rejects with `{ code, message, option?, expected? }`. */
   measureBandwidth(options: BandwidthOptions): Promise<BandwidthResult>;
+  estimateMemory(path: string, options: NativeLoadOptions): Promise<NativeMemoryEstimate>;
 }
 
 /** Root of the installed package (holds binding.gyp, build/ and prebuilds/). */

@@ -25,6 +25,7 @@ export type GenesisErrorCode =
   | 'CHAT_TEMPLATE'
   | 'TOKENIZE'
   | 'ENGINE'
+  | 'MEMORY_BUDGET'
   | 'NATIVE_BINDING';
 
 export class GenesisError extends Error {
@@ -93,6 +94,23 @@ export class AbortError extends GenesisError {
   constructor(message = 'the generation was aborted', partial?: { text: string; tokens: number[] }) {
     super('ABORTED', message);
     this.partial = partial;
+  }
+}
+
+/**
+ * Nothing fits the memory budget: not even the smallest context with the best placement of the
+ * weights. `device` names the memory that is short, `needed` and `budget` are in bytes.
+ */
+export class MemoryBudgetError extends GenesisError {
+  readonly device: string;
+  readonly needed: number;
+  readonly budget: number;
+
+  constructor(device: string, needed: number, budget: number, message: string) {
+    super('MEMORY_BUDGET', message);
+    this.device = device;
+    this.needed = needed;
+    this.budget = budget;
   }
 }
 

@@ -9,11 +9,16 @@ export {
   DisposedError,
   GenesisError,
   InvalidOptionError,
+  MemoryBudgetError,
   ModelLoadError,
   QueueFullError,
 } from './errors.js';
 export type { GenesisErrorCode, ModelLoadErrorCode } from './errors.js';
 export { measureBandwidth, systemInfo } from './system.js';
+export { estimateMemory, formatBytes, planMemory } from './memory.js';
+export { createRuntime, Runtime } from './runtime.js';
+export type { ModelLease, RuntimeModelOptions, RuntimeModelState, RuntimeModelStatus, RuntimeOptions } from './runtime.js';
+export type { DeviceMemoryEstimate, MemoryBudget, MemoryEstimate, MemoryPlan } from './memory.js';
 export type { BandwidthOptions, BandwidthResult } from './system.js';
 export { buildJsonGbnf, JSON_OBJECT_GBNF, JSON_VALUE_GBNF, jsonSchemaToGbnf } from './grammar/index.js';
 export type { JsonGrammarOptions, JsonSchemaGrammarOptions } from './grammar/index.js';

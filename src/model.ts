@@ -5,13 +5,14 @@
  *   for await (const chunk of model.generate('Hello', { maxTokens: 32 })) process.stdout.write(chunk.text);
  *   await model.dispose();
  */
-import { binding, type NativeEvent, type NativeModel, type NativeModelInfo, type NativeSubmitOptions } from './binding.js';
+import { binding, type NativeEvent, type NativeLoadOptions, type NativeModel, type NativeModelInfo, type NativeSubmitOptions } from './binding.js';
 import { AbortError, ContextOverflowError, DisposedError, InvalidOptionError, ModelLoadError, toGenesisError } from './errors.js';
 import { Generation, type GenerationResult } from './generation.js';
 import { checkHyperparameters } from './gguf/hparams.js';
 import { readGguf } from './gguf/index.js';
 import { verifyModelFile } from './verify/identity.js';
 import { resolveLoadOptions, resolveSamplingOptions, type ChatOptions, type GenerateOptions, type LoadModelOptions } from './options.js';
+import { planMemory, type MemoryPlan } from './memory.js';
 
 export interface ChatMessage {
   role: 'system' | 'user' | 'assistant' | (string & {});
@@ -51,6 +52,8 @@ let nextRequestId = 1;
 export class Model implements AsyncDisposable {
   readonly path: string;
   readonly info: ModelInfo;
+  /** With loadModel's memoryBudget: the plan it loaded with (options chosen, estimate, reasons). */
+  plan: MemoryPlan | undefined;
 
   #native: NativeModel;
   #active = new Map<number, Generation>();
@@ -69,21 +72,12 @@ export class Model implements AsyncDisposable {
 
   /** @internal use loadModel() */
   static async _load(path: string, options: LoadModelOptions = {}): Promise<Model> {
-    if (typeof path !== 'string' || path.length === 0) throw new InvalidOptionError('path', 'a path to a .gguf file', path);
-    // Our own strict GGUF check first: llama.cpp may abort the process on some corrupt files.
-    const gguf = await readGguf(path);
-    const arch = gguf.metadata.get('general.architecture');
-    if (arch?.type !== 'string') {
-      throw new ModelLoadError('MODEL_CORRUPT', path, `${path} has no general.architecture string: expected a GGUF model file`);
+    let plan: MemoryPlan | undefined;
+    if (options.memoryBudget !== undefined) {
+      plan = await planMemory(path, options);
+      options = { ...options, ...plan.options };
     }
-    checkHyperparameters(gguf, arch.value);
-    const ctxTrain = gguf.metadata.get(`${arch.value}.context_length`);
-    const system = binding().systemInfo();
-    const resolved = resolveLoadOptions(options, {
-      trainContextLength: ctxTrain && typeof ctxTrain.value === 'number' ? ctxTrain.value : 4096,
-      gpuOffload: system.gpuOffload,
-      maxSequences: system.maxSequences,
-    });
+    const resolved = await resolveModelLoad(path, options);
     // Checked after the options (cheap) and before llama.cpp reads anything.
     if (options.expectedSha256 !== undefined) await verifyModelFile(path, options.expectedSha256);
     // Events can only arrive after submit(), which needs the Model: route through a late-bound handler.
@@ -94,7 +88,9 @@ export class Model implements AsyncDisposable {
     } catch (error) {
       throw toGenesisError(error as { code: string; message: string; path?: string });
     }
-    return new Model(path, native, route);
+    const model = new Model(path, native, route);
+    model.plan = plan;
+    return model;
   }
 
   get disposed(): boolean {
@@ -287,6 +283,28 @@ export class Model implements AsyncDisposable {
 }
 
 /** Loads a GGUF model and starts its engine. */
+/**
+ * Checks `path` with our own strict GGUF reader (llama.cpp may abort the process on some corrupt
+ * files) and validates `options` against the model and the build; what loadModel and
+ * estimateMemory hand to native code.
+ */
+export async function resolveModelLoad(path: string, options: LoadModelOptions): Promise<NativeLoadOptions> {
+  if (typeof path !== 'string' || path.length === 0) throw new InvalidOptionError('path', 'a path to a .gguf file', path);
+  const gguf = await readGguf(path);
+  const arch = gguf.metadata.get('general.architecture');
+  if (arch?.type !== 'string') {
+    throw new ModelLoadError('MODEL_CORRUPT', path, `${path} has no general.architecture string: expected a GGUF model file`);
+  }
+  checkHyperparameters(gguf, arch.value);
+  const ctxTrain = gguf.metadata.get(`${arch.value}.context_length`);
+  const system = binding().systemInfo();
+  return resolveLoadOptions(options, {
+    trainContextLength: ctxTrain && typeof ctxTrain.value === 'number' ? ctxTrain.value : 4096,
+    gpuOffload: system.gpuOffload,
+    maxSequences: system.maxSequences,
+  });
+}
+
 export function loadModel(path: string, options?: LoadModelOptions): Promise<Model> {
   return Model._load(path, options);
 }

@@ -5,6 +5,7 @@
 import { availableParallelism } from 'node:os';
 import type { NativeLoadOptions, NativeSubmitOptions } from './binding.js';
 import { InvalidOptionError } from './errors.js';
+import type { MemoryBudget } from './memory.js';
 
 export interface LoadModelOptions {
   /** Tokens each sequence can hold (prompt + output). Default: the model's training context, at most 4096. */
@@ -28,10 +29,23 @@ export interface LoadModelOptions {
   /** Memory-map the weights instead of reading them. Default true. */
   useMmap?: boolean;
   /**
+   * MoE models on a GPU: keep the expert tensors of the first N layers in host memory while the
+   * rest of those layers runs on the GPU (llama.cpp's --n-cpu-moe). Default 0.
+   */
+  cpuMoeLayers?: number;
+  /**
    * Requests that may wait for a free sequence; one more makes generate() throw QueueFullError.
    * Default: no limit.
    */
   maxQueue?: number;
+  /**
+   * Fit the model into this memory (bytes of host RAM, or per kind of device): loadModel then
+   * chooses contextSize, gpuLayers and cpuMoeLayers (see planMemory) and records why in
+   * `model.plan`; MemoryBudgetError when nothing fits.
+   */
+  memoryBudget?: MemoryBudget | number;
+  /** With memoryBudget: the smallest contextSize the plan may fall back to. Default min(contextSize, 512). */
+  minContextSize?: number;
   /** Called with load progress in [0, 1]. */
   onProgress?: (progress: number) => void;
   /**
@@ -133,6 +147,7 @@ export function resolveLoadOptions(
   const fa = options.flashAttention;
   if (fa !== undefined && fa !== 'auto' && typeof fa !== 'boolean') throw new InvalidOptionError('flashAttention', "true, false or 'auto'", fa);
   const useMmap = checkBool('useMmap', options.useMmap) ?? true;
+  const cpuMoeLayers = checkInt('cpuMoeLayers', options.cpuMoeLayers, 0, 100000) ?? 0;
   const maxQueue = options.maxQueue === Infinity ? 0 : (checkInt('maxQueue', options.maxQueue, 1, 2 ** 31 - 1) ?? 0);
   if (options.expectedSha256 !== undefined && (typeof options.expectedSha256 !== 'string' || !/^[0-9a-fA-F]{64}$/.test(options.expectedSha256))) {
     throw new InvalidOptionError('expectedSha256', 'a SHA-256 digest of 64 hex characters', options.expectedSha256);
@@ -150,6 +165,7 @@ export function resolveLoadOptions(
     flashAttention: fa === undefined || fa === 'auto' ? -1 : fa ? 1 : 0,
     useMmap,
     maxQueue,
+    cpuMoeLayers,
   };
 }
 

@@ -124,6 +124,7 @@ static Napi::Object Init(Napi::Env env, Napi::Object exports) {
     llama_backend_init();
   });
   exports.Set("loadModel", Napi::Function::New(env, LoadModel, "loadModel"));
+  exports.Set("estimateMemory", Napi::Function::New(env, EstimateMemory, "estimateMemory"));
   exports.Set("measureBandwidth", Napi::Function::New(env, MeasureBandwidth, "measureBandwidth"));
   exports.Set("systemInfo", Napi::Function::New(env, SystemInfo, "systemInfo"));
   exports.Set("NativeModel", NativeModel::Define(env));

@@ -8,6 +8,7 @@
 
 #include "addon/convert.h"
 #include "addon/log.h"
+#include "engine/memory.h"
 
 namespace genesis {
 
@@ -65,10 +66,20 @@ void Host::shutdown() {
 
 namespace {
 
+// llama.cpp's log of a failure, cut to its last lines (it states the cause last), on one line.
+std::string trim(std::string s) {
+  while (!s.empty() && (s.back() == '\n' || s.back() == ' ')) s.pop_back();
+  // Keep the last few lines: llama.cpp states the cause last.
+  size_t pos = s.size();
+  for (int lines = 0; lines < 4 && pos != std::string::npos && pos > 0; ++lines) pos = s.rfind('\n', pos - 1);
+  if (pos != std::string::npos && pos > 0) s = s.substr(pos + 1);
+  std::replace(s.begin(), s.end(), '\n', ' ');
+  return s;
+}
+
 struct LoadBaton {
   std::string path;
-  int32_t gpu_layers = 0;
-  bool use_mmap = true;
+  OffloadOptions offload;
   EngineOptions engine;
 };
 
@@ -98,9 +109,8 @@ class LoadWorker : public Napi::AsyncWorker {
 
   void Execute() override {
     LogCapture capture;
-    auto params = llama_model_default_params();
-    params.n_gpu_layers = baton_.gpu_layers;
-    params.load_mode = baton_.use_mmap ? LLAMA_LOAD_MODE_MMAP : LLAMA_LOAD_MODE_NONE;
+    ModelParams model_params(baton_.offload);
+    llama_model_params& params = model_params.get();
     if (progress_) {
       params.progress_callback = [](float progress, void* data) {
         auto* self = static_cast<LoadWorker*>(data);
@@ -163,15 +173,6 @@ class LoadWorker : public Napi::AsyncWorker {
   }
 
  private:
-  static std::string trim(std::string s) {
-    while (!s.empty() && (s.back() == '\n' || s.back() == ' ')) s.pop_back();
-    // Keep the last few lines: llama.cpp states the cause last.
-    size_t pos = s.size();
-    for (int lines = 0; lines < 4 && pos != std::string::npos && pos > 0; ++lines) pos = s.rfind('\n', pos - 1);
-    if (pos != std::string::npos && pos > 0) s = s.substr(pos + 1);
-    std::replace(s.begin(), s.end(), '\n', ' ');
-    return s;
-  }
 
   void release_progress() {
     if (progress_) {
@@ -339,18 +340,13 @@ bool get_bool(const Napi::Object& obj, const char* key, bool fallback) {
   return v.IsBoolean() ? v.As<Napi::Boolean>().Value() : fallback;
 }
 
-}  // namespace
-
-Napi::Value LoadModel(const Napi::CallbackInfo& info) {
-  Napi::Env env = info.Env();
-  if (info.Length() < 4 || !info[0].IsString() || !info[1].IsObject() || !info[3].IsFunction()) {
-    throw CodedError(env, "NATIVE_BINDING", "loadModel(path: string, options: object, onProgress?: function, onEvents: function)");
-  }
+// The options loadModel and estimateMemory share (validated in src/options.ts first).
+LoadBaton load_baton(Napi::Env env, const std::string& path, const Napi::Object& opts) {
   LoadBaton baton;
-  baton.path = info[0].As<Napi::String>().Utf8Value();
-  Napi::Object opts = info[1].As<Napi::Object>();
-  baton.gpu_layers = get_int(opts, "gpuLayers", 0);
-  baton.use_mmap = get_bool(opts, "useMmap", true);
+  baton.path = path;
+  baton.offload.gpu_layers = get_int(opts, "gpuLayers", 0);
+  baton.offload.use_mmap = get_bool(opts, "useMmap", true);
+  baton.offload.cpu_moe_layers = static_cast<uint32_t>(std::max(0, get_int(opts, "cpuMoeLayers", 0)));
   baton.engine.context_size = static_cast<uint32_t>(std::max(1, get_int(opts, "contextSize", 4096)));
   baton.engine.max_sequences = static_cast<uint32_t>(std::max(1, get_int(opts, "maxSequences", 4)));
   baton.engine.batch_size = static_cast<uint32_t>(std::max(1, get_int(opts, "batchSize", 512)));
@@ -363,6 +359,84 @@ Napi::Value LoadModel(const Napi::CallbackInfo& info) {
                      "invalid option maxSequences: expected at most " + std::to_string(llama_max_parallel_sequences()) + ", got " +
                          std::to_string(baton.engine.max_sequences));
   }
+  return baton;
+}
+
+class EstimateWorker : public Napi::AsyncWorker {
+ public:
+  EstimateWorker(Napi::Env env, LoadBaton baton)
+      : Napi::AsyncWorker(env, "genesis.estimateMemory"), deferred_(Napi::Promise::Deferred::New(env)), baton_(std::move(baton)) {}
+
+  Napi::Promise Promise() { return deferred_.Promise(); }
+
+  void Execute() override {
+    LogCapture capture;
+    try {
+      estimate_ = estimate_memory(baton_.path, baton_.offload, baton_.engine);
+    } catch (const std::exception& e) {
+      const std::string reason = capture.text();
+      message_ = std::string(e.what()) + (reason.empty() ? std::string() : ": " + trim(reason));
+    }
+  }
+
+  void OnOK() override {
+    Napi::Env env = Env();
+    if (!message_.empty()) {
+      deferred_.Reject(CodedError(env, "MODEL_LOAD_FAILED", message_, baton_.path).Value());
+      return;
+    }
+    Napi::Array devices = Napi::Array::New(env, estimate_.devices.size());
+    for (size_t i = 0; i < estimate_.devices.size(); ++i) {
+      const DeviceMemory& d = estimate_.devices[i];
+      Napi::Object o = Napi::Object::New(env);
+      o.Set("name", d.name);
+      o.Set("description", d.description);
+      o.Set("host", d.host);
+      o.Set("model", static_cast<double>(d.model));
+      o.Set("context", static_cast<double>(d.context));
+      o.Set("compute", static_cast<double>(d.compute));
+      o.Set("free", static_cast<double>(d.free));
+      o.Set("total", static_cast<double>(d.total));
+      devices.Set(static_cast<uint32_t>(i), o);
+    }
+    Napi::Object r = Napi::Object::New(env);
+    r.Set("devices", devices);
+    r.Set("contextCells", estimate_.n_ctx);
+    r.Set("layers", estimate_.n_layer);
+    r.Set("experts", estimate_.n_expert);
+    r.Set("parameters", static_cast<double>(estimate_.n_params));
+    deferred_.Resolve(r);
+  }
+
+  void OnError(const Napi::Error& error) override { deferred_.Reject(error.Value()); }
+
+ private:
+  Napi::Promise::Deferred deferred_;
+  LoadBaton baton_;
+  MemoryEstimate estimate_;
+  std::string message_;
+};
+
+}  // namespace
+
+// estimateMemory(path, options): what loadModel(path, options) would take per device, without loading.
+Napi::Value EstimateMemory(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (info.Length() < 2 || !info[0].IsString() || !info[1].IsObject()) {
+    throw CodedError(env, "NATIVE_BINDING", "estimateMemory(path: string, options: object)");
+  }
+  auto* worker = new EstimateWorker(env, load_baton(env, info[0].As<Napi::String>().Utf8Value(), info[1].As<Napi::Object>()));
+  Napi::Promise promise = worker->Promise();
+  worker->Queue();
+  return promise;
+}
+
+Napi::Value LoadModel(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (info.Length() < 4 || !info[0].IsString() || !info[1].IsObject() || !info[3].IsFunction()) {
+    throw CodedError(env, "NATIVE_BINDING", "loadModel(path: string, options: object, onProgress?: function, onEvents: function)");
+  }
+  LoadBaton baton = load_baton(env, info[0].As<Napi::String>().Utf8Value(), info[1].As<Napi::Object>());
   Napi::Function on_progress = info[2].IsFunction() ? info[2].As<Napi::Function>() : Napi::Function();
   auto* worker = new LoadWorker(env, std::move(baton), on_progress, info[3].As<Napi::Function>());
   Napi::Promise promise = worker->Promise();

@@ -74,6 +74,7 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
 
 // Load a model and create its engine off the JS thread: loadModel(path, options, onProgress, onEvents).
 Napi::Value LoadModel(const Napi::CallbackInfo& info);
+Napi::Value EstimateMemory(const Napi::CallbackInfo& info);
 
 // Token ids of text; throws std::runtime_error when llama.cpp cannot tokenize it.
 std::vector<llama_token> tokenize_text(const llama_vocab* vocab, const std::string& text, bool add_special, bool parse_special);

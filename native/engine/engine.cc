@@ -26,15 +26,14 @@ std::string token_piece(const llama_vocab* vocab, llama_token token) {
 
 }  // namespace
 
-Engine::Engine(llama_model* model, const EngineOptions& options, Notify notify)
-    : model_(model), vocab_(llama_model_get_vocab(model)), notify_(std::move(notify)) {
+llama_context_params engine_context_params(const EngineOptions& options) {
   auto params = llama_context_default_params();
   params.n_seq_max = options.max_sequences;
   // Every sequence may grow to context_size: in unified mode too, so a decode never runs out of cells.
   params.n_ctx = options.context_size * options.max_sequences;
   params.n_batch = options.batch_size;
   params.n_ubatch = options.batch_size;
-  const int32_t threads = options.threads > 0 ? options.threads : static_cast<int32_t>(std::max(1u, std::thread::hardware_concurrency()));
+  const int32_t threads = engine_threads(options);
   params.n_threads = threads;
   params.n_threads_batch = threads;
   params.kv_unified = options.kv_unified;
@@ -42,6 +41,17 @@ Engine::Engine(llama_model* model, const EngineOptions& options, Notify notify)
                            : options.flash_attention == 0 ? LLAMA_FLASH_ATTN_TYPE_DISABLED
                                                           : LLAMA_FLASH_ATTN_TYPE_ENABLED;
   params.no_perf = true;
+  return params;
+}
+
+int32_t engine_threads(const EngineOptions& options) {
+  return options.threads > 0 ? options.threads : static_cast<int32_t>(std::max(1u, std::thread::hardware_concurrency()));
+}
+
+Engine::Engine(llama_model* model, const EngineOptions& options, Notify notify)
+    : model_(model), vocab_(llama_model_get_vocab(model)), notify_(std::move(notify)) {
+  auto params = engine_context_params(options);
+  const int32_t threads = params.n_threads;
   params.abort_callback = [](void* data) { return static_cast<std::atomic<bool>*>(data)->load(); };
   params.abort_callback_data = &abort_decode_;
 

@@ -35,6 +35,11 @@ struct EngineOptions {
   uint32_t max_queue = 0;        // requests waiting for a sequence before submit refuses; 0: no limit
 };
 
+// The llama.cpp context parameters of an engine with `options` (the engine adds its abort callback).
+llama_context_params engine_context_params(const EngineOptions& options);
+// Threads an engine uses: options.threads, or the hardware concurrency when 0.
+int32_t engine_threads(const EngineOptions& options);
+
 // submit() refuses a request when max_queue requests already wait.
 struct QueueFull : std::runtime_error {
   explicit QueueFull(uint32_t queued) : std::runtime_error("queue full"), queued(queued) {}

@@ -58,6 +58,9 @@ serve options (OpenAI-compatible API, chat page at /; no --model: the built-in d
   --body-limit BYTES    largest request body (default 1048576)
   --drain-timeout S     on SIGTERM/SIGINT, wait this long for requests in flight (default 30)
   --log-level L         log requests (Fastify/pino JSON on stdout): info, warn, ...
+  --memory-budget SIZE  host memory for all models (e.g. 6G, 512M): the models that fit load at
+                        start, the others on first request; idle ones are unloaded for room
+  --keep-alive S        with --memory-budget: unload a model idle for S seconds
 ${BENCH_USAGE}`;
 
 const modelOptions = {
@@ -75,6 +78,15 @@ function int(name: string, value: string | undefined): number | undefined {
   const n = Number(value);
   if (!Number.isFinite(n)) throw new UsageError(`--${name} expects a number, got ${JSON.stringify(value)}`);
   return n;
+}
+
+/** "6G", "512M", "1.5GiB" or plain bytes. */
+function bytes(name: string, value: string | undefined): number | undefined {
+  if (value === undefined) return undefined;
+  const m = /^(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?$/i.exec(value.trim());
+  if (!m) throw new UsageError(`--${name} expects a size such as 6G, 512M or a number of bytes, got ${JSON.stringify(value)}`);
+  const scale = { '': 1, k: 2 ** 10, m: 2 ** 20, g: 2 ** 30, t: 2 ** 40 }[m[2]!.toLowerCase() as '' | 'k' | 'm' | 'g' | 't'];
+  return Math.floor(Number(m[1]) * scale);
 }
 
 function loadOptions(values: Record<string, unknown>): LoadModelOptions {
@@ -256,9 +268,14 @@ async function serveCommand(argv: string[]): Promise<void> {
       'body-limit': { type: 'string' },
       'drain-timeout': { type: 'string' },
       'log-level': { type: 'string' },
+      'memory-budget': { type: 'string' },
+      'keep-alive': { type: 'string' },
     },
   });
   if (values.help) return void process.stdout.write(USAGE);
+  const memoryBudget = bytes('memory-budget', values['memory-budget']);
+  const keepAlive = int('keep-alive', values['keep-alive']);
+  if (keepAlive !== undefined && memoryBudget === undefined) throw new UsageError('--keep-alive needs --memory-budget (models stay loaded without one)');
   let specs = (values.model ?? []).map(modelSpec);
   if (specs.length === 0) {
     const path = await ensureDefaultModel({ onProgress: (m: string) => process.stderr.write(`${m}\n`) });
@@ -280,6 +297,7 @@ async function serveCommand(argv: string[]): Promise<void> {
     bodyLimit: int('body-limit', values['body-limit']),
     drainTimeoutMs: drainTimeout === undefined ? undefined : drainTimeout * 1000,
     logLevel: values['log-level'],
+    ...(memoryBudget !== undefined ? { memoryBudget, keepAlive: keepAlive === undefined ? undefined : keepAlive * 1000 } : {}),
     progress: (name) => {
       if (!process.stderr.isTTY) return undefined;
       const bar = progressBar(`loading ${name}`);

@@ -97,7 +97,12 @@ export function buildServer(options: ServerOptions): GenesisServer {
   let drainPromise: Promise<void> | undefined;
   let onIdle: (() => void) | undefined;
   const controllers = new Set<AbortController>();
-  const metrics = new ServerMetrics(() => models.list(), { processMetrics: options.processMetrics, inFlight: () => inFlight });
+  const runtime = models.runtime;
+  const metrics = new ServerMetrics(() => models.list(), {
+    processMetrics: options.processMetrics,
+    inFlight: () => inFlight,
+    ...(runtime ? { memory: () => runtime.usage() } : {}),
+  });
 
   const app = Fastify({
     logger: options.logger ?? false,

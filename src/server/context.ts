@@ -3,7 +3,8 @@ import { randomUUID } from 'node:crypto';
 import type { FastifyReply, FastifyRequest } from 'fastify';
 import { ApiError, toApiError } from './errors.js';
 import type { ServerMetrics } from './metrics.js';
-import type { ModelRegistry } from './models.js';
+import type { Model } from '../model.js';
+import type { ModelRegistry, ServedModel } from './models.js';
 import type { Limits } from './params.js';
 
 export interface RouteContext {
@@ -15,6 +16,21 @@ export interface RouteContext {
    * the response is complete, or when a drain runs out of time. Released when the response ends.
    */
   requestController(request: FastifyRequest, reply: FastifyReply): AbortController;
+}
+
+/**
+ * The served model for this request, loaded if the runtime had unloaded it, held until the
+ * response is finished (or the client goes away), then released so the runtime may unload it.
+ */
+export async function holdModel(served: ServedModel, reply: FastifyReply): Promise<Model> {
+  let lease;
+  try {
+    lease = await served.acquire();
+  } catch (error) {
+    throw toApiError(error, 'model');
+  }
+  reply.raw.once('close', lease.release);
+  return lease.model;
 }
 
 export function newId(prefix: string): string {

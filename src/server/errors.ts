@@ -3,7 +3,8 @@
  * kind deserves. Route code throws ApiError; runtime errors (GenesisError) and Fastify's own errors
  * (body too large, bad JSON) are translated by `toApiError`.
  */
-import { ContextOverflowError, DisposedError, GenesisError, InvalidOptionError, QueueFullError } from '../errors.js';
+import { ContextOverflowError, DisposedError, GenesisError, InvalidOptionError,
+  MemoryBudgetError, QueueFullError } from '../errors.js';
 
 export type ApiErrorType =
   | 'invalid_request_error'
@@ -101,6 +102,9 @@ export function toApiError(error: unknown, promptParam = 'prompt'): ApiError {
       code: 'queue_full',
       headers: { 'retry-after': String(RETRY_AFTER_SECONDS) },
     });
+  }
+  if (error instanceof MemoryBudgetError) {
+    return new ApiError(503, 'service_unavailable', `The model cannot be loaded now: ${error.message}`, { code: 'memory_budget', headers: { 'retry-after': String(RETRY_AFTER_SECONDS) } });
   }
   if (error instanceof DisposedError) {
     return new ApiError(503, 'service_unavailable', 'The model is shutting down.', { code: 'model_unavailable' });

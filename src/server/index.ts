@@ -3,6 +3,6 @@ export type { GenesisServer, GenesisServerExtras, ServerOptions } from './app.js
 export { ApiError } from './errors.js';
 export type { ApiErrorBody, ApiErrorType } from './errors.js';
 export { isLoopbackHost } from './auth.js';
-export type { ServedModelInput, ModelsOption } from './models.js';
+export type { ModelsOption, RuntimeModels, ServedModel, ServedModelInput } from './models.js';
 export { serve } from './serve.js';
-export type { ServeOptions, ServeModelSpec } from './serve.js';
+export type { ServeHandle, ServeModelSpec, ServeOptions } from './serve.js';

@@ -5,6 +5,7 @@
  */
 import { collectDefaultMetrics, Counter, Gauge, Histogram, Registry } from 'prom-client';
 import type { GenerationResult } from '../generation.js';
+import type { Model } from '../model.js';
 import type { ServedModel } from './models.js';
 
 const LATENCY_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60];
@@ -20,7 +21,10 @@ export class ServerMetrics {
   readonly timeToFirstToken: Histogram<'model'>;
   readonly timePerOutputToken: Histogram<'model'>;
 
-  constructor(models: () => readonly ServedModel[], options: { processMetrics?: boolean; inFlight?: () => number } = {}) {
+  constructor(
+    models: () => readonly ServedModel[],
+    options: { processMetrics?: boolean; inFlight?: () => number; memory?: () => Array<{ device: string; used: number; budget: number }> } = {},
+  ) {
     const registers = [this.registry];
     this.requests = new Counter({
       name: 'genesis_http_requests_total',
@@ -68,11 +72,12 @@ export class ServerMetrics {
       registers,
     });
 
-    type Stats = ReturnType<ServedModel['model']['stats']>;
+    type Stats = ReturnType<Model['stats']>;
     // Engine figures are read at scrape time from every model still loaded.
     const eachLoaded = (visit: (model: string, stats: Stats) => void) => {
       for (const served of models()) {
-        if (!served.model.disposed) visit(served.name, served.model.stats());
+        const model = served.current();
+        if (model && !model.disposed) visit(served.name, model.stats());
       }
     };
     const engineGauge = (name: string, help: string, read: (s: Stats) => number) =>
@@ -104,6 +109,63 @@ export class ServerMetrics {
       });
     engineCounter('genesis_engine_steps_total', 'Engine steps (one llama_decode each) since load.', (s) => s.steps);
     engineCounter('genesis_decoded_tokens_total', 'Tokens decoded (prompt + generated) since load.', (s) => s.decodedTokens);
+    // Memory per model and device (from the runtime's estimates: what each model takes while
+    // loaded, 0 while unloaded), and loads/unloads; only for models served from a runtime.
+    new Gauge({
+      name: 'genesis_model_memory_bytes',
+      help: 'Memory a model holds now, per device (weights, KV cache, compute buffers; 0 when unloaded).',
+      labelNames: ['model', 'device'],
+      registers,
+      collect() {
+        this.reset();
+        for (const served of models()) {
+          const s = served.status();
+          for (const [device, bytes] of Object.entries(s.memory ?? {})) this.set({ model: served.name, device }, s.state === 'ready' ? bytes : 0);
+        }
+      },
+    });
+    new Gauge({
+      name: 'genesis_model_loaded',
+      help: '1 when the model is loaded, 0 when not (a runtime loads it on the next request).',
+      labelNames: ['model'],
+      registers,
+      collect() {
+        this.reset();
+        for (const served of models()) this.set({ model: served.name }, served.current() ? 1 : 0);
+      },
+    });
+    const lifecycle = (name: string, help: string, read: (s: ReturnType<ServedModel['status']>) => number | undefined) =>
+      new Counter({
+        name,
+        help,
+        labelNames: ['model'],
+        registers,
+        collect() {
+          this.reset();
+          for (const served of models()) {
+            const v = read(served.status());
+            if (v !== undefined) this.inc({ model: served.name }, v);
+          }
+        },
+      });
+    lifecycle('genesis_model_loads_total', 'Times the runtime loaded the model.', (s) => s.loads);
+    lifecycle('genesis_model_unloads_total', 'Times the runtime unloaded the model (idle, to make room, or keep-alive).', (s) => s.unloads);
+    if (options.memory) {
+      const memory = options.memory;
+      const budgetGauge = (name: string, help: string, read: (u: { used: number; budget: number }) => number) =>
+        new Gauge({
+          name,
+          help,
+          labelNames: ['device'],
+          registers,
+          collect() {
+            this.reset();
+            for (const u of memory()) this.set({ device: u.device }, read(u));
+          },
+        });
+      budgetGauge('genesis_memory_budget_bytes', "The runtime's memory budget per device.", (u) => u.budget);
+      budgetGauge('genesis_memory_used_bytes', 'Memory held by loaded models per device (estimates).', (u) => u.used);
+    }
     if (options.inFlight) {
       const inFlight = options.inFlight;
       new Gauge({

@@ -3,7 +3,9 @@
  * listens, and on SIGTERM/SIGINT drains: new requests get 503, requests in flight finish, the server
  * closes, the models are disposed. `closed` resolves when all of that is done.
  */
+import type { MemoryBudget } from '../memory.js';
 import { loadModel, type Model } from '../model.js';
+import { createRuntime, type Runtime } from '../runtime.js';
 import type { LoadModelOptions } from '../options.js';
 import { buildServer, ServerConfigError, type GenesisServer, type ServerOptions } from './app.js';
 import { isLoopbackHost } from './auth.js';
@@ -29,12 +31,23 @@ export interface ServeOptions extends Omit<ServerOptions, 'models' | 'logger'> {
   logLevel?: string;
   /** Drain on SIGTERM/SIGINT. Default true. */
   handleSignals?: boolean;
+  /**
+   * Serve the models from a Runtime under this budget: the ones that fit are loaded at start, the
+   * others on their first request, and idle ones are unloaded when another needs the room.
+   * Without it every model is loaded at start and stays loaded.
+   */
+  memoryBudget?: MemoryBudget | number;
+  /** With memoryBudget: unload a model idle this long (ms). Default: only when room is needed. */
+  keepAlive?: number;
 }
 
 export interface ServeHandle {
   server: GenesisServer;
   url: string;
+  /** The models loaded at start (without memoryBudget). */
   models: Model[];
+  /** With memoryBudget: the runtime holding the models. */
+  runtime: Runtime | undefined;
   /** Drains the server and disposes the models (what a signal does). */
   stop(): Promise<void>;
   /** Resolves once stopped, by stop() or a signal. */
@@ -59,10 +72,26 @@ export async function serve(options: ServeOptions): Promise<ServeHandle> {
   }
 
   const models: Model[] = [];
-  const disposeAll = () => Promise.all(models.map((m) => m.dispose())).then(() => undefined);
+  const runtime = options.memoryBudget !== undefined ? createRuntime({ memoryBudget: options.memoryBudget, keepAlive: options.keepAlive }) : undefined;
+  const disposeAll = () => Promise.all([...models.map((m) => m.dispose()), runtime?.dispose()]).then(() => undefined);
   let server: GenesisServer;
   try {
-    for (const spec of options.models) {
+    if (runtime) {
+      for (const spec of options.models) runtime.register(spec.name, spec.path, options.load ?? {});
+      for (const spec of options.models) {
+        const started = performance.now();
+        const loaded = await runtime.preload(spec.name);
+        const memory = Object.entries(runtime.status().find((s) => s.name === spec.name)!.memory)
+          .map(([device, bytes]) => `${(bytes / 1024 ** 2).toFixed(0)} MiB on ${device}`)
+          .join(', ');
+        log(loaded
+          ? `loaded ${spec.name} (${memory}; ${((performance.now() - started) / 1000).toFixed(1)} s)`
+          : `${spec.name} (${memory}) does not fit beside the models already loaded: it loads on its first request`);
+      }
+      const usage = runtime.usage().map((u) => `${(u.used / 1024 ** 2).toFixed(0)} of ${(u.budget / 1024 ** 2).toFixed(0)} MiB on ${u.device}`).join(', ');
+      log(`memory budget: ${usage}`);
+    }
+    for (const spec of runtime ? [] : options.models) {
       log(`loading ${spec.name} from ${spec.path}`);
       const started = performance.now();
       const model = await loadModel(spec.path, { ...options.load, onProgress: options.progress?.(spec.name) });
@@ -77,7 +106,9 @@ export async function serve(options: ServeOptions): Promise<ServeHandle> {
     server = buildServer({
       ...options,
       host,
-      models: options.models.map((spec, i) => ({ name: spec.name, model: models[i]!, randomWeights: spec.randomWeights })),
+      models: runtime
+        ? { runtime, randomWeights: options.models.filter((s) => s.randomWeights).map((s) => s.name) }
+        : options.models.map((spec, i) => ({ name: spec.name, model: models[i]!, randomWeights: spec.randomWeights })),
       logger: options.logLevel ? { level: options.logLevel } : false,
     });
     await server.listen({ host, port: options.port ?? 8080 });
@@ -116,7 +147,8 @@ export async function serve(options: ServeOptions): Promise<ServeHandle> {
       log(`${signal} again: exiting without waiting`);
       process.exit(130);
     }
-    const active = models.reduce((n, m) => n + (m.disposed ? 0 : m.stats().active + m.stats().queued), 0);
+    const resident = runtime ? runtime.names().map((n) => runtime.loaded(n)).filter((m) => m !== undefined) : models;
+    const active = resident.reduce((n, m) => n + (m.disposed ? 0 : m.stats().active + m.stats().queued), 0);
     log(`${signal}: draining (${active} generation${active === 1 ? '' : 's'} in flight; new requests get 503), then exiting`);
     stop().then(
       () => log('drained; models disposed; bye'),
@@ -124,5 +156,5 @@ export async function serve(options: ServeOptions): Promise<ServeHandle> {
     );
   }
   if (options.handleSignals ?? true) for (const signal of signals) process.on(signal, onSignal);
-  return { server, url, models, stop, closed };
+  return { server, url, models, runtime, stop, closed };
 }

@@ -37,7 +37,7 @@ export function receiptRoutes(app: FastifyInstance, ctx: RouteContext): void {
     if (publicKey !== undefined && typeof publicKey !== 'string') throw invalidRequest('public_key', "'public_key' must be a PEM string.");
     const modelName = body['model'];
     if (modelName !== undefined && typeof modelName !== 'string') throw invalidRequest('model', "'model' must be a served model's name.");
-    const modelPath = modelName !== undefined && 'payload' in body === false ? ctx.models.get(modelName).model.path : undefined;
+    const modelPath = modelName !== undefined && 'payload' in body === false ? ctx.models.get(modelName).path : undefined;
     let check;
     try {
       check = await verifyReceipt(envelope, { publicKey, modelPath });

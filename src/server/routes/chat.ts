@@ -2,7 +2,7 @@
 import type { FastifyInstance } from 'fastify';
 import type { ChatMessage } from '../../model.js';
 import { ChoiceGroup } from '../choices.js';
-import { CLIENT_CLOSED, newId, reportable, unixNow, type RouteContext } from '../context.js';
+import { CLIENT_CLOSED, holdModel, newId, reportable, unixNow, type RouteContext } from '../context.js';
 import { invalidRequest, toApiError } from '../errors.js';
 import { asBody, choiceSeed, finishReason, parseCommon } from '../params.js';
 import { SSE_DONE, sendSse, sseEvent } from '../sse.js';
@@ -50,6 +50,7 @@ export function chatRoutes(app: FastifyInstance, ctx: RouteContext): void {
     const messages = parseMessages(body['messages']);
     const receiptOptions = parseReceiptParam(body, params.n);
     const served = ctx.models.get(params.model);
+    const loaded = await holdModel(served, reply);
     const controller = ctx.requestController(request, reply);
     let group: ChoiceGroup;
     // With a receipt the prompt is tokenized here (as chat() does) so that the receipt names its exact ids.
@@ -61,9 +62,9 @@ export function chatRoutes(app: FastifyInstance, ctx: RouteContext): void {
         controller,
         (i, signal) => {
           const options = { ...params.sampling, seed: choiceSeed(params.sampling.seed, i), signal };
-          if (!receiptOptions) return served.model.chat(messages, options);
-          promptTokens = chatPromptTokens(served.model, messages);
-          return served.model.generate(promptTokens, options);
+          if (!receiptOptions) return loaded.chat(messages, options);
+          promptTokens = chatPromptTokens(loaded, messages);
+          return loaded.generate(promptTokens, options);
         },
         { metrics: ctx.metrics, model: served.name },
       );
@@ -75,7 +76,7 @@ export function chatRoutes(app: FastifyInstance, ctx: RouteContext): void {
     const model = served.name;
     const receiptFor = async (result: GenerationResult) =>
       receiptOptions
-        ? { receipt: await createReceipt(served.model, { promptTokens, options: params.sampling, result, startedAt }, receiptOptions) }
+        ? { receipt: await createReceipt(loaded, { promptTokens, options: params.sampling, result, startedAt }, receiptOptions) }
         : {};
 
     if (!params.stream) {

@@ -1,7 +1,7 @@
 /** POST /v1/completions: raw prompts (text or token ids, one or several), streamed or whole. */
 import type { FastifyInstance } from 'fastify';
 import { ChoiceGroup } from '../choices.js';
-import { CLIENT_CLOSED, newId, reportable, unixNow, type RouteContext } from '../context.js';
+import { CLIENT_CLOSED, holdModel, newId, reportable, unixNow, type RouteContext } from '../context.js';
 import { invalidRequest, toApiError } from '../errors.js';
 import { asBody, boolean, choiceSeed, finishReason, parseCommon } from '../params.js';
 import { SSE_DONE, sendSse, sseEvent } from '../sse.js';
@@ -44,6 +44,7 @@ export function completionRoutes(app: FastifyInstance, ctx: RouteContext): void 
     }
     const receiptOptions = parseReceiptParam(body, prompts.length * params.n);
     const served = ctx.models.get(params.model);
+    const loaded = await holdModel(served, reply);
     const { n } = params;
     const controller = ctx.requestController(request, reply);
     let group: ChoiceGroup;
@@ -52,7 +53,7 @@ export function completionRoutes(app: FastifyInstance, ctx: RouteContext): void 
     let promptTokens: number[] = [];
     const startedAt = new Date();
     try {
-      if (echo) echoed = prompts.map((p) => (typeof p === 'string' ? p : served.model.detokenize(p)));
+      if (echo) echoed = prompts.map((p) => (typeof p === 'string' ? p : loaded.detokenize(p)));
       // Choice index = prompt index × n + i, as OpenAI numbers them.
       group = ChoiceGroup.start(
         prompts.length * n,
@@ -60,10 +61,10 @@ export function completionRoutes(app: FastifyInstance, ctx: RouteContext): void 
         (index, signal) => {
           let prompt = prompts[Math.floor(index / n)]!;
           if (receiptOptions) {
-            promptTokens = typeof prompt === 'string' ? served.model.tokenize(prompt, { addSpecial: true, parseSpecial: true }) : [...prompt];
+            promptTokens = typeof prompt === 'string' ? loaded.tokenize(prompt, { addSpecial: true, parseSpecial: true }) : [...prompt];
             prompt = promptTokens;
           }
-          return served.model.generate(prompt, { ...params.sampling, seed: choiceSeed(params.sampling.seed, index % n), signal });
+          return loaded.generate(prompt, { ...params.sampling, seed: choiceSeed(params.sampling.seed, index % n), signal });
         },
         { metrics: ctx.metrics, model: served.name },
       );
@@ -75,7 +76,7 @@ export function completionRoutes(app: FastifyInstance, ctx: RouteContext): void 
     const model = served.name;
     const receiptFor = async (result: GenerationResult) =>
       receiptOptions
-        ? { receipt: await createReceipt(served.model, { promptTokens, options: params.sampling, result, startedAt }, receiptOptions) }
+        ? { receipt: await createReceipt(loaded, { promptTokens, options: params.sampling, result, startedAt }, receiptOptions) }
         : {};
     const promptOf = (index: number) => Math.floor(index / n);
     const usage = (results: Array<{ usage: { promptTokens: number; completionTokens: number } } | undefined>) => {

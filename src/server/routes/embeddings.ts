@@ -1,6 +1,6 @@
 /** POST /v1/embeddings: model.embed(), as float arrays or base64 (the openai client asks for base64). */
 import type { FastifyInstance } from 'fastify';
-import type { RouteContext } from '../context.js';
+import { holdModel, type RouteContext } from '../context.js';
 import { invalidRequest, toApiError } from '../errors.js';
 import { asBody } from '../params.js';
 
@@ -27,7 +27,7 @@ function base64(vector: readonly number[]): string {
 }
 
 export function embeddingRoutes(app: FastifyInstance, ctx: RouteContext): void {
-  app.post('/v1/embeddings', async (request) => {
+  app.post('/v1/embeddings', async (request, reply) => {
     const body = asBody(request.body);
     const name = body['model'];
     if (typeof name !== 'string' || name.length === 0) {
@@ -39,13 +39,14 @@ export function embeddingRoutes(app: FastifyInstance, ctx: RouteContext): void {
       throw invalidRequest('encoding_format', `Invalid value for 'encoding_format': expected 'float' or 'base64', got ${JSON.stringify(format)}.`);
     }
     const served = ctx.models.get(name);
+    const model = await holdModel(served, reply);
     const dimensions = body['dimensions'];
-    if (dimensions !== undefined && dimensions !== null && dimensions !== served.model.info.embeddingLength) {
-      throw invalidRequest('dimensions', `This model's embeddings have ${served.model.info.embeddingLength} dimensions; other sizes are not supported.`, 'unsupported_value');
+    if (dimensions !== undefined && dimensions !== null && dimensions !== model.info.embeddingLength) {
+      throw invalidRequest('dimensions', `This model's embeddings have ${model.info.embeddingLength} dimensions; other sizes are not supported.`, 'unsupported_value');
     }
     let result;
     try {
-      result = await served.model.embed(input);
+      result = await model.embed(input);
     } catch (error) {
       throw toApiError(error, 'input');
     }

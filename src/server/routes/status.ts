@@ -6,11 +6,13 @@ export function statusRoutes(app: FastifyInstance, ctx: RouteContext, state: { d
   app.get('/health', async (_request, reply) => {
     const draining = state.draining();
     const models = ctx.models.list().map((served) => {
-      if (served.model.disposed) return { id: served.name, state: 'disposed' };
-      const s = served.model.stats();
+      const model = served.current();
+      if (!model) return { id: served.name, state: served.status().state };
+      const s = model.stats();
       return { id: served.name, state: 'ready', active: s.active, queued: s.queued, kv_used_tokens: s.kvUsedTokens, kv_capacity_tokens: s.kvCapacityTokens };
     });
-    const ok = !draining && models.every((m) => m.state === 'ready');
+    // A model the runtime unloaded is healthy: the next request loads it.
+    const ok = !draining && models.every((m) => m.state !== 'disposed');
     return reply.code(ok ? 200 : 503).send({ status: draining ? 'draining' : ok ? 'ok' : 'unavailable', models });
   });
 

@@ -1,0 +1,247 @@
+/**
+ * Memory planning before allocation. llama.cpp loads the model's metadata with no_alloc and builds
+ * the engine's context with its allocations simulated, then reports per buffer type what the
+ * weights, the KV cache and the compute buffers would take; nothing is read or allocated.
+ * planMemory() searches the options (context size, GPU layers, MoE experts kept in host memory)
+ * for the fastest arrangement that fits a budget, and says why in words and numbers.
+ */
+import { freemem } from 'node:os';
+
+import { binding, type NativeLoadOptions, type NativeMemoryEstimate } from './binding.js';
+import { InvalidOptionError, MemoryBudgetError, toGenesisError } from './errors.js';
+import { resolveModelLoad } from './model.js';
+import type { LoadModelOptions } from './options.js';
+
+export interface DeviceMemoryEstimate {
+  /** 'CPU' for host memory, else ggml's device name ('CUDA0'). */
+  device: string;
+  description: string;
+  host: boolean;
+  /** Bytes of weights on this device. */
+  weights: number;
+  /** Bytes of KV cache. */
+  kvCache: number;
+  /** Bytes of compute buffers. */
+  compute: number;
+  /** weights + kvCache + compute. */
+  total: number;
+  /** What the device reports free now, and its size (0 when it does not say). */
+  free: number;
+  capacity: number;
+}
+
+export interface MemoryEstimate {
+  path: string;
+  /** Per device, host first; devices that get nothing are listed with zeros. */
+  devices: DeviceMemoryEstimate[];
+  /** Sum over devices. */
+  total: number;
+  /** KV cache bytes per context token (all devices), for sizing the context. */
+  kvBytesPerToken: number;
+  /** Context cells of the engine: contextSize × maxSequences. */
+  contextCells: number;
+  layers: number;
+  /** Experts per MoE layer; 0 for a dense model. */
+  experts: number;
+  parameters: number;
+  /** The load options this estimate is for, as resolved (contextSize, gpuLayers, ...). */
+  options: NativeLoadOptions;
+}
+
+const MiB = 1024 ** 2;
+const GiB = 1024 ** 3;
+
+export function formatBytes(bytes: number): string {
+  return bytes >= GiB ? `${(bytes / GiB).toFixed(2)} GiB` : `${(bytes / MiB).toFixed(1)} MiB`;
+}
+
+function toEstimate(path: string, options: NativeLoadOptions, n: NativeMemoryEstimate): MemoryEstimate {
+  const devices = n.devices.map((d) => ({
+    device: d.name,
+    description: d.description,
+    host: d.host,
+    weights: d.model,
+    kvCache: d.context,
+    compute: d.compute,
+    total: d.model + d.context + d.compute,
+    free: d.free,
+    capacity: d.total,
+  }));
+  const kv = devices.reduce((a, d) => a + d.kvCache, 0);
+  return {
+    path,
+    devices,
+    total: devices.reduce((a, d) => a + d.total, 0),
+    kvBytesPerToken: n.contextCells > 0 ? kv / n.contextCells : 0,
+    contextCells: n.contextCells,
+    layers: n.layers,
+    experts: n.experts,
+    parameters: n.parameters,
+    options,
+  };
+}
+
+async function estimateResolved(path: string, options: NativeLoadOptions): Promise<MemoryEstimate> {
+  try {
+    return toEstimate(path, options, await binding().estimateMemory(path, options));
+  } catch (error) {
+    throw toGenesisError(error as { code: string; message: string; path?: string });
+  }
+}
+
+/**
+ * What loadModel(path, options) would take on each device (weights, KV cache, compute buffers),
+ * without loading the weights. The embeddings context embed() creates on first use is not counted.
+ */
+export async function estimateMemory(path: string, options: LoadModelOptions = {}): Promise<MemoryEstimate> {
+  return estimateResolved(path, await resolveModelLoad(path, options));
+}
+
+export interface MemoryBudget {
+  /** Host RAM the model may use, in bytes. Default: free RAM now minus `reserve`. */
+  host?: number;
+  /** Memory each GPU may give the model, in bytes. Default: the GPU's free memory minus `reserve`. */
+  gpu?: number;
+  /** Left free when a default comes from free memory. Default 1 GiB. */
+  reserve?: number;
+}
+
+export interface MemoryPlan {
+  /** The load options chosen (pass to loadModel, or loadModel does with `memoryBudget`). */
+  options: { contextSize: number; gpuLayers: number; cpuMoeLayers: number };
+  estimate: MemoryEstimate;
+  /** The budget per device it was fitted to, in bytes. */
+  budget: Record<string, number>;
+  /** Why: one sentence per decision, with the numbers. */
+  explanation: string[];
+}
+
+export type PlanOptions = LoadModelOptions;
+
+/** Bytes per device from a budget spec, for the devices of an estimate (validated). */
+export function resolveBudget(
+  devices: ReadonlyArray<Pick<DeviceMemoryEstimate, 'device' | 'host' | 'free'>>,
+  budget: MemoryBudget | number | undefined,
+): Map<string, number> {
+  if (typeof budget === 'number' && !(Number.isFinite(budget) && budget >= 0)) {
+    throw new InvalidOptionError('memoryBudget', 'bytes ≥ 0, or { host?, gpu?, reserve? } in bytes', budget);
+  }
+  const b: MemoryBudget = typeof budget === 'number' ? { host: budget } : (budget ?? {});
+  if (b === null || typeof b !== 'object') throw new InvalidOptionError('memoryBudget', 'bytes, or { host?, gpu?, reserve? } in bytes', budget);
+  for (const k of ['host', 'gpu', 'reserve'] as const) {
+    const v = b[k];
+    if (v !== undefined && (typeof v !== 'number' || !Number.isFinite(v) || v < 0)) {
+      throw new InvalidOptionError(`memoryBudget.${k}`, 'a number of bytes ≥ 0', v);
+    }
+  }
+  const reserve = b.reserve ?? GiB;
+  const out = new Map<string, number>();
+  for (const d of devices) {
+    const fallback = Math.max(0, (d.host ? freemem() : d.free) - reserve);
+    out.set(d.device, d.host ? (b.host ?? fallback) : (b.gpu ?? fallback));
+  }
+  return out;
+}
+
+/** The first device whose estimate is over its budget, with by how much. */
+function shortfall(estimate: MemoryEstimate, budget: Record<string, number>): { device: string; needed: number; budget: number } | undefined {
+  for (const d of estimate.devices) {
+    const b = budget[d.device] ?? 0;
+    if (d.total > b) return { device: d.device, needed: d.total, budget: b };
+  }
+  return undefined;
+}
+
+function describeEstimate(e: MemoryEstimate, budget: Record<string, number>): string {
+  return e.devices
+    .filter((d) => d.total > 0)
+    .map(
+      (d) =>
+        `${d.device}: ${formatBytes(d.total)} of ${formatBytes(budget[d.device] ?? 0)} ` +
+        `(weights ${formatBytes(d.weights)}, KV cache ${formatBytes(d.kvCache)}, compute ${formatBytes(d.compute)})`,
+    )
+    .join('; ');
+}
+
+/**
+ * The fastest arrangement that fits `memoryBudget`: all layers on the GPU when the build has one;
+ * for MoE models, then the experts of the fewest layers kept in host memory; then fewer GPU layers;
+ * the requested context first, halved down to minContextSize only when nothing else fits.
+ * Throws MemoryBudgetError naming the device and the shortfall when even that does not fit.
+ */
+export async function planMemory(path: string, options: PlanOptions = {}): Promise<MemoryPlan> {
+  const base = await resolveModelLoad(path, options);
+  const first = await estimateResolved(path, base);
+  const budget = Object.fromEntries(resolveBudget(first.devices, options.memoryBudget));
+  const minContext = Math.min(base.contextSize, options.minContextSize ?? 512);
+  if (!Number.isInteger(minContext) || minContext < 2) throw new InvalidOptionError('minContextSize', 'an integer ≥ 2', options.minContextSize);
+  const gpu = binding().systemInfo().gpuOffload && base.gpuLayers !== 0;
+  const layers = first.layers;
+  const explanation: string[] = [];
+  const cache = new Map<string, MemoryEstimate>([[JSON.stringify([base.contextSize, base.gpuLayers, base.cpuMoeLayers]), first]]);
+  const estimate = async (contextSize: number, gpuLayers: number, cpuMoeLayers: number) => {
+    const key = JSON.stringify([contextSize, gpuLayers, cpuMoeLayers]);
+    let e = cache.get(key);
+    if (!e) {
+      e = await estimateResolved(path, { ...base, contextSize, gpuLayers, cpuMoeLayers });
+      cache.set(key, e);
+    }
+    return e;
+  };
+  /** Smallest n in [lo, hi] with ok(n), assuming ok is monotone; undefined when none. */
+  const smallest = async (lo: number, hi: number, ok: (n: number) => Promise<boolean>) => {
+    if (!(await ok(hi))) return undefined;
+    while (lo < hi) {
+      const mid = Math.floor((lo + hi) / 2);
+      if (await ok(mid)) hi = mid;
+      else lo = mid + 1;
+    }
+    return hi;
+  };
+
+  const contexts: number[] = [];
+  for (let c = base.contextSize; c > minContext; c = Math.floor(c / 2)) contexts.push(c);
+  contexts.push(minContext);
+
+  let last: MemoryEstimate = first;
+  for (const contextSize of contexts) {
+    const fits = async (gl: number, moe: number) => {
+      last = await estimate(contextSize, gl, moe);
+      return shortfall(last, budget) === undefined;
+    };
+    let choice: { gpuLayers: number; cpuMoeLayers: number; why: string } | undefined;
+    if (!gpu) {
+      if (await fits(base.gpuLayers, 0)) choice = { gpuLayers: base.gpuLayers, cpuMoeLayers: 0, why: 'all weights in host memory (no GPU offload)' };
+    } else if (await fits(base.gpuLayers, base.cpuMoeLayers)) {
+      choice = { gpuLayers: base.gpuLayers, cpuMoeLayers: base.cpuMoeLayers, why: `as asked: ${base.gpuLayers < 0 ? 'all' : base.gpuLayers} layers on the GPU` };
+    } else {
+      const moe = first.experts > 0 ? await smallest(1, layers, (k) => fits(-1, k)) : undefined;
+      if (moe !== undefined) {
+        choice = { gpuLayers: -1, cpuMoeLayers: moe, why: `all ${layers} layers on the GPU with the experts of the first ${moe} kept in host memory (attention and shared weights stay on the GPU; decode reads only the routed experts)` };
+      } else {
+        // Most layers on the GPU: the largest g that fits, i.e. the smallest number left on the CPU.
+        const onCpu = await smallest(1, layers, (k) => fits(layers - k, 0));
+        if (onCpu !== undefined) choice = { gpuLayers: layers - onCpu, cpuMoeLayers: 0, why: `${layers - onCpu} of ${layers} layers on the GPU, ${onCpu} on the CPU` };
+      }
+    }
+    if (choice) {
+      const chosen = await estimate(contextSize, choice.gpuLayers, choice.cpuMoeLayers);
+      if (contextSize < base.contextSize) {
+        explanation.push(`contextSize ${contextSize} instead of the ${base.contextSize} asked for: ${base.contextSize} did not fit with any placement of the weights`);
+      } else {
+        explanation.push(`contextSize ${contextSize} × ${base.maxSequences} sequences as asked (KV cache ${formatBytes(chosen.kvBytesPerToken)} per token)`);
+      }
+      explanation.push(choice.why);
+      explanation.push(describeEstimate(chosen, budget));
+      return { options: { contextSize, gpuLayers: choice.gpuLayers, cpuMoeLayers: choice.cpuMoeLayers }, estimate: chosen, budget, explanation };
+    }
+  }
+  const short = shortfall(last, budget)!;
+  throw new MemoryBudgetError(
+    short.device,
+    short.needed,
+    short.budget,
+    `${path} does not fit the memory budget: even at contextSize ${minContext} it needs ${formatBytes(short.needed)} on ${short.device}, ` +
+      `over the ${formatBytes(short.budget)} budget by ${formatBytes(short.needed - short.budget)} (${describeEstimate(last, budget)})`,
+  );
+}
