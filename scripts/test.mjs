@@ -34,9 +34,11 @@ if (existsSync(report)) {
   const json = JSON.parse(readFileSync(report, 'utf8'));
   passed = json.numPassedTests ?? 0;
   failed = (json.numFailedTests ?? 0) + (json.numRuntimeErrorTests ?? 0);
-  // A suite that crashed before its tests ran counts as a failure too.
+  // A suite that failed outside its tests (a hook, an import, a crash) counts as a failure too,
+  // even when its tests were reported as skipped rather than failed.
   for (const file of json.testResults ?? []) {
-    if (file.status === 'failed' && (file.assertionResults ?? []).length === 0) failed++;
+    const failedTests = (file.assertionResults ?? []).filter((t) => t.status === 'failed').length;
+    if (file.status === 'failed' && failedTests === 0) failed++;
   }
 } else {
   failed = 1;

@@ -4,6 +4,7 @@ export default defineConfig({
   test: {
     root: new URL('..', import.meta.url).pathname,
     include: ['test/**/*.test.ts'],
+    globalSetup: ['test/global-setup.ts'],
     // Native threads and addons are safest in child processes, one model-heavy file per core.
     pool: 'forks',
     poolOptions: { forks: { maxForks: 2, minForks: 1 } },
