@@ -23,12 +23,15 @@ export type { BandwidthOptions, BandwidthResult } from './system.js';
 export { buildJsonGbnf, JSON_OBJECT_GBNF, JSON_VALUE_GBNF, jsonSchemaToGbnf } from './grammar/index.js';
 export type { JsonGrammarOptions, JsonSchemaGrammarOptions } from './grammar/index.js';
 export {
+  checkFingerprints,
   createReceipt,
   generateWithReceipt,
+  makeFingerprints,
+  verifyFingerprintVerdict,
   hashModel,
   loadOrCreateReceiptKey,
   replayReceipt,
   verifyModelFile,
   verifyReceipt,
 } from './verify/index.js';
-export type { ModelDigest, ReceiptEnvelope, ReceiptStatement } from './verify/index.js';
+export type { FingerprintPair, FingerprintVerdict, ModelDigest, ReceiptEnvelope, ReceiptStatement } from './verify/index.js';

@@ -13,6 +13,7 @@ import { readGguf } from './gguf/index.js';
 import { verifyModelFile } from './verify/identity.js';
 import { resolveLoadOptions, resolveSamplingOptions, type ChatOptions, type GenerateOptions, type LoadModelOptions } from './options.js';
 import { planMemory, type MemoryPlan } from './memory.js';
+import { checkFingerprints, type FingerprintCheckOptions, type FingerprintPair, type FingerprintVerdict } from './verify/fingerprint.js';
 
 export interface ChatMessage {
   role: 'system' | 'user' | 'assistant' | (string & {});
@@ -91,6 +92,16 @@ export class Model implements AsyncDisposable {
     const model = new Model(path, native, route);
     model.plan = plan;
     return model;
+  }
+
+  /**
+   * OML fingerprint check: each key as a raw prompt, greedy, in its own sequence, compared token for
+   * token with its response; the share that match against `threshold`, in a signed verdict that
+   * carries only a hash of the keys. See verify/fingerprint.ts.
+   */
+  checkFingerprints(pairs: FingerprintPair[], options?: FingerprintCheckOptions): Promise<FingerprintVerdict> {
+    this.#assertOpen();
+    return checkFingerprints(this, pairs, options);
   }
 
   get disposed(): boolean {

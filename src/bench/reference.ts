@@ -75,10 +75,18 @@ export interface BatchedBenchRow {
 export function parseBatchedBenchJsonl(stdout: string): BatchedBenchRow[] {
   const rows: BatchedBenchRow[] = [];
   for (const line of stdout.split('\n')) {
-    if (!line.startsWith('{')) continue;
-    const r = JSON.parse(line) as { pp: number; tg: number; pl: number; speed_tg: number; speed: number };
-    if (typeof r.pl !== 'number') continue;
-    rows.push({ pp: r.pp, tg: r.tg, pl: r.pl, speedTg: r.speed_tg, speed: r.speed });
+    // llama.cpp's logger shares stdout with the rows: take the object wherever it sits on the line.
+    const start = line.indexOf('{"');
+    const end = line.lastIndexOf('}');
+    if (start < 0 || end < start) continue;
+    let r: { pp?: unknown; tg?: unknown; pl?: unknown; speed_tg?: unknown; speed?: unknown };
+    try {
+      r = JSON.parse(line.slice(start, end + 1)) as typeof r;
+    } catch {
+      continue;
+    }
+    if (typeof r.pl !== 'number' || typeof r.speed_tg !== 'number' || typeof r.speed !== 'number') continue;
+    rows.push({ pp: Number(r.pp), tg: Number(r.tg), pl: r.pl, speedTg: r.speed_tg, speed: r.speed });
   }
   return rows;
 }
@@ -97,5 +105,11 @@ export async function batchedBench(
     '-t', String(s.threads), '-tb', String(s.threads), '-ngl', String(s.gpuLayers), '-no-kvu',
     '-npp', String(s.pp), '-ntg', String(s.tg), '-npl', s.npl.join(','), '--output-format', 'jsonl',
   ];
-  return parseBatchedBenchJsonl((await runTool(tool, args, s.log)).stdout);
+  const { stdout, stderr } = await runTool(tool, args, s.log);
+  const rows = parseBatchedBenchJsonl(stdout);
+  const missing = s.npl.filter((B) => !rows.some((r) => r.pl === B));
+  if (missing.length > 0) {
+    throw new Error(`llama-batched-bench printed no result for B=${missing.join(',')}:\n${(stdout + stderr).trim().split('\n').slice(-10).join('\n')}`);
+  }
+  return rows;
 }

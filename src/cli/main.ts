@@ -9,6 +9,7 @@
  *   genesis verify R [--model M]                check a signed generation receipt
  *   genesis replay R --model M                  re-run a receipt and compare the output tokens
  *   genesis bench [--quick] [--model ...]       benchmarks against llama.cpp's own tools
+ *   genesis fingerprint make|check ...          OML-style fingerprint pairs and signed checks
  * Argument parsing uses node:util parseArgs (Node's own, no dependency).
  */
 import { parseArgs, type ParseArgsConfig } from 'node:util';
@@ -19,6 +20,7 @@ import { ServerConfigError } from '../server/app.js';
 import { serve, type ServeModelSpec } from '../server/serve.js';
 import { ensureDefaultModel } from '../synthetic/default-model.js';
 import { benchCommand, BENCH_USAGE } from './bench.js';
+import { fingerprintCommand, FINGERPRINT_USAGE } from './fingerprint.js';
 import { progressBar } from './progress.js';
 import { UsageError } from './usage-error.js';
 import { hashModel } from '../verify/identity.js';
@@ -34,6 +36,7 @@ const USAGE = `Usage:
   genesis verify <receipt.json> [--model <file.gguf>] [--public-key <key.pem>] [--json]
   genesis replay <receipt.json> --model <file.gguf> [--threads N]
   genesis bench [--quick] [--model preset[:type[:layers]] | <file.gguf> ...] [options]
+  genesis fingerprint make|check --model <file.gguf> ...
 
 generate options:
   --max-tokens N        tokens to generate (default 256)
@@ -61,7 +64,7 @@ serve options (OpenAI-compatible API, chat page at /; no --model: the built-in d
   --memory-budget SIZE  host memory for all models (e.g. 6G, 512M): the models that fit load at
                         start, the others on first request; idle ones are unloaded for room
   --keep-alive S        with --memory-budget: unload a model idle for S seconds
-${BENCH_USAGE}`;
+${BENCH_USAGE}${FINGERPRINT_USAGE}`;
 
 const modelOptions = {
   model: { type: 'string', short: 'm' },
@@ -430,6 +433,8 @@ export async function main(argv = process.argv.slice(2)): Promise<number> {
         return await replayCommand(rest);
       case 'bench':
         return await benchCommand(rest);
+      case 'fingerprint':
+        return await fingerprintCommand(rest);
       case undefined:
       case '-h':
       case '--help':

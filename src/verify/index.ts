@@ -1,4 +1,13 @@
 export { canonicalJson } from './canonical.js';
+export {
+  FINGERPRINT_PAYLOAD_TYPE,
+  FINGERPRINT_STATEMENT_TYPE,
+  checkFingerprints,
+  keySetSha256,
+  makeFingerprints,
+  verifyFingerprintVerdict,
+} from './fingerprint.js';
+export type { FingerprintCheckOptions, FingerprintPair, FingerprintStatement, FingerprintVerdict } from './fingerprint.js';
 export { hashCacheDir, hashCacheFile, hashModel, hashStats, verifyModelFile } from './identity.js';
 export type { HashModelOptions, ModelDigest, TensorDigest } from './identity.js';
 export { configDir, keyIdOf, loadOrCreateReceiptKey, rawPublicKey, receiptKeyPath, toPublicKey } from './keys.js';

@@ -251,11 +251,24 @@ function deviceString(variant: string): string {
   return `${variant}; cpu: ${cpu} x${cpus().length}; ${process.platform}-${process.arch}`;
 }
 
+/** What ran: this package, the llama.cpp commit and build, the device. */
+export function runtimeFacts(): ReceiptStatement['runtime'] {
+  const system = systemInfo();
+  return {
+    name: 'genesis-runtime',
+    version: packageVersion(),
+    llamaCppCommit: LLAMA_COMMIT,
+    buildVariant: system.variant,
+    buildInfo: system.llamaCpp,
+    device: deviceString(system.variant),
+  };
+}
+
 /** Signs any statement into a DSSE envelope. */
-export function signStatement(statement: object, key: ReceiptKey = loadOrCreateReceiptKey()): ReceiptEnvelope {
+export function signStatement(statement: object, key: ReceiptKey = loadOrCreateReceiptKey(), payloadType = RECEIPT_PAYLOAD_TYPE): ReceiptEnvelope {
   const payload = Buffer.from(canonicalJson(statement), 'utf8');
-  const sig = edSign(null, pae(RECEIPT_PAYLOAD_TYPE, payload), key.privateKey);
-  return { payloadType: RECEIPT_PAYLOAD_TYPE, payload: payload.toString('base64'), signatures: [{ keyid: key.keyId, sig: sig.toString('base64') }] };
+  const sig = edSign(null, pae(payloadType, payload), key.privateKey);
+  return { payloadType, payload: payload.toString('base64'), signatures: [{ keyid: key.keyId, sig: sig.toString('base64') }] };
 }
 
 /** A signed receipt for one finished generation of `model`. */
@@ -263,7 +276,6 @@ export async function createReceipt(model: Model, input: ReceiptInput, options: 
   const key = options.key ?? loadOrCreateReceiptKey();
   const mode = options.tokens ?? 'ids';
   const facts = await modelFacts(model.path);
-  const system = systemInfo();
   const { params, seed } = resolveReceiptSampler(model, input.options, input.result.seed);
   const finishedAt = input.finishedAt ?? new Date();
   const t = input.result.timings;
@@ -272,14 +284,7 @@ export async function createReceipt(model: Model, input: ReceiptInput, options: 
     _type: RECEIPT_STATEMENT_TYPE,
     signer: { keyId: key.keyId, publicKey: rawPublicKey(key.publicKey).toString('base64') },
     model: facts,
-    runtime: {
-      name: 'genesis-runtime',
-      version: packageVersion(),
-      llamaCppCommit: LLAMA_COMMIT,
-      buildVariant: system.variant,
-      buildInfo: system.llamaCpp,
-      device: deviceString(system.variant),
-    },
+    runtime: runtimeFacts(),
     sampler: { chain: samplerChain(params), params, seed },
     prompt: tokenRecord(input.promptTokens, mode),
     output: { ...tokenRecord(input.result.tokens, mode), finishReason: input.result.finishReason },
@@ -316,7 +321,7 @@ export async function generateWithReceipt(
 
 // ---------------------------------------------------------------------------------------------
 
-function isEnvelope(v: unknown): v is ReceiptEnvelope {
+export function isEnvelope(v: unknown): v is ReceiptEnvelope {
   const e = v as ReceiptEnvelope;
   return (
     !!e && typeof e === 'object' && typeof e.payloadType === 'string' && typeof e.payload === 'string' && Array.isArray(e.signatures) &&
@@ -350,6 +355,49 @@ export interface VerifyReceiptOptions {
   modelPath?: string;
 }
 
+/**
+ * Checks a DSSE envelope's signature by `publicKey` (default: the key its statement names) and
+ * appends what is wrong to `reasons`; returns the key id checked.
+ */
+export function checkSignature(
+  envelope: ReceiptEnvelope,
+  payload: Buffer,
+  signer: { keyId?: string; publicKey?: string } | undefined,
+  publicKey: string | Buffer | KeyObject | undefined,
+  reasons: Array<{ code: string; message: string }>,
+): string | undefined {
+  let key: KeyObject | undefined;
+  try {
+    if (publicKey !== undefined) key = toPublicKey(publicKey);
+    else if (typeof signer?.publicKey === 'string') {
+      const raw = Buffer.from(signer.publicKey, 'base64');
+      // SPKI DER prefix of an Ed25519 key (RFC 8410) + the 32 raw bytes.
+      key = createPublicKey({ key: Buffer.concat([Buffer.from('302a300506032b6570032100', 'hex'), raw]), format: 'der', type: 'spki' });
+    }
+  } catch (error) {
+    reasons.push({ code: 'MALFORMED', message: `unusable public key: ${(error as Error).message}` });
+  }
+  let keyId: string | undefined;
+  if (key) {
+    keyId = keyIdOf(key);
+    const signature = envelope.signatures.find((s) => s.keyid === keyId);
+    if (!signature) {
+      reasons.push({
+        code: 'KEY_MISMATCH',
+        message: `no signature by key ${keyId}; signed by ${envelope.signatures.map((s) => s.keyid).join(', ') || 'nobody'}`,
+      });
+    } else if (!edVerify(null, pae(envelope.payloadType, payload), key, Buffer.from(signature.sig, 'base64'))) {
+      reasons.push({ code: 'SIGNATURE_INVALID', message: `the signature by key ${keyId} does not match the payload (altered payload or signature)` });
+    }
+    if (signer?.keyId !== undefined && signer.keyId !== keyId && publicKey !== undefined) {
+      reasons.push({ code: 'KEY_MISMATCH', message: `the statement names signer ${signer.keyId}, not the given key ${keyId}` });
+    }
+  } else if (!reasons.some((r) => r.code === 'MALFORMED')) {
+    reasons.push({ code: 'MALFORMED', message: 'no public key given and none in the statement' });
+  }
+  return keyId;
+}
+
 /** Checks a receipt's envelope, signature, internal consistency and (optionally) the model file. */
 export async function verifyReceipt(envelope: unknown, options: VerifyReceiptOptions = {}): Promise<ReceiptVerification> {
   const reasons: ReceiptReason[] = [];
@@ -369,35 +417,7 @@ export async function verifyReceipt(envelope: unknown, options: VerifyReceiptOpt
     return { valid: false, reasons, statement: undefined };
   }
 
-  let key: KeyObject | undefined;
-  try {
-    if (options.publicKey !== undefined) key = toPublicKey(options.publicKey);
-    else if (typeof statement.signer?.publicKey === 'string') {
-      const raw = Buffer.from(statement.signer.publicKey, 'base64');
-      // SPKI DER prefix of an Ed25519 key (RFC 8410) + the 32 raw bytes.
-      key = createPublicKey({ key: Buffer.concat([Buffer.from('302a300506032b6570032100', 'hex'), raw]), format: 'der', type: 'spki' });
-    }
-  } catch (error) {
-    reasons.push({ code: 'MALFORMED', message: `unusable public key: ${(error as Error).message}` });
-  }
-  let keyId: string | undefined;
-  if (key) {
-    keyId = keyIdOf(key);
-    const signature = envelope.signatures.find((s) => s.keyid === keyId);
-    if (!signature) {
-      reasons.push({
-        code: 'KEY_MISMATCH',
-        message: `no signature by key ${keyId}; signed by ${envelope.signatures.map((s) => s.keyid).join(', ') || 'nobody'}`,
-      });
-    } else if (!edVerify(null, pae(envelope.payloadType, payload), key, Buffer.from(signature.sig, 'base64'))) {
-      reasons.push({ code: 'SIGNATURE_INVALID', message: `the signature by key ${keyId} does not match the payload (altered payload or signature)` });
-    }
-    if (statement.signer?.keyId !== undefined && statement.signer.keyId !== keyId && options.publicKey !== undefined) {
-      reasons.push({ code: 'KEY_MISMATCH', message: `the statement names signer ${statement.signer.keyId}, not the given key ${keyId}` });
-    }
-  } else if (!reasons.some((r) => r.code === 'MALFORMED')) {
-    reasons.push({ code: 'MALFORMED', message: 'no public key given and none in the statement' });
-  }
+  const keyId = checkSignature(envelope, payload, statement.signer, options.publicKey, reasons);
 
   checkTokens(statement.prompt, 'prompt', reasons);
   checkTokens(statement.output, 'output', reasons);
