@@ -7,7 +7,9 @@
 #             bash benchmarks/gpu.sh build                    CUDA build (sm_90, 16 jobs) + GPU checks
 #             bash benchmarks/gpu.sh bench [bench options]    the suite (same warm machine: the build
 #                                                             lives only while the machine stays warm)
-#             bash benchmarks/gpu.sh all [bench options]      both in one call
+#             bash benchmarks/gpu.sh determinism              200 requests alone vs together,
+#                                                             default vs deterministic mode
+#             bash benchmarks/gpu.sh all [bench options]      build, bench and determinism
 #
 # Results land in $OUT (the device tool brings them back): report.json, report.md, report.html,
 # build.log and checks.log. Copy the table into benchmarks/RESULTS.md with device, date and commit.
@@ -118,6 +120,12 @@ bench() {
   node dist/cli/main.js bench --gpu-layers "$layers" --out "$OUT" "${args[@]}" 2>&1 | tee "$OUT/bench.log"
 }
 
+determinism() {
+  local layers=999
+  [ "$REHEARSE" = 1 ] && layers=0
+  node dist/cli/main.js bench --determinism "${DETERMINISM_REQUESTS:-200}" --model llama-3-8b:q4_0:8 --gpu-layers "$layers" 2>&1 | tee "$OUT/determinism.log"
+}
+
 cmd="${1:-all}"
 shift || true
 setup
@@ -125,6 +133,7 @@ cuda_env
 case "$cmd" in
   build) build ;;
   bench) bench "$@" ;;
-  all) build && bench "$@" ;;
-  *) say "usage: bash benchmarks/gpu.sh build|bench|all [bench options]"; exit 2 ;;
+  determinism) determinism ;;
+  all) build && bench "$@" && determinism ;;
+  *) say "usage: bash benchmarks/gpu.sh build|bench|determinism|all [bench options]"; exit 2 ;;
 esac

@@ -16,6 +16,7 @@ export interface NativeLoadOptions {
   gpuLayers: number;
   threads: number;
   kvUnified: boolean;
+  deterministic: boolean;
   flashAttention: number;
   useMmap: boolean;
   maxQueue: number;

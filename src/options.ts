@@ -24,6 +24,14 @@ export interface LoadModelOptions {
    * depend on what else is in the batch.
    */
   kvUnified?: boolean;
+  /**
+   * Each sequence is decoded on its own, with the whole step budget, so a request's decode calls
+   * (and so its output, bit for bit) are those of a solo run whatever else is in flight. Costs the
+   * throughput that batching sequences together gives (see benchmarks/RESULTS.md). Needs
+   * kvUnified false. Default false: sequences share each decode, and kernels whose choice depends
+   * on the batch's row count can make an output differ from its solo run in rare near-ties.
+   */
+  deterministic?: boolean;
   /** Flash attention: 'auto' lets llama.cpp decide. Default 'auto'. */
   flashAttention?: boolean | 'auto';
   /** Memory-map the weights instead of reading them. Default true. */
@@ -144,6 +152,8 @@ export function resolveLoadOptions(
   else gpuLayers = checkInt('gpuLayers', options.gpuLayers, 0, 100000, ) ?? 0;
   const threads = checkInt('threads', options.threads, 1, 1024) ?? availableParallelism();
   const kvUnified = checkBool('kvUnified', options.kvUnified) ?? false;
+  const deterministic = checkBool('deterministic', options.deterministic) ?? false;
+  if (deterministic && kvUnified) throw new InvalidOptionError('deterministic', 'kvUnified false: a shared KV buffer couples the sequences', true);
   const fa = options.flashAttention;
   if (fa !== undefined && fa !== 'auto' && typeof fa !== 'boolean') throw new InvalidOptionError('flashAttention', "true, false or 'auto'", fa);
   const useMmap = checkBool('useMmap', options.useMmap) ?? true;
@@ -162,6 +172,7 @@ export function resolveLoadOptions(
     gpuLayers,
     threads,
     kvUnified,
+    deterministic,
     flashAttention: fa === undefined || fa === 'auto' ? -1 : fa ? 1 : 0,
     useMmap,
     maxQueue,

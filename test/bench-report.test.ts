@@ -12,6 +12,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { pathToFileURL } from 'node:url';
 import { chromium, type Browser, type Page } from 'playwright-core';
+import { openRecorded } from './fixtures/browser.js';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { formatRatioTable, renderHtml, renderMarkdown } from '../src/bench/report.js';
 import type { BenchReport, RatioRow } from '../src/bench/types.js';
@@ -216,14 +217,7 @@ describe.skipIf(!executable && process.env['CI'] !== 'true')('HTML report in hea
     const path = join(dir, file);
     writeFileSync(path, renderHtml(report));
     const url = pathToFileURL(path).href;
-    const page = await browser.newPage();
-    const requests: string[] = [];
-    const errors: string[] = [];
-    page.on('request', (r) => requests.push(r.url()));
-    page.on('console', (m) => m.type() === 'error' && errors.push(m.text()));
-    page.on('pageerror', (e) => errors.push(String(e)));
-    await page.goto(url);
-    return { page, url, requests, errors };
+    return { ...(await openRecorded(browser, url)), url };
   }
 
   /**

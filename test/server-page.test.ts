@@ -8,6 +8,7 @@
  */
 import { existsSync } from 'node:fs';
 import { chromium, type Browser, type Page } from 'playwright-core';
+import { openRecorded } from './fixtures/browser.js';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { loadModel, type Model } from '../src/index.js';
 import { buildServer, type GenesisServer } from '../src/server/index.js';
@@ -44,16 +45,7 @@ describe.skipIf(!executable && process.env['CI'] !== 'true')('chat page in headl
   });
 
   /** A page that records every request it makes and every console error. */
-  async function open(url: string): Promise<{ page: Page; requests: string[]; errors: string[] }> {
-    const page = await browser.newPage();
-    const requests: string[] = [];
-    const errors: string[] = [];
-    page.on('request', (r) => requests.push(r.url()));
-    page.on('console', (m) => m.type() === 'error' && errors.push(m.text()));
-    page.on('pageerror', (e) => errors.push(String(e)));
-    await page.goto(url);
-    return { page, requests, errors };
-  }
+  const open = (url: string) => openRecorded(browser, url);
 
   it('lists the models, labels random weights, streams a reply, and stays on this server', async () => {
     const { page, requests, errors } = await open(`${base}/`);

@@ -352,6 +352,7 @@ LoadBaton load_baton(Napi::Env env, const std::string& path, const Napi::Object&
   baton.engine.batch_size = static_cast<uint32_t>(std::max(1, get_int(opts, "batchSize", 512)));
   baton.engine.threads = get_int(opts, "threads", 0);
   baton.engine.kv_unified = get_bool(opts, "kvUnified", false);
+  baton.engine.deterministic = get_bool(opts, "deterministic", false);
   baton.engine.flash_attention = get_int(opts, "flashAttention", -1);
   baton.engine.max_queue = static_cast<uint32_t>(std::max(0, get_int(opts, "maxQueue", 0)));
   if (baton.engine.max_sequences > llama_max_parallel_sequences()) {

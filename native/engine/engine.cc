@@ -68,6 +68,7 @@ Engine::Engine(llama_model* model, const EngineOptions& options, Notify notify)
   n_ctx_seq_ = std::min<uint32_t>(options.context_size, options.kv_unified ? llama_n_ctx(ctx_) : llama_n_ctx_seq(ctx_));
   n_batch_ = llama_n_batch(ctx_);
   max_queue_ = options.max_queue;
+  deterministic_ = options.deterministic;
   batch_ = llama_batch_init(static_cast<int32_t>(n_batch_), 0, 1);
   slots_.resize(n_seq_max_);
   for (uint32_t i = 0; i < n_seq_max_; ++i) slots_[i].seq = static_cast<llama_seq_id>(i);
@@ -247,6 +248,8 @@ void Engine::admit() {
 
 void Engine::step() {
   // Budget: every generating sequence gets its one token first, then prompt chunks, oldest first.
+  // Deterministic mode decodes each sequence on its own, so each gets the whole budget: its
+  // decode calls are then exactly those of a solo run, whatever else is in flight.
   std::vector<uint32_t> take(slots_.size(), 0);
   uint32_t budget = n_batch_;
   std::vector<Slot*> prefilling;
@@ -255,19 +258,37 @@ void Engine::step() {
     if (!s.busy) continue;
     if (s.prefilled < s.request.prompt.size()) {
       prefilling.push_back(&s);
-    } else if (budget > 0) {
+    } else if (deterministic_ || budget > 0) {
       take[i] = 1;
-      budget--;
+      if (!deterministic_) budget--;
     }
   }
   std::sort(prefilling.begin(), prefilling.end(), [](const Slot* a, const Slot* b) { return a->admitted_order < b->admitted_order; });
   for (Slot* s : prefilling) {
-    if (budget == 0) break;
-    const uint32_t n = static_cast<uint32_t>(std::min<size_t>(budget, s->request.prompt.size() - s->prefilled));
+    if (!deterministic_ && budget == 0) break;
+    const uint32_t n = static_cast<uint32_t>(std::min<size_t>(deterministic_ ? n_batch_ : budget, s->request.prompt.size() - s->prefilled));
     take[static_cast<size_t>(s->seq)] = n;
-    budget -= n;
+    if (!deterministic_) budget -= n;
   }
 
+  std::vector<size_t> chosen;
+  for (size_t i = 0; i < slots_.size(); ++i) {
+    if (take[i] > 0) chosen.push_back(i);
+  }
+  if (deterministic_) {
+    for (size_t i : chosen) decode({i}, take);
+  } else if (!chosen.empty()) {
+    decode(chosen, take);
+  }
+  uint64_t kv_used = 0;
+  for (const auto& s : slots_) {
+    if (s.busy) kv_used += static_cast<uint64_t>(s.n_past);
+  }
+  std::lock_guard<std::mutex> lock(mu_);
+  stats_.kv_used_tokens = kv_used;
+}
+
+void Engine::decode(const std::vector<size_t>& which, const std::vector<uint32_t>& take) {
   // Tokens are laid out by increasing sequence id: with one KV stream per sequence, llama.cpp
   // batches consecutive sequence ids together in one micro-batch.
   batch_.n_tokens = 0;
@@ -280,9 +301,8 @@ void Engine::step() {
     batch_.logits[i] = logits ? 1 : 0;
     return i;
   };
-  for (size_t i = 0; i < slots_.size(); ++i) {
+  for (size_t i : which) {
     Slot& s = slots_[i];
-    if (take[i] == 0) continue;
     if (s.prefilled < s.request.prompt.size()) {
       for (uint32_t k = 0; k < take[i]; ++k) {
         const bool last = s.prefilled + 1 == s.request.prompt.size();
@@ -308,20 +328,15 @@ void Engine::step() {
     if (status == 2 && abort_decode_) return;  // stopping: the loop ends next
     const std::string message = status == 1 ? "llama_decode found no KV cache space for the batch"
                                             : "llama_decode failed with status " + std::to_string(status);
-    for (size_t i = 0; i < slots_.size(); ++i) {
-      if (take[i] > 0 && slots_[i].busy) fail(slots_[i], "ENGINE", message);
+    for (size_t i : which) {
+      if (slots_[i].busy) fail(slots_[i], "ENGINE", message);
     }
     return;
   }
-  for (auto& s : slots_) {
+  for (size_t i : which) {
+    Slot& s = slots_[i];
     if (s.busy && s.batch_index >= 0) sample_slot(s);
   }
-  uint64_t kv_used = 0;
-  for (const auto& s : slots_) {
-    if (s.busy) kv_used += static_cast<uint64_t>(s.n_past);
-  }
-  std::lock_guard<std::mutex> lock(mu_);
-  stats_.kv_used_tokens = kv_used;
 }
 
 void Engine::sample_slot(Slot& s) {

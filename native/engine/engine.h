@@ -31,6 +31,7 @@ struct EngineOptions {
   uint32_t batch_size = 512;     // token budget of one step
   int32_t threads = 0;           // 0: hardware concurrency
   bool kv_unified = false;       // one KV buffer shared by all sequences (masked attention)
+  bool deterministic = false;    // decode each sequence on its own: output independent of the batch
   int32_t flash_attention = -1;  // -1: llama.cpp decides, 0: off, 1: on
   uint32_t max_queue = 0;        // requests waiting for a sequence before submit refuses; 0: no limit
 };
@@ -144,6 +145,8 @@ class Engine {
   void admit();
   void apply_cancels(const std::unordered_set<uint64_t>& ids);
   void step();
+  // One llama_decode over the slots `which` (their `take` tokens), then their sampling.
+  void decode(const std::vector<size_t>& which, const std::vector<uint32_t>& take);
   void sample_slot(Slot& slot);
   void finish(Slot& slot, const char* reason);
   void finish_with(Slot& slot, const char* reason, std::string text);
@@ -162,6 +165,7 @@ class Engine {
   uint32_t n_seq_max_ = 0;
   uint32_t n_batch_ = 0;
   uint32_t max_queue_ = 0;
+  bool deterministic_ = false;
   std::vector<llama_token_data> scratch_;  // candidates for sampling (engine thread)
   Notify notify_;
 

@@ -3,7 +3,8 @@ import { existsSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import { parseArgs } from 'node:util';
 
-import { isPresetName, MODEL_PRESETS, parseModelSpec, type BenchModelSpec } from '../bench/models.js';
+import { measureDeterminism } from '../bench/determinism.js';
+import { ensureBenchModel, isPresetName, MODEL_PRESETS, parseModelSpec, specLabel, type BenchModelSpec } from '../bench/models.js';
 import { defaultBenchOptions, formatRatioTable, runBench, WORKLOADS, type Workload } from '../bench/run.js';
 import { repoRoot } from '../synthetic/models.js';
 import type { SyntheticWeightType } from '../synthetic/models.js';
@@ -23,6 +24,9 @@ export const BENCH_USAGE = `bench options (figures printed next to llama.cpp's o
   --repeat N            interleaved rounds, best kept (default 2 quick, 3 full)
   --threads N --batch-size N --gpu-layers N
   --no-roofline         skip the bandwidth measurement and roofline
+  --determinism N       instead: N greedy requests (e.g. 200) alone, then all at once, in the
+                        default and the deterministic mode; how many equal their solo run, and
+                        the throughput of each (first --model; default the tiny preset)
   --out DIR             where report.json, report.md and report.html go
                         (default benchmarks/out/<date>)
 `;
@@ -60,6 +64,7 @@ export async function benchCommand(argv: string[]): Promise<number> {
       'batch-size': { type: 'string' },
       'gpu-layers': { type: 'string' },
       'no-roofline': { type: 'boolean' },
+      determinism: { type: 'string' },
       out: { type: 'string' },
       help: { type: 'boolean', short: 'h' },
     },
@@ -103,6 +108,23 @@ export async function benchCommand(argv: string[]): Promise<number> {
   o.batchSize = positive('batch-size', values['batch-size']) ?? o.batchSize;
   o.gpuLayers = positive('gpu-layers', values['gpu-layers'], 0) ?? o.gpuLayers;
   if (values['no-roofline']) o.roofline = false;
+  if (values.determinism !== undefined) {
+    const requests = positive('determinism', values.determinism);
+    const first = o.models[0] ?? { preset: 'tiny', type: 'q4_0' };
+    const spec = values.model ? first : ({ preset: 'tiny', type: (values.type ?? 'q4_0') as SyntheticWeightType, layers: layers ?? 4 } as BenchModelSpec);
+    const path = typeof spec === 'string' ? spec : await ensureBenchModel(spec);
+    const concurrency = list('concurrency', values.concurrency)?.[0] ?? 16;
+    const r = await measureDeterminism({
+      model: path, requests: requests ?? 200, concurrency, maxTokens: positive('tg', values.tg, 2) ?? 32, threads: o.threads, batchSize: o.batchSize, gpuLayers: o.gpuLayers,
+      log: (line) => process.stderr.write(`[bench] ${line}\n`),
+    });
+    process.stdout.write(`\n${r.requests} requests, ${r.maxTokens} tokens each, ${r.concurrency} at a time, ${typeof spec === 'string' ? spec : specLabel(spec)}\n\n`);
+    process.stdout.write('| mode | equal to their solo run | tokens/s |\n|---|--:|--:|\n');
+    for (const m of r.modes) process.stdout.write(`| ${m.mode} | ${m.equal} / ${m.requests} | ${m.tokensPerSecond.toFixed(1)} |\n`);
+    const [d, det] = r.modes;
+    if (d && det) process.stdout.write(`\ndeterministic throughput: ${(det.tokensPerSecond / d.tokensPerSecond).toFixed(2)} × default\n`);
+    return r.modes.every((m) => m.mode !== 'deterministic' || m.equal === m.requests) ? 0 : 1;
+  }
   const outDir = resolve(values.out ?? join(repoRoot(), 'benchmarks', 'out', new Date().toISOString().replace(/[:.]/g, '-')));
 
   const { report, files } = await runBench({ ...o, outDir, log: (line) => process.stderr.write(`[bench] ${line}\n`) });

@@ -95,8 +95,8 @@ export class ServerMetrics {
     engineGauge('genesis_active_sequences', 'Sequences generating or prefilling.', (s) => s.active);
     engineGauge('genesis_kv_used_tokens', 'Tokens held in the KV cache by active sequences.', (s) => s.kvUsedTokens);
     engineGauge('genesis_kv_capacity_tokens', 'Tokens the KV cache can hold (contextSize × maxSequences).', (s) => s.kvCapacityTokens);
-    // Monotonic engine totals, read at scrape time like the gauges.
-    const engineCounter = (name: string, help: string, read: (s: Stats) => number) =>
+    // Totals read at scrape time (prom-client counters have no set(): reset, then add).
+    const scrapedCounter = (name: string, help: string, each: (add: (model: string, value: number) => void) => void) =>
       new Counter({
         name,
         help,
@@ -104,9 +104,11 @@ export class ServerMetrics {
         registers,
         collect() {
           this.reset();
-          eachLoaded((model, stats) => this.inc({ model }, read(stats)));
+          each((model, value) => this.inc({ model }, value));
         },
       });
+    const engineCounter = (name: string, help: string, read: (s: Stats) => number) =>
+      scrapedCounter(name, help, (add) => eachLoaded((model, stats) => add(model, read(stats))));
     engineCounter('genesis_engine_steps_total', 'Engine steps (one llama_decode each) since load.', (s) => s.steps);
     engineCounter('genesis_decoded_tokens_total', 'Tokens decoded (prompt + generated) since load.', (s) => s.decodedTokens);
     // Memory per model and device (from the runtime's estimates: what each model takes while
@@ -135,18 +137,11 @@ export class ServerMetrics {
       },
     });
     const lifecycle = (name: string, help: string, read: (s: ReturnType<ServedModel['status']>) => number | undefined) =>
-      new Counter({
-        name,
-        help,
-        labelNames: ['model'],
-        registers,
-        collect() {
-          this.reset();
-          for (const served of models()) {
-            const v = read(served.status());
-            if (v !== undefined) this.inc({ model: served.name }, v);
-          }
-        },
+      scrapedCounter(name, help, (add) => {
+        for (const served of models()) {
+          const value = read(served.status());
+          if (value !== undefined) add(served.name, value);
+        }
       });
     lifecycle('genesis_model_loads_total', 'Times the runtime loaded the model.', (s) => s.loads);
     lifecycle('genesis_model_unloads_total', 'Times the runtime unloaded the model (idle, to make room, or keep-alive).', (s) => s.unloads);
