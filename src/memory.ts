@@ -108,7 +108,7 @@ export interface MemoryBudget {
 
 export interface MemoryPlan {
   /** The load options chosen (pass to loadModel, or loadModel does with `memoryBudget`). */
-  options: { contextSize: number; gpuLayers: number; cpuMoeLayers: number };
+  options: { contextSize: number; gpuLayers: number | 'max'; cpuMoeLayers: number };
   estimate: MemoryEstimate;
   /** The budget per device it was fitted to, in bytes. */
   budget: Record<string, number>;
@@ -233,7 +233,9 @@ export async function planMemory(path: string, options: PlanOptions = {}): Promi
       }
       explanation.push(choice.why);
       explanation.push(describeEstimate(chosen, budget));
-      return { options: { contextSize, gpuLayers: choice.gpuLayers, cpuMoeLayers: choice.cpuMoeLayers }, estimate: chosen, budget, explanation };
+      // Native -1 means every layer; loadModel spells that 'max'.
+      const gpuLayers = choice.gpuLayers < 0 ? ('max' as const) : choice.gpuLayers;
+      return { options: { contextSize, gpuLayers, cpuMoeLayers: choice.cpuMoeLayers }, estimate: chosen, budget, explanation };
     }
   }
   const short = shortfall(last, budget)!;
