@@ -104,7 +104,7 @@ describe('runtime: several models under one budget', () => {
         expect(used.used).toBeLessThanOrEqual(used.budget);
       }
       const s = Object.fromEntries(runtime.status().map((x) => [x.name, x]));
-      // a, b, c, a (evicts b: a was reloaded... LRU order) — every model was loaded at least once and some unloaded.
+      // a, b, c (unloads a, least recently used), a (unloads b), b (unloads c).
       expect(s['a']!.loads).toBe(2);
       expect(s['a']!.unloads).toBe(1);
       expect(s['c']!.loads).toBe(1);
