@@ -28,6 +28,19 @@ describe('genesis CLI', () => {
     expect(r.stderr).toMatch(/\[length\] 4 prompt tokens .* 12 generated/);
   });
 
+  it('plan prints memory per device, fits a budget, and names the shortfall when nothing fits', () => {
+    const r = genesis('plan', path, '--context-size', '1024', '--max-sequences', '2', '--threads', '1');
+    expect(r.status, r.stderr).toBe(0);
+    expect(r.stdout).toMatch(/contextSize 1024 × 2 sequences, KV [\d.]+ KiB per token\n {2}CPU +[\d.]+ MiB {2}\(weights [\d.]+ MiB, KV cache [\d.]+ MiB, compute [\d.]+ MiB\)/);
+    const json = JSON.parse(genesis('plan', path, '--context-size', '1024', '--max-sequences', '2', '--threads', '1', '--json').stdout);
+    const fitted = genesis('plan', path, '--context-size', '1024', '--max-sequences', '2', '--threads', '1', '--memory-budget', String(json.total - json.devices[0].kvCache / 2));
+    expect(fitted.status, fitted.stderr).toBe(0);
+    expect(fitted.stdout).toMatch(/plan: contextSize 512, gpuLayers 0/);
+    const none = genesis('plan', path, '--memory-budget', '1M', '--threads', '1');
+    expect(none.status).toBe(1);
+    expect(none.stderr).toMatch(/^genesis: MEMORY_BUDGET: .* over the 1\.0 MiB budget by/);
+  });
+
   it('info describes the model', () => {
     const r = genesis('info', path);
     expect(r.status, r.stderr).toBe(0);

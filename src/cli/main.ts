@@ -3,6 +3,7 @@
  * genesis: command-line front end.
  *   genesis generate --model M --prompt "..."   stream a completion to stdout
  *   genesis info M                              describe a model file
+ *   genesis plan M [--memory-budget SIZE]       memory per device before loading; the fitted plan
  *   genesis demo                                continuous batching on the built-in synthetic model
  *   genesis serve [--model [name=]M ...]        OpenAI-compatible HTTP server with a chat page
  *   genesis hash M [--tensors] [--json]         SHA-256 of a model's tensor data (llama-gguf-hash's convention)
@@ -14,6 +15,7 @@
  */
 import { parseArgs, type ParseArgsConfig } from 'node:util';
 import { GenesisError } from '../errors.js';
+import { estimateMemory, planMemory } from '../memory.js';
 import { loadModel, type Model } from '../model.js';
 import type { GenerateOptions, LoadModelOptions } from '../options.js';
 import { ServerConfigError } from '../server/app.js';
@@ -30,6 +32,7 @@ import { readFileSync } from 'node:fs';
 const USAGE = `Usage:
   genesis generate --model <file.gguf> --prompt <text> [options]
   genesis info <file.gguf> [--json]
+  genesis plan <file.gguf> [model options] [--memory-budget SIZE] [--json]
   genesis demo [--model <file.gguf>] [--requests N]
   genesis serve [--model [name=]<file.gguf> ...] [--host H] [--port P] [--api-key K] [options]
   genesis hash <file.gguf> [--tensors] [--json] [--no-cache]
@@ -204,6 +207,31 @@ async function infoCommand(argv: string[]): Promise<void> {
     for (const [k, v] of rows) process.stdout.write(`${k.padEnd(width)}  ${v}\n`);
   } finally {
     await model.dispose();
+  }
+}
+
+async function planCommand(argv: string[]): Promise<void> {
+  const { values, positionals } = parseArgs({
+    args: argv,
+    allowPositionals: true,
+    options: { ...modelOptions, 'memory-budget': { type: 'string' }, json: { type: 'boolean' } },
+  });
+  if (values.help) return void process.stdout.write(USAGE);
+  const path = positionals[0] ?? values.model;
+  if (!path) throw new UsageError('plan needs a model file: genesis plan <file.gguf> [--memory-budget SIZE]');
+  const { onProgress: _unused, ...options } = loadOptions(values);
+  const budget = bytes('memory-budget', values['memory-budget']);
+  const plan = budget !== undefined ? await planMemory(path, { ...options, memoryBudget: budget }) : undefined;
+  const estimate = plan?.estimate ?? (await estimateMemory(path, options));
+  if (values.json) return void process.stdout.write(`${JSON.stringify(plan ?? estimate, null, 2)}\n`);
+  const mib = (n: number) => `${(n / 2 ** 20).toFixed(1)} MiB`;
+  process.stdout.write(`${path}: contextSize ${estimate.options.contextSize} × ${estimate.options.maxSequences} sequences, KV ${(estimate.kvBytesPerToken / 1024).toFixed(1)} KiB per token\n`);
+  for (const d of estimate.devices.filter((x) => x.total > 0 || x.host)) {
+    process.stdout.write(`  ${d.device.padEnd(6)} ${mib(d.total).padStart(12)}  (weights ${mib(d.weights)}, KV cache ${mib(d.kvCache)}, compute ${mib(d.compute)})\n`);
+  }
+  if (plan) {
+    process.stdout.write(`plan: contextSize ${plan.options.contextSize}, gpuLayers ${plan.options.gpuLayers}, cpuMoeLayers ${plan.options.cpuMoeLayers}\n`);
+    for (const line of plan.explanation) process.stdout.write(`  ${line}\n`);
   }
 }
 
@@ -433,6 +461,9 @@ export async function main(argv = process.argv.slice(2)): Promise<number> {
         return await replayCommand(rest);
       case 'bench':
         return await benchCommand(rest);
+      case 'plan':
+        await planCommand(rest);
+        return 0;
       case 'fingerprint':
         return await fingerprintCommand(rest);
       case undefined:
