@@ -17,6 +17,7 @@ export interface NativeLoadOptions {
   threads: number;
   kvUnified: boolean;
   deterministic: boolean;
+  promptCache: boolean;
   flashAttention: number;
   useMmap: boolean;
   maxQueue: number;

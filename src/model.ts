@@ -42,6 +42,8 @@ export interface EngineStats {
   steps: number;
   /** Tokens decoded (prompt + generated) since load. */
   decodedTokens: number;
+  /** Prompt tokens reused from a slot's prompt cache instead of decoded, since load. */
+  cachedPromptTokens: number;
   /** Tokens held in the KV cache by active sequences. */
   kvUsedTokens: number;
   /** Tokens the KV cache can hold: contextSize × maxSequences. */

@@ -32,6 +32,13 @@ export interface LoadModelOptions {
    * on the batch's row count can make an output differ from its solo run in rare near-ties.
    */
   deterministic?: boolean;
+  /**
+   * Keep a finished request's KV cache in its sequence slot and reuse the longest common prefix
+   * with the next prompt admitted there (the free slot sharing the longest prefix is chosen), as
+   * llama-server's cache_prompt does: multi-turn chats and shared system prompts skip most of
+   * their prefill. Default true; off with kvUnified or deterministic.
+   */
+  promptCache?: boolean;
   /** Flash attention: 'auto' lets llama.cpp decide. Default 'auto'. */
   flashAttention?: boolean | 'auto';
   /** Memory-map the weights instead of reading them. Default true. */
@@ -153,6 +160,7 @@ export function resolveLoadOptions(
   const threads = checkInt('threads', options.threads, 1, 1024) ?? availableParallelism();
   const kvUnified = checkBool('kvUnified', options.kvUnified) ?? false;
   const deterministic = checkBool('deterministic', options.deterministic) ?? false;
+  const promptCache = checkBool('promptCache', options.promptCache) ?? true;
   if (deterministic && kvUnified) throw new InvalidOptionError('deterministic', 'kvUnified false: a shared KV buffer couples the sequences', true);
   const fa = options.flashAttention;
   if (fa !== undefined && fa !== 'auto' && typeof fa !== 'boolean') throw new InvalidOptionError('flashAttention', "true, false or 'auto'", fa);
@@ -173,6 +181,7 @@ export function resolveLoadOptions(
     threads,
     kvUnified,
     deterministic,
+    promptCache,
     flashAttention: fa === undefined || fa === 'auto' ? -1 : fa ? 1 : 0,
     useMmap,
     maxQueue,

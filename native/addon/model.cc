@@ -353,6 +353,7 @@ LoadBaton load_baton(Napi::Env env, const std::string& path, const Napi::Object&
   baton.engine.threads = get_int(opts, "threads", 0);
   baton.engine.kv_unified = get_bool(opts, "kvUnified", false);
   baton.engine.deterministic = get_bool(opts, "deterministic", false);
+  baton.engine.prompt_cache = get_bool(opts, "promptCache", true);
   baton.engine.flash_attention = get_int(opts, "flashAttention", -1);
   baton.engine.max_queue = static_cast<uint32_t>(std::max(0, get_int(opts, "maxQueue", 0)));
   if (baton.engine.max_sequences > llama_max_parallel_sequences()) {
@@ -676,6 +677,7 @@ Napi::Value NativeModel::Stats(const Napi::CallbackInfo& info) {
   out.Set("queued", s.queued);
   out.Set("steps", static_cast<double>(s.steps));
   out.Set("decodedTokens", static_cast<double>(s.decoded_tokens));
+  out.Set("cachedPromptTokens", static_cast<double>(s.cached_prompt_tokens));
   out.Set("kvUsedTokens", static_cast<double>(s.kv_used_tokens));
   out.Set("kvCapacityTokens", static_cast<double>(host_->engine->context_size()) * host_->engine->max_sequences());
   return out;

@@ -69,6 +69,7 @@ Engine::Engine(llama_model* model, const EngineOptions& options, Notify notify)
   n_batch_ = llama_n_batch(ctx_);
   max_queue_ = options.max_queue;
   deterministic_ = options.deterministic;
+  prompt_cache_ = options.prompt_cache && !options.kv_unified && !options.deterministic;
   batch_ = llama_batch_init(static_cast<int32_t>(n_batch_), 0, 1);
   slots_.resize(n_seq_max_);
   for (uint32_t i = 0; i < n_seq_max_; ++i) slots_[i].seq = static_cast<llama_seq_id>(i);
@@ -204,14 +205,32 @@ void Engine::apply_cancels(const std::unordered_set<uint64_t>& ids) {
 }
 
 void Engine::admit() {
-  for (auto& slot : slots_) {
+  for (;;) {
     if (waiting_.empty()) return;
-    if (slot.busy) continue;
     // Highest priority first, then arrival order.
     auto best = std::min_element(waiting_.begin(), waiting_.end(), [](const Pending& a, const Pending& b) {
       if (a.request.priority != b.request.priority) return a.request.priority > b.request.priority;
       return a.order < b.order;
     });
+    // The free slot whose cached tokens share the longest prefix with this prompt; among equals the
+    // least recently used (an unused slot first), so a cache another prompt may want survives longest.
+    Slot* chosen = nullptr;
+    size_t chosen_lcp = 0;
+    for (auto& slot : slots_) {
+      if (slot.busy) continue;
+      size_t lcp = 0;
+      if (prompt_cache_) {
+        const auto& a = slot.kv_tokens;
+        const auto& b = best->request.prompt;
+        while (lcp < a.size() && lcp < b.size() && a[lcp] == b[lcp]) ++lcp;
+      }
+      if (chosen == nullptr || lcp > chosen_lcp || (lcp == chosen_lcp && slot.released_at < chosen->released_at)) {
+        chosen = &slot;
+        chosen_lcp = lcp;
+      }
+    }
+    if (chosen == nullptr) return;
+    Slot& slot = *chosen;
     Pending p = std::move(*best);
     waiting_.erase(best);
     {
@@ -233,8 +252,16 @@ void Engine::admit() {
       for (llama_token t : slot.request.prompt) llama_sampler_accept(slot.sampler.get(), t);
     }
     slot.text = TextStream(slot.request.stop);
-    slot.prefilled = 0;
-    slot.n_past = 0;
+    // Reuse the cached prefix, leaving at least the last prompt token to decode for its logits.
+    const size_t keep = slot.request.prompt.empty() ? 0 : std::min(chosen_lcp, slot.request.prompt.size() - 1);
+    llama_memory_seq_rm(llama_get_memory(ctx_), slot.seq, static_cast<llama_pos>(keep), -1);
+    slot.kv_tokens.resize(keep);
+    if (keep > 0) {
+      std::lock_guard<std::mutex> lock(mu_);
+      stats_.cached_prompt_tokens += keep;
+    }
+    slot.prefilled = keep;
+    slot.n_past = static_cast<llama_pos>(keep);
     slot.generated = 0;
     slot.batch_index = -1;
     slot.unsent.clear();
@@ -242,7 +269,6 @@ void Engine::admit() {
     slot.submitted = p.submitted;
     slot.admitted = Clock::now();
     slot.has_first_token = false;
-    llama_memory_seq_rm(llama_get_memory(ctx_), slot.seq, -1, -1);
   }
 }
 
@@ -329,10 +355,13 @@ void Engine::decode(const std::vector<size_t>& which, const std::vector<uint32_t
     const std::string message = status == 1 ? "llama_decode found no KV cache space for the batch"
                                             : "llama_decode failed with status " + std::to_string(status);
     for (size_t i : which) {
+      slots_[i].kv_tokens.clear();  // what the failed decode left in the stream is unknown
       if (slots_[i].busy) fail(slots_[i], "ENGINE", message);
     }
     return;
   }
+  // What each slot's stream now holds (for the prompt cache).
+  for (int32_t k = 0; k < batch_.n_tokens; ++k) slots_[static_cast<size_t>(batch_.seq_id[k][0])].kv_tokens.push_back(batch_.token[k]);
   for (size_t i : which) {
     Slot& s = slots_[i];
     if (s.busy && s.batch_index >= 0) sample_slot(s);
@@ -419,9 +448,13 @@ void Engine::fail(Slot& s, const std::string& code, const std::string& message) 
 }
 
 void Engine::release(Slot& s) {
-  llama_memory_seq_rm(llama_get_memory(ctx_), s.seq, -1, -1);
+  if (!prompt_cache_) {
+    llama_memory_seq_rm(llama_get_memory(ctx_), s.seq, -1, -1);
+    s.kv_tokens.clear();
+  }
   s.sampler.reset();
   s.busy = false;
+  s.released_at = ++releases_;
   s.batch_index = -1;
   s.request = Request();
   std::lock_guard<std::mutex> lock(mu_);

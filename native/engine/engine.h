@@ -32,6 +32,9 @@ struct EngineOptions {
   int32_t threads = 0;           // 0: hardware concurrency
   bool kv_unified = false;       // one KV buffer shared by all sequences (masked attention)
   bool deterministic = false;    // decode each sequence on its own: output independent of the batch
+  // Keep a finished sequence's KV in its slot and reuse its longest common prefix with the next
+  // prompt admitted there (llama-server's cache_prompt). Off with kv_unified or deterministic.
+  bool prompt_cache = true;
   int32_t flash_attention = -1;  // -1: llama.cpp decides, 0: off, 1: on
   uint32_t max_queue = 0;        // requests waiting for a sequence before submit refuses; 0: no limit
 };
@@ -85,6 +88,7 @@ struct EngineStats {
   uint32_t queued = 0;
   uint64_t steps = 0;
   uint64_t decoded_tokens = 0;
+  uint64_t cached_prompt_tokens = 0;  // prompt tokens taken from a slot's cache instead of decoded
   uint64_t kv_used_tokens = 0;  // tokens held in the KV cache by active sequences
 };
 
@@ -136,6 +140,8 @@ class Engine {
     int32_t generated = 0;
     int32_t batch_index = -1;      // logits row in the current batch, -1: none
     std::vector<llama_token> unsent;
+    std::vector<llama_token> kv_tokens;  // the tokens whose KV this slot's stream holds, in order
+    uint64_t released_at = 0;            // release order; 0: never used (for least-recently-used ties)
     uint64_t admitted_order = 0;
     Clock::time_point submitted, admitted, first_token;
     bool has_first_token = false;
@@ -166,6 +172,8 @@ class Engine {
   uint32_t n_batch_ = 0;
   uint32_t max_queue_ = 0;
   bool deterministic_ = false;
+  bool prompt_cache_ = false;
+  uint64_t releases_ = 0;
   std::vector<llama_token_data> scratch_;  // candidates for sampling (engine thread)
   Notify notify_;
 
