@@ -69,6 +69,19 @@ interface Entry {
 
 const perDevice = (e: MemoryEstimate): Record<string, number> => Object.fromEntries(e.devices.map((d) => [d.device, d.total]));
 
+function describe(e: Entry): RuntimeModelStatus {
+  return {
+    name: e.name,
+    path: e.path,
+    state: e.state,
+    active: e.active,
+    memory: e.estimate ? perDevice(e.estimate) : {},
+    loads: e.loads,
+    unloads: e.unloads,
+    lastUsed: e.lastUsed,
+  };
+}
+
 export class Runtime implements AsyncDisposable {
   readonly #budgetSpec: MemoryBudget | number;
   readonly #budget = new Map<string, number>();
@@ -179,16 +192,12 @@ export class Runtime implements AsyncDisposable {
   }
 
   status(): RuntimeModelStatus[] {
-    return [...this.#entries.values()].map((e) => ({
-      name: e.name,
-      path: e.path,
-      state: e.state,
-      active: e.active,
-      memory: e.estimate ? perDevice(e.estimate) : {},
-      loads: e.loads,
-      unloads: e.unloads,
-      lastUsed: e.lastUsed,
-    }));
+    return [...this.#entries.values()].map(describe);
+  }
+
+  /** One model's status (InvalidOptionError for an unknown name). */
+  statusOf(name: string): RuntimeModelStatus {
+    return describe(this.#entry(name));
   }
 
   names(): string[] {

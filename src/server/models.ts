@@ -49,7 +49,7 @@ export class ModelRegistry {
       for (const name of runtime.names()) {
         this.#byName.set(name, {
           name,
-          path: runtime.status().find((x) => x.name === name)!.path,
+          path: runtime.statusOf(name).path,
           randomWeights: random.has(name),
           created,
           acquire: async () => {
@@ -59,7 +59,7 @@ export class ModelRegistry {
           },
           current: () => runtime.loaded(name),
           status: () => {
-            const s = runtime.status().find((x) => x.name === name)!;
+            const s = runtime.statusOf(name);
             return { state: s.state === 'loaded' ? 'ready' : s.state, memory: s.memory, loads: s.loads, unloads: s.unloads };
           },
         });

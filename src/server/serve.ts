@@ -81,7 +81,7 @@ export async function serve(options: ServeOptions): Promise<ServeHandle> {
       for (const spec of options.models) {
         const started = performance.now();
         const loaded = await runtime.preload(spec.name);
-        const memory = Object.entries(runtime.status().find((s) => s.name === spec.name)!.memory)
+        const memory = Object.entries(runtime.statusOf(spec.name).memory)
           .map(([device, bytes]) => `${(bytes / 1024 ** 2).toFixed(0)} MiB on ${device}`)
           .join(', ');
         log(loaded
