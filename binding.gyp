@@ -14,6 +14,7 @@
         "native/addon/convert.cc",
         "native/addon/log.cc",
         "native/addon/model.cc",
+        "native/addon/rpc.cc",
         "native/engine/bandwidth.cc",
         "native/engine/embedder.cc",
         "native/engine/engine.cc",
@@ -40,7 +41,8 @@
       "cflags_cc": ["-std=c++17", "-fexceptions", "-Wall", "-Wextra", "-Wno-unused-parameter"],
       "libraries": [
         "<(module_root_dir)/<(llama_build)/src/libllama.a",
-        "<(module_root_dir)/<(llama_build)/ggml/src/libggml.a"
+        "<(module_root_dir)/<(llama_build)/ggml/src/libggml.a",
+        "<(module_root_dir)/<(llama_build)/ggml/src/ggml-rpc/libggml-rpc.a"
       ],
       "conditions": [
         ["genesis_cuda==1", {

@@ -136,6 +136,7 @@ export function staticLibs(variant = buildVariant()) {
   const dir = buildDir(variant);
   const libs = [join(dir, 'src', 'libllama.a'), join(dir, 'ggml', 'src', 'libggml.a')];
   if (variant === 'cuda') libs.push(join(dir, 'ggml', 'src', 'ggml-cuda', 'libggml-cuda.a'));
+  libs.push(join(dir, 'ggml', 'src', 'ggml-rpc', 'libggml-rpc.a'));
   libs.push(join(dir, 'ggml', 'src', 'libggml-cpu.a'), join(dir, 'ggml', 'src', 'libggml-base.a'));
   return libs;
 }
@@ -164,6 +165,9 @@ function configureLlama(variant) {
     LLAMA_BUILD_TOOLS: 'ON',
     LLAMA_OPENSSL: 'OFF',
     GGML_CUDA: variant === 'cuda' ? 'ON' : 'OFF',
+    // llama.cpp's RPC backend: remote devices in a model's split (loadModel rpcServers) and the
+    // server side of it (genesis rpc-server). native/patches/0001 makes a lost server an error.
+    GGML_RPC: 'ON',
   };
   if (variant === 'cuda') defines.CMAKE_CUDA_ARCHITECTURES = process.env.GENESIS_CUDA_ARCHS ?? '90';
   const generator = spawnSync('ninja', ['--version'], { stdio: 'ignore' }).status === 0 ? 'Ninja' : 'Unix Makefiles';
@@ -198,14 +202,21 @@ export function referenceTool(name, variant = buildVariant()) {
   return join(buildDir(variant), 'bin', name);
 }
 
-/** Builds a llama.cpp tool target (same source, same flags as the libraries) if it is missing. */
+const checkedTools = new Set();
+
+/**
+ * Builds a llama.cpp tool target (same source, same flags as the libraries): when it is missing,
+ * and once per process otherwise, so that a tool built before the libraries changed (a patch, a
+ * configure option) is brought up to date; ninja's no-op check takes about a second.
+ */
 export function ensureReferenceTool(name, variant = buildVariant()) {
   const tool = referenceTool(name, variant);
-  if (existsSync(tool)) return tool;
+  const key = `${variant}:${name}`;
+  if (checkedTools.has(key) && existsSync(tool)) return tool;
   return withBuildLock(variant, () => {
-    if (existsSync(tool)) return tool; // built by the process we waited for
-    log(`building the reference tool ${name} (${variant}) from the pinned llama.cpp (once; a few minutes)`);
-    run('cmake', ['--build', configureLlama(variant), '--parallel', jobs(), '--target', name], { stdio: ['ignore', 'inherit', 'inherit'] });
+    if (!existsSync(tool)) log(`building the reference tool ${name} (${variant}) from the pinned llama.cpp (once; a few minutes)`);
+    run('cmake', ['--build', configureLlama(variant), '--parallel', jobs(), '--target', name], { stdio: ['ignore', 'ignore', 'inherit'] });
+    checkedTools.add(key);
     return tool;
   });
 }

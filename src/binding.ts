@@ -22,17 +22,39 @@ export interface NativeLoadOptions {
   useMmap: boolean;
   maxQueue: number;
   cpuMoeLayers: number;
+  /** llama_split_mode: 0 none, 1 layer, 2 row, 3 tensor. */
+  splitMode: number;
+  tensorSplit: number[];
+  mainGpu: number;
+  rpcServers: string[];
 }
 
 export interface NativeDeviceMemory {
   name: string;
   description: string;
+  kind: DeviceKind;
   host: boolean;
+  /** Repeating layers whose weights this device holds. */
+  layers: number[];
+  /** Holds the output layer. */
+  output: boolean;
   model: number;
   context: number;
   compute: number;
   free: number;
   total: number;
+}
+
+/** 'rpc': a device lent by a `genesis rpc-server`; 'meta': llama.cpp's tensor-parallel device over several. */
+export type DeviceKind = 'cpu' | 'gpu' | 'igpu' | 'rpc' | 'meta' | 'accel';
+
+export interface NativePlacement {
+  splitMode: 'none' | 'layer' | 'row' | 'tensor';
+  mainGpu: number;
+  tensorSplit: number[];
+  rpcServers: string[];
+  /** Host first, then the offload devices in split order, with bytes measured after the load. */
+  devices: NativeDeviceMemory[];
 }
 
 export interface NativeMemoryEstimate {
@@ -103,6 +125,8 @@ export interface NativeModelInfo {
   specialTokens: { bos: number; eos: number; eot: number; addBos: boolean };
   context: { contextSize: number; maxSequences: number; batchSize: number; totalContext: number; maxQueue: number };
   metadata: Record<string, string>;
+  /** What sits where: the split as loaded and, per device, its bytes and layers. */
+  placement: NativePlacement;
 }
 
 export interface NativeModel {
@@ -124,6 +148,17 @@ export interface NativeSystemInfo {
   mmap: boolean;
   maxSequences: number;
   variant: 'cpu' | 'cuda';
+  /** llama.cpp's RPC backend is built in (rpcServers, genesis rpc-server). */
+  rpc: boolean;
+  /** Most devices one model may be split over (llama_max_devices). */
+  maxDevices: number;
+}
+
+export interface NativeRpcServer {
+  endpoint: string;
+  devices: Array<{ name: string; description: string; free: number; total: number }>;
+  /** Rejects (code RPC_SERVER) when the server ends: it could not listen. Never resolves. */
+  stopped: Promise<never>;
 }
 
 export interface NativeBinding {
@@ -137,6 +172,7 @@ export interface NativeBinding {
   /** Runs on the libuv pool; rejects with `{ code, message, option?, expected? }`. */
   measureBandwidth(options: BandwidthOptions): Promise<BandwidthResult>;
   estimateMemory(path: string, options: NativeLoadOptions): Promise<NativeMemoryEstimate>;
+  startRpcServer(options: { host: string; port: number; threads: number; devices?: string[]; cacheDir?: string }): NativeRpcServer;
 }
 
 /** Root of the installed package (holds binding.gyp, build/ and prebuilds/). */

@@ -26,6 +26,9 @@ export type GenesisErrorCode =
   | 'TOKENIZE'
   | 'ENGINE'
   | 'MEMORY_BUDGET'
+  | 'RPC_UNREACHABLE'
+  | 'RPC_DISCONNECTED'
+  | 'RPC_SERVER'
   | 'NATIVE_BINDING';
 
 export class GenesisError extends Error {
@@ -114,6 +117,20 @@ export class MemoryBudgetError extends GenesisError {
   }
 }
 
+/**
+ * A llama.cpp RPC server (a model's remote device) could not be reached at load
+ * (RPC_UNREACHABLE), was lost while the model used it (RPC_DISCONNECTED: every request of that
+ * model fails with it until the model is disposed and loaded again), or could not serve
+ * (RPC_SERVER, genesis rpc-server). The message names the host:port.
+ */
+export class RpcError extends GenesisError {
+  declare readonly code: 'RPC_UNREACHABLE' | 'RPC_DISCONNECTED' | 'RPC_SERVER';
+
+  constructor(code: 'RPC_UNREACHABLE' | 'RPC_DISCONNECTED' | 'RPC_SERVER', message: string) {
+    super(code, message);
+  }
+}
+
 /** The model (or runtime object) was disposed before or during the call. */
 export class DisposedError extends GenesisError {
   constructor(what = 'model') {
@@ -161,6 +178,10 @@ export function toGenesisError(failure: NativeFailure): GenesisError {
       return new InvalidOptionError(failure.option ?? 'options', failure.expected ?? 'a valid value', undefined, failure.message);
     case 'QUEUE_FULL':
       return new QueueFullError(failure.message);
+    case 'RPC_UNREACHABLE':
+    case 'RPC_DISCONNECTED':
+    case 'RPC_SERVER':
+      return new RpcError(failure.code, failure.message);
     case 'CONTEXT_OVERFLOW':
     case 'SAMPLING':
     case 'CHAT_TEMPLATE':

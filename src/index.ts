@@ -1,5 +1,7 @@
 export { loadModel, Model } from './model.js';
-export type { ChatMessage, EmbeddingResult, EngineStats, ModelInfo } from './model.js';
+export type { ChatMessage, EmbeddingResult, EngineStats, ModelInfo, Placement } from './model.js';
+export { startRpcServer } from './rpc.js';
+export type { RpcServer, RpcServerOptions } from './rpc.js';
 export { Generation } from './generation.js';
 export type { FinishReason, GenerationChunk, GenerationResult, GenerationTimings } from './generation.js';
 export type { ChatOptions, GenerateOptions, LoadModelOptions, SamplingOptions } from './options.js';
@@ -12,6 +14,7 @@ export {
   MemoryBudgetError,
   ModelLoadError,
   QueueFullError,
+  RpcError,
 } from './errors.js';
 export type { GenesisErrorCode, ModelLoadErrorCode } from './errors.js';
 export { measureBandwidth, systemInfo } from './system.js';

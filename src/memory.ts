@@ -7,16 +7,22 @@
  */
 import { freemem } from 'node:os';
 
-import { binding, type NativeLoadOptions, type NativeMemoryEstimate } from './binding.js';
+import { binding, type DeviceKind, type NativeDeviceMemory, type NativeLoadOptions, type NativeMemoryEstimate } from './binding.js';
 import { InvalidOptionError, MemoryBudgetError, toGenesisError } from './errors.js';
 import { resolveModelLoad } from './model.js';
 import type { LoadModelOptions } from './options.js';
 
 export interface DeviceMemoryEstimate {
-  /** 'CPU' for host memory, else ggml's device name ('CUDA0'). */
+  /** 'CPU' for host memory, else ggml's device name ('CUDA0', 'RPC0'). */
   device: string;
+  /** For an RPC device, the server's host:port. */
   description: string;
+  kind: DeviceKind;
   host: boolean;
+  /** Repeating layers whose weights sit here. */
+  layers: number[];
+  /** Holds the output layer. */
+  output: boolean;
   /** Bytes of weights on this device. */
   weights: number;
   /** Bytes of KV cache. */
@@ -55,18 +61,26 @@ export function formatBytes(bytes: number): string {
   return bytes >= GiB ? `${(bytes / GiB).toFixed(2)} GiB` : `${(bytes / MiB).toFixed(1)} MiB`;
 }
 
-function toEstimate(path: string, options: NativeLoadOptions, n: NativeMemoryEstimate): MemoryEstimate {
-  const devices = n.devices.map((d) => ({
+/** A native per-device record in the public shape (estimates and model.info.placement). */
+export function toDeviceMemory(d: NativeDeviceMemory): DeviceMemoryEstimate {
+  return {
     device: d.name,
     description: d.description,
+    kind: d.kind,
     host: d.host,
+    layers: d.layers,
+    output: d.output,
     weights: d.model,
     kvCache: d.context,
     compute: d.compute,
     total: d.model + d.context + d.compute,
     free: d.free,
     capacity: d.total,
-  }));
+  };
+}
+
+function toEstimate(path: string, options: NativeLoadOptions, n: NativeMemoryEstimate): MemoryEstimate {
+  const devices = n.devices.map(toDeviceMemory);
   const kv = devices.reduce((a, d) => a + d.kvCache, 0);
   return {
     path,
@@ -102,13 +116,19 @@ export interface MemoryBudget {
   host?: number;
   /** Memory each GPU may give the model, in bytes. Default: the GPU's free memory minus `reserve`. */
   gpu?: number;
+  /**
+   * Per device, by ggml device name ('CUDA0', 'RPC1') or, for an RPC device, its server's
+   * 'host:port': overrides `gpu` for that device. With several offload devices and no
+   * tensorSplit, the layers are then split in proportion to these budgets.
+   */
+  devices?: Record<string, number>;
   /** Left free when a default comes from free memory. Default 1 GiB. */
   reserve?: number;
 }
 
 export interface MemoryPlan {
   /** The load options chosen (pass to loadModel, or loadModel does with `memoryBudget`). */
-  options: { contextSize: number; gpuLayers: number | 'max'; cpuMoeLayers: number };
+  options: { contextSize: number; gpuLayers: number | 'max'; cpuMoeLayers: number; tensorSplit?: number[] };
   estimate: MemoryEstimate;
   /** The budget per device it was fitted to, in bytes. */
   budget: Record<string, number>;
@@ -120,7 +140,7 @@ export type PlanOptions = LoadModelOptions;
 
 /** Bytes per device from a budget spec, for the devices of an estimate (validated). */
 export function resolveBudget(
-  devices: ReadonlyArray<Pick<DeviceMemoryEstimate, 'device' | 'host' | 'free'>>,
+  devices: ReadonlyArray<Pick<DeviceMemoryEstimate, 'device' | 'description' | 'host' | 'free'>>,
   budget: MemoryBudget | number | undefined,
 ): Map<string, number> {
   if (typeof budget === 'number' && !(Number.isFinite(budget) && budget >= 0)) {
@@ -134,11 +154,24 @@ export function resolveBudget(
       throw new InvalidOptionError(`memoryBudget.${k}`, 'a number of bytes ≥ 0', v);
     }
   }
+  const perDevice = b.devices ?? {};
+  if (perDevice === null || typeof perDevice !== 'object' || Array.isArray(perDevice)) {
+    throw new InvalidOptionError('memoryBudget.devices', "{ [device name or RPC 'host:port']: bytes }", b.devices);
+  }
+  const offload = devices.filter((d) => !d.host);
+  for (const [key, v] of Object.entries(perDevice)) {
+    if (!offload.some((d) => d.device === key || d.description === key)) {
+      const names = offload.map((d) => (d.description && d.description !== d.device ? `${d.device} (${d.description})` : d.device));
+      throw new InvalidOptionError(`memoryBudget.devices.${key}`, `one of this model's offload devices: ${names.join(', ') || 'none'}`, key);
+    }
+    if (typeof v !== 'number' || !Number.isFinite(v) || v < 0) throw new InvalidOptionError(`memoryBudget.devices.${key}`, 'a number of bytes ≥ 0', v);
+  }
   const reserve = b.reserve ?? GiB;
   const out = new Map<string, number>();
   for (const d of devices) {
     const fallback = Math.max(0, (d.host ? freemem() : d.free) - reserve);
-    out.set(d.device, d.host ? (b.host ?? fallback) : (b.gpu ?? fallback));
+    const own = perDevice[d.device] ?? perDevice[d.description];
+    out.set(d.device, d.host ? (b.host ?? fallback) : (own ?? b.gpu ?? fallback));
   }
   return out;
 }
@@ -170,12 +203,28 @@ function describeEstimate(e: MemoryEstimate, budget: Record<string, number>): st
  * Throws MemoryBudgetError naming the device and the shortfall when even that does not fit.
  */
 export async function planMemory(path: string, options: PlanOptions = {}): Promise<MemoryPlan> {
-  const base = await resolveModelLoad(path, options);
-  const first = await estimateResolved(path, base);
+  let base = await resolveModelLoad(path, options);
+  let first = await estimateResolved(path, base);
   const budget = Object.fromEntries(resolveBudget(first.devices, options.memoryBudget));
+  const offloadDevices = first.devices.filter((d) => !d.host);
+  const perDevice = typeof options.memoryBudget === 'object' && options.memoryBudget.devices !== undefined;
+  if (perDevice && offloadDevices.length > 1 && base.tensorSplit.length === 0 && base.splitMode !== 0 && base.splitMode !== 3) {
+    // Per-device budgets and no proportions given: split the layers as the budgets are.
+    const split = offloadDevices.map((d) => budget[d.device] ?? 0);
+    const sum = split.reduce((a, x) => a + x, 0);
+    if (sum > 0) {
+      base = { ...base, tensorSplit: split.map((x) => Math.round((x / sum) * 1000) / 1000) };
+      first = await estimateResolved(path, base);
+    }
+  }
   const minContext = Math.min(base.contextSize, options.minContextSize ?? 512);
   if (!Number.isInteger(minContext) || minContext < 2) throw new InvalidOptionError('minContextSize', 'an integer ≥ 2', options.minContextSize);
-  const gpu = binding().systemInfo().gpuOffload && base.gpuLayers !== 0;
+  const gpu = (binding().systemInfo().gpuOffload || base.rpcServers.length > 0) && base.gpuLayers !== 0;
+  // Where offloaded layers go: "the GPU", or the devices by name when there are several or remote ones.
+  const target =
+    offloadDevices.length === 1 && offloadDevices[0]!.kind === 'gpu'
+      ? 'the GPU'
+      : `the offload devices (${offloadDevices.map((d) => (d.kind === 'rpc' ? `${d.device} at ${d.description}` : d.device)).join(', ')})`;
   const layers = first.layers;
   const explanation: string[] = [];
   const cache = new Map<string, MemoryEstimate>([[JSON.stringify([base.contextSize, base.gpuLayers, base.cpuMoeLayers]), first]]);
@@ -213,15 +262,15 @@ export async function planMemory(path: string, options: PlanOptions = {}): Promi
     if (!gpu) {
       if (await fits(base.gpuLayers, 0)) choice = { gpuLayers: base.gpuLayers, cpuMoeLayers: 0, why: 'all weights in host memory (no GPU offload)' };
     } else if (await fits(base.gpuLayers, base.cpuMoeLayers)) {
-      choice = { gpuLayers: base.gpuLayers, cpuMoeLayers: base.cpuMoeLayers, why: `as asked: ${base.gpuLayers < 0 ? 'all' : base.gpuLayers} layers on the GPU` };
+      choice = { gpuLayers: base.gpuLayers, cpuMoeLayers: base.cpuMoeLayers, why: `as asked: ${base.gpuLayers < 0 ? 'all' : base.gpuLayers} layers on ${target}` };
     } else {
       const moe = first.experts > 0 ? await smallest(1, layers, (k) => fits(-1, k)) : undefined;
       if (moe !== undefined) {
-        choice = { gpuLayers: -1, cpuMoeLayers: moe, why: `all ${layers} layers on the GPU with the experts of the first ${moe} kept in host memory (attention and shared weights stay on the GPU; decode reads only the routed experts)` };
+        choice = { gpuLayers: -1, cpuMoeLayers: moe, why: `all ${layers} layers on ${target} with the experts of the first ${moe} kept in host memory (attention and shared weights stay offloaded; decode reads only the routed experts)` };
       } else {
         // Most layers on the GPU: the largest g that fits, i.e. the smallest number left on the CPU.
         const onCpu = await smallest(1, layers, (k) => fits(layers - k, 0));
-        if (onCpu !== undefined) choice = { gpuLayers: layers - onCpu, cpuMoeLayers: 0, why: `${layers - onCpu} of ${layers} layers on the GPU, ${onCpu} on the CPU` };
+        if (onCpu !== undefined) choice = { gpuLayers: layers - onCpu, cpuMoeLayers: 0, why: `${layers - onCpu} of ${layers} layers on ${target}, ${onCpu} on the CPU` };
       }
     }
     if (choice) {
@@ -235,7 +284,15 @@ export async function planMemory(path: string, options: PlanOptions = {}): Promi
       explanation.push(describeEstimate(chosen, budget));
       // Native -1 means every layer; loadModel spells that 'max'.
       const gpuLayers = choice.gpuLayers < 0 ? ('max' as const) : choice.gpuLayers;
-      return { options: { contextSize, gpuLayers, cpuMoeLayers: choice.cpuMoeLayers }, estimate: chosen, budget, explanation };
+      if (base.tensorSplit.length > 0 && offloadDevices.length > 1 && choice.gpuLayers !== 0) {
+        explanation.push(`layers split over ${offloadDevices.map((d) => d.device).join(', ')} in proportions ${base.tensorSplit.map((x) => +x.toPrecision(3)).join(':')}`);
+      }
+      return {
+        options: { contextSize, gpuLayers, cpuMoeLayers: choice.cpuMoeLayers, ...(base.tensorSplit.length > 0 ? { tensorSplit: base.tensorSplit } : {}) },
+        estimate: chosen,
+        budget,
+        explanation,
+      };
     }
   }
   const short = shortfall(last, budget)!;

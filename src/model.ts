@@ -5,14 +5,14 @@
  *   for await (const chunk of model.generate('Hello', { maxTokens: 32 })) process.stdout.write(chunk.text);
  *   await model.dispose();
  */
-import { binding, type NativeEvent, type NativeLoadOptions, type NativeModel, type NativeModelInfo, type NativeSubmitOptions } from './binding.js';
+import { binding, type NativeEvent, type NativeLoadOptions, type NativeModel, type NativeModelInfo, type NativePlacement, type NativeSubmitOptions } from './binding.js';
 import { AbortError, ContextOverflowError, DisposedError, InvalidOptionError, ModelLoadError, toGenesisError } from './errors.js';
 import { Generation, type GenerationResult } from './generation.js';
 import { checkHyperparameters } from './gguf/hparams.js';
 import { readGguf } from './gguf/index.js';
 import { verifyModelFile } from './verify/identity.js';
 import { resolveLoadOptions, resolveSamplingOptions, type ChatOptions, type GenerateOptions, type LoadModelOptions } from './options.js';
-import { planMemory, type MemoryPlan } from './memory.js';
+import { planMemory, toDeviceMemory, type DeviceMemoryEstimate, type MemoryPlan } from './memory.js';
 import { checkFingerprints, type FingerprintCheckOptions, type FingerprintPair, type FingerprintVerdict } from './verify/fingerprint.js';
 
 export interface ChatMessage {
@@ -20,8 +20,15 @@ export interface ChatMessage {
   content: string;
 }
 
-export interface ModelInfo extends NativeModelInfo {
+/** What sits where in a loaded model: how it is split, and per device its bytes and layers. */
+export interface Placement extends Omit<NativePlacement, 'devices'> {
+  /** Host memory first, then the offload devices in split order (RPC servers' devices first). */
+  devices: DeviceMemoryEstimate[];
+}
+
+export interface ModelInfo extends Omit<NativeModelInfo, 'placement'> {
   path: string;
+  placement: Placement;
 }
 
 export interface EmbeddingResult {
@@ -68,7 +75,8 @@ export class Model implements AsyncDisposable {
   private constructor(path: string, native: NativeModel, route: { handler?: (events: NativeEvent[]) => void }) {
     this.path = path;
     this.#native = native;
-    this.info = { path, ...native.info() };
+    const info = native.info();
+    this.info = { path, ...info, placement: { ...info.placement, devices: info.placement.devices.map(toDeviceMemory) } };
     this.#onEvents = (events) => this.#dispatch(events);
     route.handler = this.#onEvents;
   }

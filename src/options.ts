@@ -49,6 +49,28 @@ export interface LoadModelOptions {
    */
   cpuMoeLayers?: number;
   /**
+   * How the offloaded layers are spread over several devices (llama.cpp's --split-mode):
+   * 'layer' (default) gives each device whole layers and their KV cache; 'row' splits each
+   * matrix's rows over the GPUs (CUDA); 'tensor' is llama.cpp's tensor parallelism over all the
+   * offload devices; 'none' uses only `mainGpu`.
+   */
+  splitMode?: 'none' | 'layer' | 'row' | 'tensor';
+  /**
+   * Share of the offloaded layers (or rows) per offload device, in device order (the RPC servers'
+   * devices first, then the local GPUs): [3, 1] gives the first device three quarters. Default: in
+   * proportion to free memory.
+   */
+  tensorSplit?: number[];
+  /** Index of the offload device for splitMode 'none', and for small tensors with 'row'. Default 0. */
+  mainGpu?: number;
+  /**
+   * llama.cpp RPC servers ('host:port', e.g. started with `genesis rpc-server`) whose devices join
+   * this model's split, ahead of the local GPUs. A server that cannot be reached is an RpcError
+   * (RPC_UNREACHABLE); one lost later fails this model's requests with RPC_DISCONNECTED, and the
+   * process carries on. The protocol has no authentication: use it on trusted networks only.
+   */
+  rpcServers?: string[];
+  /**
    * Requests that may wait for a free sequence; one more makes generate() throw QueueFullError.
    * Default: no limit.
    */
@@ -153,8 +175,9 @@ export function resolveLoadOptions(
   if (batchSize < maxSequences) {
     throw new InvalidOptionError('batchSize', `at least maxSequences (${maxSequences}): every sequence needs a token per step`, batchSize);
   }
+  const rpcServers = resolveRpcServers(options.rpcServers);
   let gpuLayers: number;
-  if (options.gpuLayers === undefined) gpuLayers = model.gpuOffload ? -1 : 0;
+  if (options.gpuLayers === undefined) gpuLayers = model.gpuOffload || rpcServers.length > 0 ? -1 : 0;
   else if (options.gpuLayers === 'max') gpuLayers = -1;
   else gpuLayers = checkInt('gpuLayers', options.gpuLayers, 0, 100000, ) ?? 0;
   const threads = checkInt('threads', options.threads, 1, 1024) ?? availableParallelism();
@@ -173,11 +196,28 @@ export function resolveLoadOptions(
   if (options.onProgress !== undefined && typeof options.onProgress !== 'function') {
     throw new InvalidOptionError('onProgress', 'a function', options.onProgress);
   }
+  const splitModes = ['none', 'layer', 'row', 'tensor'] as const;
+  const splitMode = options.splitMode === undefined ? 1 : splitModes.indexOf(options.splitMode);
+  if (splitMode < 0) throw new InvalidOptionError('splitMode', "'none', 'layer', 'row' or 'tensor'", options.splitMode);
+  const tensorSplit = options.tensorSplit ?? [];
+  if (
+    !Array.isArray(tensorSplit) ||
+    tensorSplit.length > 16 ||
+    !tensorSplit.every((x) => typeof x === 'number' && Number.isFinite(x) && x >= 0) ||
+    (tensorSplit.length > 0 && !tensorSplit.some((x) => x > 0))
+  ) {
+    throw new InvalidOptionError('tensorSplit', 'an array of at most 16 proportions ≥ 0, not all 0, one per offload device', options.tensorSplit);
+  }
+  const mainGpu = checkInt('mainGpu', options.mainGpu, 0, 15) ?? 0;
   return {
     contextSize,
     maxSequences,
     batchSize,
     gpuLayers,
+    splitMode,
+    tensorSplit,
+    mainGpu,
+    rpcServers,
     threads,
     kvUnified,
     deterministic,
@@ -187,6 +227,19 @@ export function resolveLoadOptions(
     maxQueue,
     cpuMoeLayers,
   };
+}
+
+/** 'host:port' endpoints: an IPv4 address or a host name (llama.cpp's RPC client speaks IPv4), and a port in [1, 65535]; no duplicates. */
+export function resolveRpcServers(servers: unknown): string[] {
+  if (servers === undefined) return [];
+  const expected = "an array of 'host:port' strings (at most 16, no duplicates), e.g. ['127.0.0.1:50052']";
+  if (!Array.isArray(servers) || servers.length > 16) throw new InvalidOptionError('rpcServers', expected, servers);
+  for (const s of servers) {
+    const m = typeof s === 'string' ? /^([A-Za-z0-9.-]+):(\d{1,5})$/.exec(s) : null;
+    if (!m || Number(m[2]) < 1 || Number(m[2]) > 65535) throw new InvalidOptionError('rpcServers', expected, s);
+  }
+  if (new Set(servers).size !== servers.length) throw new InvalidOptionError('rpcServers', expected, servers);
+  return servers as string[];
 }
 
 function checkGrammar(grammar: unknown): string {

@@ -31,7 +31,7 @@ describe('genesis CLI', () => {
   it('plan prints memory per device, fits a budget, and names the shortfall when nothing fits', () => {
     const r = genesis('plan', path, '--context-size', '1024', '--max-sequences', '2', '--threads', '1');
     expect(r.status, r.stderr).toBe(0);
-    expect(r.stdout).toMatch(/contextSize 1024 × 2 sequences, KV [\d.]+ KiB per token\n {2}CPU +[\d.]+ MiB {2}\(weights [\d.]+ MiB, KV cache [\d.]+ MiB, compute [\d.]+ MiB\)/);
+    expect(r.stdout).toMatch(/contextSize 1024 × 2 sequences, KV [\d.]+ KiB per token\n {2}CPU +[\d.]+ MiB {2}layers 0-1 \+ output; weights [\d.]+ MiB, KV cache [\d.]+ MiB, compute [\d.]+ MiB/);
     const json = JSON.parse(genesis('plan', path, '--context-size', '1024', '--max-sequences', '2', '--threads', '1', '--json').stdout);
     const fitted = genesis('plan', path, '--context-size', '1024', '--max-sequences', '2', '--threads', '1', '--memory-budget', String(json.total - json.devices[0].kvCache / 2));
     expect(fitted.status, fitted.stderr).toBe(0);
@@ -51,6 +51,10 @@ describe('genesis CLI', () => {
     expect(info.architecture).toBe('llama');
     expect(info.layers).toBe(2);
     expect(info.metadata['general.architecture']).toBe('llama');
+    // What sits where: everything in host memory on a CPU build without --rpc.
+    expect(r.stdout).toMatch(/placement\n {2}CPU +[\d.]+ MiB {2}layers 0-1 \+ output; weights/);
+    expect(info.placement.splitMode).toBe('layer');
+    expect(info.placement.devices[0]).toMatchObject({ device: 'CPU', kind: 'cpu', host: true, layers: [0, 1], output: true });
   });
 
   it('bad input gives a clear message and a non-zero exit, never a crash', () => {

@@ -7,7 +7,9 @@
 #include "addon/convert.h"
 #include "addon/log.h"
 #include "addon/model.h"
+#include "addon/rpc.h"
 #include "engine/bandwidth.h"
+#include "ggml-backend.h"
 #include "llama.h"
 
 namespace genesis {
@@ -16,7 +18,11 @@ static Napi::Value SystemInfo(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   Napi::Object o = Napi::Object::New(env);
   o.Set("llamaCpp", std::string(llama_print_system_info()));
-  o.Set("gpuOffload", llama_supports_gpu_offload());
+  // A local GPU (llama_supports_gpu_offload also counts the RPC backend, which every build has).
+  o.Set("gpuOffload", ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_GPU) != nullptr ||
+                          ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_IGPU) != nullptr);
+  o.Set("rpc", llama_supports_rpc());
+  o.Set("maxDevices", static_cast<double>(llama_max_devices()));
   o.Set("mmap", llama_supports_mmap());
   o.Set("maxSequences", static_cast<double>(llama_max_parallel_sequences()));
   o.Set("variant", GENESIS_CUDA ? "cuda" : "cpu");
@@ -126,6 +132,7 @@ static Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("loadModel", Napi::Function::New(env, LoadModel, "loadModel"));
   exports.Set("estimateMemory", Napi::Function::New(env, EstimateMemory, "estimateMemory"));
   exports.Set("measureBandwidth", Napi::Function::New(env, MeasureBandwidth, "measureBandwidth"));
+  exports.Set("startRpcServer", Napi::Function::New(env, StartRpcServer, "startRpcServer"));
   exports.Set("systemInfo", Napi::Function::New(env, SystemInfo, "systemInfo"));
   exports.Set("NativeModel", NativeModel::Define(env));
   return exports;

@@ -191,6 +191,29 @@ Napi::Array events_to_js(Napi::Env env, const std::vector<Event>& events) {
   return out;
 }
 
+Napi::Array devices_to_js(Napi::Env env, const std::vector<DeviceMemory>& devices) {
+  Napi::Array out = Napi::Array::New(env, devices.size());
+  for (size_t i = 0; i < devices.size(); ++i) {
+    const DeviceMemory& d = devices[i];
+    Napi::Object o = Napi::Object::New(env);
+    o.Set("name", d.name);
+    o.Set("description", d.description);
+    o.Set("kind", d.kind);
+    o.Set("host", d.host);
+    o.Set("model", static_cast<double>(d.model));
+    o.Set("context", static_cast<double>(d.context));
+    o.Set("compute", static_cast<double>(d.compute));
+    o.Set("free", static_cast<double>(d.free));
+    o.Set("total", static_cast<double>(d.total));
+    Napi::Array layers = Napi::Array::New(env, d.layers.size());
+    for (size_t k = 0; k < d.layers.size(); ++k) layers.Set(static_cast<uint32_t>(k), d.layers[k]);
+    o.Set("layers", layers);
+    o.Set("output", d.output);
+    out.Set(static_cast<uint32_t>(i), o);
+  }
+  return out;
+}
+
 Napi::Object model_info(Napi::Env env, const llama_model* model, const Engine& engine) {
   const llama_vocab* vocab = llama_model_get_vocab(model);
   Napi::Object o = Napi::Object::New(env);

@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "engine/engine.h"
+#include "engine/memory.h"
 
 namespace genesis {
 
@@ -19,5 +20,7 @@ Request request_from_js(Napi::Env env, Napi::Value id, Napi::Value prompt, Napi:
 void check_grammar(Napi::Env env, const llama_vocab* vocab, const std::string& grammar);
 Napi::Array events_to_js(Napi::Env env, const std::vector<Event>& events);
 Napi::Object model_info(Napi::Env env, const llama_model* model, const Engine& engine);
+// Per-device memory and placement (estimateMemory's devices, model.info.placement.devices).
+Napi::Array devices_to_js(Napi::Env env, const std::vector<DeviceMemory>& devices);
 
 }  // namespace genesis

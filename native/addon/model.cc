@@ -109,8 +109,22 @@ class LoadWorker : public Napi::AsyncWorker {
 
   void Execute() override {
     LogCapture capture;
-    ModelParams model_params(baton_.offload);
-    llama_model_params& params = model_params.get();
+    host_->offload = baton_.offload;
+    std::unique_ptr<ModelParams> model_params;
+    try {
+      model_params = std::make_unique<ModelParams>(baton_.offload);
+    } catch (const OptionError& e) {
+      code_ = "INVALID_OPTION";
+      option_ = e.option;
+      expected_ = e.expected;
+      message_ = e.what();
+      return;
+    } catch (const RpcError& e) {
+      code_ = e.code;
+      message_ = e.what();
+      return;
+    }
+    llama_model_params& params = model_params->get();
     if (progress_) {
       params.progress_callback = [](float progress, void* data) {
         auto* self = static_cast<LoadWorker*>(data);
@@ -129,6 +143,13 @@ class LoadWorker : public Napi::AsyncWorker {
       params.progress_callback_user_data = this;
     }
     host_->model = llama_model_load_from_file(baton_.path.c_str(), params);
+    const std::string lost = rpc_failure(baton_.offload.rpc_servers);
+    if (!lost.empty()) {
+      // The weights sent to it are gone (llama.cpp may not have noticed: a lost connection reads as zeros).
+      code_ = "RPC_DISCONNECTED";
+      message_ = "the RPC server " + lost + " while loading " + baton_.path;
+      return;
+    }
     if (host_->model == nullptr) {
       const std::string reason = capture.text();
       code_ = reason.find("unknown model architecture") != std::string::npos ? "MODEL_UNSUPPORTED_ARCH" : "MODEL_LOAD_FAILED";
@@ -138,11 +159,19 @@ class LoadWorker : public Napi::AsyncWorker {
     try {
       Napi::ThreadSafeFunction events = host_->events;
       std::weak_ptr<Host> weak = host_;
-      host_->engine = std::make_unique<Engine>(host_->model, baton_.engine, [events, weak]() mutable {
+      EngineOptions engine = baton_.engine;
+      engine.rpc_endpoints = baton_.offload.rpc_servers;
+      host_->engine = std::make_unique<Engine>(host_->model, engine, [events, weak]() mutable {
         events.NonBlockingCall([weak](Napi::Env env, Napi::Function fn) {
           if (auto h = weak.lock()) NativeModel::Deliver(env, fn, *h);
         });
       });
+      host_->placement = device_placement(host_->model, host_->engine->context());
+      const std::string lost_now = rpc_failure(baton_.offload.rpc_servers);
+      if (!lost_now.empty()) {
+        code_ = "RPC_DISCONNECTED";
+        message_ = "the RPC server " + lost_now + " while creating the context for " + baton_.path;
+      }
     } catch (const std::exception& e) {
       const std::string reason = capture.text();
       code_ = "MODEL_LOAD_FAILED";
@@ -159,7 +188,12 @@ class LoadWorker : public Napi::AsyncWorker {
     release_progress();
     if (!code_.empty()) {
       host_->shutdown();
-      deferred_.Reject(CodedError(env, code_, message_, baton_.path).Value());
+      Napi::Error error = CodedError(env, code_, message_, baton_.path);
+      if (!option_.empty()) {
+        error.Set("option", option_);
+        error.Set("expected", expected_);
+      }
+      deferred_.Reject(error.Value());
       return;
     }
     deferred_.Resolve(NativeModel::Wrap(env, host_));
@@ -190,6 +224,8 @@ class LoadWorker : public Napi::AsyncWorker {
   int last_percent_ = -1;
   std::string code_;
   std::string message_;
+  std::string option_;
+  std::string expected_;
 };
 
 class CloseWorker : public Napi::AsyncWorker {
@@ -279,6 +315,7 @@ class EmbedWorker : public HostJob {
 
  private:
   void Run() override {
+    check_rpc();
     {
       std::lock_guard<std::mutex> lock(host_->jobs_mu);
       if (!host_->embedder) {
@@ -288,6 +325,15 @@ class EmbedWorker : public HostJob {
     }
     result_ = host_->embedder->embed(inputs_);
     pooling_ = host_->embedder->pooling();
+    check_rpc();  // a connection lost during the computation reads as zeros: no result
+  }
+
+  void check_rpc() {
+    const std::string lost = rpc_failure(host_->offload.rpc_servers);
+    if (!lost.empty()) {
+      error_code_ = "RPC_DISCONNECTED";
+      throw std::runtime_error("the RPC server " + lost + ". Dispose the model and load it again once the server is back");
+    }
   }
 
   Napi::Value Result(Napi::Env env) override {
@@ -347,6 +393,34 @@ LoadBaton load_baton(Napi::Env env, const std::string& path, const Napi::Object&
   baton.offload.gpu_layers = get_int(opts, "gpuLayers", 0);
   baton.offload.use_mmap = get_bool(opts, "useMmap", true);
   baton.offload.cpu_moe_layers = static_cast<uint32_t>(std::max(0, get_int(opts, "cpuMoeLayers", 0)));
+  const int32_t split = get_int(opts, "splitMode", LLAMA_SPLIT_MODE_LAYER);
+  if (split < LLAMA_SPLIT_MODE_NONE || split > LLAMA_SPLIT_MODE_TENSOR) {
+    throw CodedError(env, "INVALID_OPTION", "invalid option splitMode: expected 0..3, got " + std::to_string(split));
+  }
+  baton.offload.split_mode = static_cast<llama_split_mode>(split);
+  baton.offload.main_gpu = std::max(0, get_int(opts, "mainGpu", 0));
+  Napi::Value ts = opts.Get("tensorSplit");
+  if (ts.IsArray()) {
+    Napi::Array a = ts.As<Napi::Array>();
+    if (a.Length() > llama_max_devices()) {
+      throw CodedError(env, "INVALID_OPTION", "invalid option tensorSplit: at most " + std::to_string(llama_max_devices()) + " proportions");
+    }
+    for (uint32_t i = 0; i < a.Length(); ++i) {
+      Napi::Value v = a.Get(i);
+      const double x = v.IsNumber() ? v.As<Napi::Number>().DoubleValue() : -1.0;
+      if (!(x >= 0.0) || !std::isfinite(x)) throw CodedError(env, "INVALID_OPTION", "invalid option tensorSplit: proportions must be finite numbers >= 0");
+      baton.offload.tensor_split.push_back(static_cast<float>(x));
+    }
+  }
+  Napi::Value rpc = opts.Get("rpcServers");
+  if (rpc.IsArray()) {
+    Napi::Array a = rpc.As<Napi::Array>();
+    for (uint32_t i = 0; i < a.Length(); ++i) {
+      Napi::Value v = a.Get(i);
+      if (!v.IsString()) throw CodedError(env, "INVALID_OPTION", "invalid option rpcServers: expected host:port strings");
+      baton.offload.rpc_servers.push_back(v.As<Napi::String>().Utf8Value());
+    }
+  }
   baton.engine.context_size = static_cast<uint32_t>(std::max(1, get_int(opts, "contextSize", 4096)));
   baton.engine.max_sequences = static_cast<uint32_t>(std::max(1, get_int(opts, "maxSequences", 4)));
   baton.engine.batch_size = static_cast<uint32_t>(std::max(1, get_int(opts, "batchSize", 512)));
@@ -375,6 +449,12 @@ class EstimateWorker : public Napi::AsyncWorker {
     LogCapture capture;
     try {
       estimate_ = estimate_memory(baton_.path, baton_.offload, baton_.engine);
+    } catch (const OptionError& e) {
+      code_ = "INVALID_OPTION";
+      message_ = e.what();
+    } catch (const RpcError& e) {
+      code_ = e.code;
+      message_ = e.what();
     } catch (const std::exception& e) {
       const std::string reason = capture.text();
       message_ = std::string(e.what()) + (reason.empty() ? std::string() : ": " + trim(reason));
@@ -384,25 +464,11 @@ class EstimateWorker : public Napi::AsyncWorker {
   void OnOK() override {
     Napi::Env env = Env();
     if (!message_.empty()) {
-      deferred_.Reject(CodedError(env, "MODEL_LOAD_FAILED", message_, baton_.path).Value());
+      deferred_.Reject(CodedError(env, code_, message_, baton_.path).Value());
       return;
     }
-    Napi::Array devices = Napi::Array::New(env, estimate_.devices.size());
-    for (size_t i = 0; i < estimate_.devices.size(); ++i) {
-      const DeviceMemory& d = estimate_.devices[i];
-      Napi::Object o = Napi::Object::New(env);
-      o.Set("name", d.name);
-      o.Set("description", d.description);
-      o.Set("host", d.host);
-      o.Set("model", static_cast<double>(d.model));
-      o.Set("context", static_cast<double>(d.context));
-      o.Set("compute", static_cast<double>(d.compute));
-      o.Set("free", static_cast<double>(d.free));
-      o.Set("total", static_cast<double>(d.total));
-      devices.Set(static_cast<uint32_t>(i), o);
-    }
     Napi::Object r = Napi::Object::New(env);
-    r.Set("devices", devices);
+    r.Set("devices", devices_to_js(env, estimate_.devices));
     r.Set("contextCells", estimate_.n_ctx);
     r.Set("layers", estimate_.n_layer);
     r.Set("experts", estimate_.n_expert);
@@ -416,6 +482,7 @@ class EstimateWorker : public Napi::AsyncWorker {
   Napi::Promise::Deferred deferred_;
   LoadBaton baton_;
   MemoryEstimate estimate_;
+  std::string code_ = "MODEL_LOAD_FAILED";
   std::string message_;
 };
 
@@ -526,7 +593,23 @@ void NativeModel::Deliver(Napi::Env env, Napi::Function on_events, Host& host) {
 
 Napi::Value NativeModel::Info(const Napi::CallbackInfo& info) {
   EnsureOpen(info.Env());
-  return model_info(info.Env(), host_->model, *host_->engine);
+  Napi::Env env = info.Env();
+  Napi::Object o = model_info(env, host_->model, *host_->engine);
+  // What sits where: split settings as loaded and, per device, its bytes and layers.
+  static const char* const modes[] = {"none", "layer", "row", "tensor"};
+  const OffloadOptions& off = host_->offload;
+  Napi::Object placement = Napi::Object::New(env);
+  placement.Set("splitMode", modes[off.split_mode]);
+  placement.Set("mainGpu", off.main_gpu);
+  Napi::Array split = Napi::Array::New(env, off.tensor_split.size());
+  for (size_t i = 0; i < off.tensor_split.size(); ++i) split.Set(static_cast<uint32_t>(i), off.tensor_split[i]);
+  placement.Set("tensorSplit", split);
+  Napi::Array rpc = Napi::Array::New(env, off.rpc_servers.size());
+  for (size_t i = 0; i < off.rpc_servers.size(); ++i) rpc.Set(static_cast<uint32_t>(i), off.rpc_servers[i]);
+  placement.Set("rpcServers", rpc);
+  placement.Set("devices", devices_to_js(env, host_->placement));
+  o.Set("placement", placement);
+  return o;
 }
 
 namespace {

@@ -15,6 +15,7 @@
 
 #include "engine/embedder.h"
 #include "engine/engine.h"
+#include "engine/memory.h"
 
 namespace genesis {
 
@@ -22,6 +23,8 @@ struct Host {
   llama_model* model = nullptr;
   std::unique_ptr<Engine> engine;
   int32_t threads = 0;
+  OffloadOptions offload;                 // as loaded: split mode, proportions, RPC servers
+  std::vector<DeviceMemory> placement;    // what sits where, measured after the load
   // Created on the first embed() call (under jobs_mu).
   std::unique_ptr<Embedder> embedder;
   // Async jobs (embed, tokenizeAsync) run on the libuv pool and use the model: shutdown waits for them.

@@ -1,5 +1,7 @@
 #include "engine/engine.h"
 
+#include "engine/memory.h"  // rpc_failure
+
 #include "ggml-cpu.h"
 
 #include <algorithm>
@@ -69,6 +71,7 @@ Engine::Engine(llama_model* model, const EngineOptions& options, Notify notify)
   n_batch_ = llama_n_batch(ctx_);
   max_queue_ = options.max_queue;
   deterministic_ = options.deterministic;
+  rpc_endpoints_ = options.rpc_endpoints;
   prompt_cache_ = options.prompt_cache && !options.kv_unified && !options.deterministic;
   batch_ = llama_batch_init(static_cast<int32_t>(n_batch_), 0, 1);
   slots_.resize(n_seq_max_);
@@ -154,6 +157,11 @@ void Engine::loop() {
       cancels.swap(cancels_);
     }
     if (!cancels.empty()) apply_cancels(cancels);
+    if (!broken_.empty()) {
+      // A lost RPC server took part of the model's weights with it: nothing can run any more.
+      fail_waiting("RPC_DISCONNECTED", broken_);
+      continue;
+    }
     admit();
     step();
   }
@@ -167,6 +175,10 @@ void Engine::loop() {
     for (auto& p : incoming_) waiting_.push_back(std::move(p));
     incoming_.clear();
   }
+  fail_waiting("DISPOSED", "the model was disposed before the request started");
+}
+
+void Engine::fail_waiting(const std::string& code, const std::string& message) {
   for (auto& p : waiting_) {
     {
       std::lock_guard<std::mutex> lock(mu_);
@@ -175,8 +187,8 @@ void Engine::loop() {
     Event e;
     e.id = p.request.id;
     e.kind = Event::Kind::Error;
-    e.error_code = "DISPOSED";
-    e.error_message = "the model was disposed before the request started";
+    e.error_code = code;
+    e.error_message = message;
     push(std::move(e));
   }
   waiting_.clear();
@@ -349,6 +361,20 @@ void Engine::decode(const std::vector<size_t>& which, const std::vector<uint32_t
     std::lock_guard<std::mutex> lock(mu_);
     stats_.steps++;
     stats_.decoded_tokens += static_cast<uint64_t>(batch_.n_tokens);
+  }
+  if (!rpc_endpoints_.empty() && !(status == 2 && abort_decode_)) {
+    // A lost connection zeroes what the server should have sent: the logits are garbage and must
+    // not be sampled. Synchronize first (the sampler would anyway), then ask each connection.
+    llama_synchronize(ctx_);
+    const std::string why = rpc_failure(rpc_endpoints_);
+    if (!why.empty()) {
+      broken_ = "the RPC server " + why + ". The model's weights on it are gone: dispose the model and load it again once the server is back";
+      for (auto& slot : slots_) {
+        slot.kv_tokens.clear();
+        if (slot.busy) fail(slot, "RPC_DISCONNECTED", broken_);
+      }
+      return;
+    }
   }
   if (status != 0) {
     if (status == 2 && abort_decode_) return;  // stopping: the loop ends next

@@ -37,6 +37,9 @@ struct EngineOptions {
   bool prompt_cache = true;
   int32_t flash_attention = -1;  // -1: llama.cpp decides, 0: off, 1: on
   uint32_t max_queue = 0;        // requests waiting for a sequence before submit refuses; 0: no limit
+  // RPC servers holding part of the model: after each decode the engine checks their connections,
+  // and a lost one fails every request (RPC_DISCONNECTED) instead of returning garbage.
+  std::vector<std::string> rpc_endpoints;
 };
 
 // The llama.cpp context parameters of an engine with `options` (the engine adds its abort callback).
@@ -108,6 +111,7 @@ class Engine {
   uint32_t batch_size() const { return n_batch_; }
   uint32_t max_queue() const { return max_queue_; }
   uint32_t total_context() const;
+  const llama_context* context() const { return ctx_; }
 
   void submit(Request request);
   void cancel(uint64_t id);
@@ -157,6 +161,8 @@ class Engine {
   void finish(Slot& slot, const char* reason);
   void finish_with(Slot& slot, const char* reason, std::string text);
   void fail(Slot& slot, const std::string& code, const std::string& message);
+  // Every request still waiting for a slot ends with this error.
+  void fail_waiting(const std::string& code, const std::string& message);
   void release(Slot& slot);
   void push(Event event);
 
@@ -192,6 +198,8 @@ class Engine {
   uint64_t next_admit_ = 0;
 
   std::atomic<bool> abort_decode_{false};
+  std::vector<std::string> rpc_endpoints_;
+  std::string broken_;  // why the model cannot run any more (a lost RPC server); engine thread only
   std::thread thread_;
 };
 

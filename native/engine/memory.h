@@ -4,10 +4,13 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
 #include "engine/engine.h"
+#include "ggml-backend.h"
 #include "llama.h"
 
 namespace genesis {
@@ -18,10 +21,36 @@ struct OffloadOptions {
   // on a GPU: llama.cpp's --n-cpu-moe. The rest of those layers still runs on the GPU.
   uint32_t cpu_moe_layers = 0;
   bool use_mmap = true;
+  // Several devices (llama.cpp's -sm/-ts/-mg): how layers (or rows, or tensors) are split over the
+  // offload devices, in what proportions (empty: by free memory), and the main device.
+  llama_split_mode split_mode = LLAMA_SPLIT_MODE_LAYER;
+  std::vector<float> tensor_split;
+  int32_t main_gpu = 0;
+  // llama.cpp RPC servers ("host:port") whose devices join this model's split, ahead of local GPUs.
+  std::vector<std::string> rpc_servers;
 };
+
+// A load option this machine cannot satisfy (tensorSplit longer than the device list, ...).
+struct OptionError : std::runtime_error {
+  OptionError(std::string option, std::string expected, const std::string& message)
+      : std::runtime_error(message), option(std::move(option)), expected(std::move(expected)) {}
+  std::string option;
+  std::string expected;
+};
+
+// An RPC server that cannot be reached (code RPC_UNREACHABLE) or was lost (RPC_DISCONNECTED).
+struct RpcError : std::runtime_error {
+  RpcError(std::string code, const std::string& message) : std::runtime_error(message), code(std::move(code)) {}
+  std::string code;
+};
+
+// The first of `endpoints` whose connection has failed, as "endpoint: reason"; empty when all are well.
+std::string rpc_failure(const std::vector<std::string>& endpoints);
 
 // llama_model_params for `offload`. Owns the tensor-override patterns the params point into, so it
 // must outlive the llama_model_load_from_file call.
+// Throws RpcError when an RPC server cannot be reached and OptionError when tensorSplit or mainGpu
+// do not fit the devices.
 class ModelParams {
  public:
   explicit ModelParams(const OffloadOptions& offload);
@@ -33,12 +62,19 @@ class ModelParams {
   llama_model_params params_;
   std::vector<std::string> patterns_;
   std::vector<llama_model_tensor_buft_override> overrides_;
+  std::vector<ggml_backend_dev_t> devices_;  // null-terminated, when RPC servers are given
+  // One backend per RPC server, holding its connection open while the model loads.
+  std::vector<std::unique_ptr<ggml_backend, decltype(&ggml_backend_free)>> connections_;
+  std::vector<float> tensor_split_;          // llama_max_devices() entries
 };
 
 struct DeviceMemory {
-  std::string name;         // "CPU" for host memory, else ggml's device name ("CUDA0")
-  std::string description;
+  std::string name;         // "CPU" for host memory, else ggml's device name ("CUDA0", "RPC0")
+  std::string description;  // for RPC devices, the server's host:port
+  std::string kind;         // "cpu" | "gpu" | "igpu" | "rpc" | "accel"
   bool host = false;
+  std::vector<int32_t> layers;  // repeating layers whose weights this device holds (loaded models)
+  bool output = false;          // holds the output layer
   uint64_t model = 0;       // weights
   uint64_t context = 0;     // KV cache (and recurrent state)
   uint64_t compute = 0;     // compute buffers
@@ -56,5 +92,9 @@ struct MemoryEstimate {
 
 // Throws std::runtime_error when llama.cpp cannot read the model or build the context.
 MemoryEstimate estimate_memory(const std::string& path, const OffloadOptions& offload, const EngineOptions& engine);
+
+// What sits where in a loaded model with its context: host first, then the model's devices in
+// split order, each with its bytes and layers.
+std::vector<DeviceMemory> device_placement(const llama_model* model, const llama_context* ctx);
 
 }  // namespace genesis

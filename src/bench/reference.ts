@@ -7,12 +7,29 @@
 import { spawn } from 'node:child_process';
 
 import { ensureReferenceTool } from '../../scripts/llama.mjs';
+import type { SplitSettings } from './types.js';
+
+/**
+ * The split as command-line arguments: llama.cpp's tools ('tool': -sm -ts -mg --rpc, proportions
+ * joined by '/', which llama-bench and the common parser both read) or `genesis serve` ('genesis').
+ */
+export function splitArgs(split: SplitSettings | undefined, style: 'tool' | 'genesis'): string[] {
+  if (!split) return [];
+  const tool = style === 'tool';
+  const args: string[] = [];
+  if (split.rpcServers?.length) args.push(tool ? '--rpc' : '--rpc', split.rpcServers.join(','));
+  if (split.splitMode) args.push(tool ? '-sm' : '--split-mode', split.splitMode);
+  if (split.tensorSplit?.length) args.push(tool ? '-ts' : '--tensor-split', split.tensorSplit.join(tool ? '/' : ','));
+  if (split.mainGpu !== undefined) args.push(tool ? '-mg' : '--main-gpu', String(split.mainGpu));
+  return args;
+}
 
 export interface ToolSettings {
   model: string;
   threads: number;
   batchSize: number;
   gpuLayers: number;
+  split?: SplitSettings;
   /** The binary (default: built from the pinned source on first use). */
   tool?: string;
   log?: (line: string) => void;
@@ -57,6 +74,7 @@ export async function llamaBench(s: ToolSettings & { pp: number[]; tg: number; r
   const args = [
     '-m', s.model, '-t', String(s.threads), '-b', String(s.batchSize), '-ub', String(s.batchSize),
     '-ngl', String(s.gpuLayers), '-p', s.pp.join(','), '-n', String(s.tg), '-r', String(s.repetitions), '-o', 'json',
+    ...splitArgs(s.split, 'tool'),
   ];
   return parseLlamaBenchJson((await runTool(tool, args, s.log)).stdout);
 }
@@ -104,6 +122,7 @@ export async function batchedBench(
     '-m', s.model, '-c', String(s.contextPerSequence * maxB), '-b', String(s.batchSize), '-ub', String(s.batchSize),
     '-t', String(s.threads), '-tb', String(s.threads), '-ngl', String(s.gpuLayers), '-no-kvu',
     '-npp', String(s.pp), '-ntg', String(s.tg), '-npl', s.npl.join(','), '--output-format', 'jsonl',
+    ...splitArgs(s.split, 'tool'),
   ];
   const { stdout, stderr } = await runTool(tool, args, s.log);
   const rows = parseBatchedBenchJsonl(stdout);

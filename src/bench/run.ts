@@ -30,7 +30,7 @@ import { renderHtml, renderMarkdown, formatRatioTable } from './report.js';
 import { roofline } from './roofline.js';
 import { startGenesisServer, startLlamaServer, type RunningServer } from './servers.js';
 import type {
-  BatchedRow, BenchModelRun, BenchReport, BenchSettings, LatencyRow, LoadStats, MixedResult, RatioRow, SharedPrefixResult, SingleStreamRow,
+  BatchedRow, BenchModelRun, BenchReport, BenchSettings, LatencyRow, LoadStats, MixedResult, RatioRow, SharedPrefixResult, SingleStreamRow, SplitSettings,
 } from './types.js';
 
 export type Workload = 'single' | 'batched' | 'server' | 'shared-prefix' | 'mixed';
@@ -43,6 +43,8 @@ export interface BenchOptions {
   threads: number;
   batchSize: number;
   gpuLayers: number;
+  /** Several devices or RPC servers: passed to ours and to every reference alike. */
+  split: SplitSettings;
   repeat: number;
   workloads: ReadonlySet<Workload>;
   /** Single stream: prompt lengths for pp, tokens for tg. */
@@ -72,6 +74,7 @@ export function defaultBenchOptions(quick: boolean): Omit<BenchOptions, 'outDir'
       threads,
       batchSize: 512,
       gpuLayers: 0,
+      split: {},
       repeat: 2,
       workloads: new Set(WORKLOADS),
       ppTokens: [64, 256],
@@ -92,6 +95,7 @@ export function defaultBenchOptions(quick: boolean): Omit<BenchOptions, 'outDir'
     threads,
     batchSize: 512,
     gpuLayers: 0,
+    split: {},
     repeat: 3,
     workloads: new Set(WORKLOADS),
     ppTokens: [128, 512, 2048],
@@ -128,10 +132,10 @@ const best = (a: number | undefined, b: number): number => Math.max(a ?? 0, b);
 async function singleStream(o: BenchOptions, path: string, progress: Progress): Promise<SingleStreamRow[]> {
   const reference = new Map<string, number>();
   const ours = new Map<string, number>();
-  const model = { path, threads: o.threads, batchSize: o.batchSize, gpuLayers: o.gpuLayers };
+  const model = { path, threads: o.threads, batchSize: o.batchSize, gpuLayers: o.gpuLayers, split: o.split };
   for (let round = 0; round < o.repeat; round++) {
     progress.step(`single stream, round ${round + 1}/${o.repeat}: llama-bench pp ${o.ppTokens.join(',')} tg ${o.tgTokens}`);
-    for (const r of await llamaBench({ model: path, threads: o.threads, batchSize: o.batchSize, gpuLayers: o.gpuLayers, pp: o.ppTokens, tg: o.tgTokens, repetitions: 1 })) {
+    for (const r of await llamaBench({ model: path, threads: o.threads, batchSize: o.batchSize, gpuLayers: o.gpuLayers, split: o.split, pp: o.ppTokens, tg: o.tgTokens, repetitions: 1 })) {
       const k = r.nGen > 0 ? `tg${r.nGen}` : `pp${r.nPrompt}`;
       reference.set(k, best(reference.get(k), Math.max(...r.samples)));
     }
@@ -156,11 +160,11 @@ async function batched(o: BenchOptions, path: string, progress: Progress): Promi
   };
   for (let round = 0; round < o.repeat; round++) {
     progress.step(`batched, round ${round + 1}/${o.repeat}: llama-batched-bench B=${npl.join(',')}`);
-    const rows = await batchedBench({ model: path, threads: o.threads, batchSize: o.batchSize, gpuLayers: o.gpuLayers, pp, tg, npl, contextPerSequence: pp + tg + 1 });
+    const rows = await batchedBench({ model: path, threads: o.threads, batchSize: o.batchSize, gpuLayers: o.gpuLayers, split: o.split, pp, tg, npl, contextPerSequence: pp + tg + 1 });
     for (const r of rows) keep(ref, r.pl, { tg: r.speedTg, total: r.speed });
     progress.step(`batched, round ${round + 1}/${o.repeat}: genesis B=${npl.join(',')}`);
     const figures = await runInWorker({
-      kind: 'batched', path, threads: o.threads, batchSize: o.batchSize, gpuLayers: o.gpuLayers, concurrency: npl, promptTokens: pp, genTokens: tg, seed: 100 + round,
+      kind: 'batched', path, threads: o.threads, batchSize: o.batchSize, gpuLayers: o.gpuLayers, split: o.split, concurrency: npl, promptTokens: pp, genTokens: tg, seed: 100 + round,
     });
     for (const [B, v] of Object.entries(figures)) keep(ours, Number(B), v);
   }
@@ -332,7 +336,7 @@ export async function runBench(o: BenchOptions): Promise<BenchOutcome> {
     if (o.workloads.has('batched')) run.batched = await batched(o, path, progress);
     const serving = ['server', 'shared-prefix', 'mixed'].some((w) => o.workloads.has(w as Workload));
     if (serving) {
-      const settings = { model: path, threads: o.threads, batchSize: o.batchSize, gpuLayers: o.gpuLayers, ...serverContext(o), log: o.log };
+      const settings = { model: path, threads: o.threads, batchSize: o.batchSize, gpuLayers: o.gpuLayers, split: o.split, ...serverContext(o), log: o.log };
       let reference: ServerWorkloads | undefined;
       let ours: ServerWorkloads | undefined;
       for (let round = 0; round < o.repeat; round++) {
@@ -360,7 +364,7 @@ export async function runBench(o: BenchOptions): Promise<BenchOutcome> {
   }
 
   const settings: BenchSettings = {
-    quick: o.quick, threads: o.threads, batchSize: o.batchSize, gpuLayers: o.gpuLayers, repeat: o.repeat, concurrency: o.concurrency, ppTokens: o.ppTokens, tgTokens: o.tgTokens,
+    quick: o.quick, threads: o.threads, batchSize: o.batchSize, gpuLayers: o.gpuLayers, split: o.split, repeat: o.repeat, concurrency: o.concurrency, ppTokens: o.ppTokens, tgTokens: o.tgTokens,
   };
   const report: BenchReport = {
     version: 1,

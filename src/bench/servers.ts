@@ -8,12 +8,15 @@ import { createServer } from 'node:net';
 import { fileURLToPath } from 'node:url';
 
 import { ensureReferenceTool } from '../../scripts/llama.mjs';
+import { splitArgs } from './reference.js';
+import type { SplitSettings } from './types.js';
 
 export interface ServerSettings {
   model: string;
   threads: number;
   batchSize: number;
   gpuLayers: number;
+  split?: SplitSettings;
   /** Sequences decoded together (llama-server: slots). */
   parallel: number;
   /** Context per sequence. */
@@ -91,7 +94,7 @@ export async function startGenesisServer(s: ServerSettings): Promise<RunningServ
     'serve', '--model', `bench=${s.model}`, '--host', '127.0.0.1', '--port', String(port),
     '--context-size', String(s.contextPerSequence), '--max-sequences', String(s.parallel),
     '--threads', String(s.threads), '--batch-size', String(s.batchSize), '--gpu-layers', String(s.gpuLayers),
-    '--max-tokens-limit', String(s.contextPerSequence), '--drain-timeout', '1',
+    '--max-tokens-limit', String(s.contextPerSequence), '--drain-timeout', '1', ...splitArgs(s.split, 'genesis'),
   ];
   return start('genesis serve', [...genesisCommand(), ...args], port, s);
 }
@@ -103,7 +106,7 @@ export async function startLlamaServer(s: ServerSettings & { tool?: string }): P
     '-m', s.model, '--host', '127.0.0.1', '--port', String(port), '--alias', 'bench',
     '-c', String(s.contextPerSequence * s.parallel), '-np', String(s.parallel), '-no-kvu',
     '-t', String(s.threads), '-tb', String(s.threads), '-b', String(s.batchSize), '-ub', String(s.batchSize),
-    '-ngl', String(s.gpuLayers), '--no-webui',
+    '-ngl', String(s.gpuLayers), '--no-webui', ...splitArgs(s.split, 'tool'),
   ];
   return start('llama-server', [tool, ...args], port, s);
 }

@@ -146,11 +146,21 @@ export interface RatioRow {
   target?: number;
 }
 
+/** Several devices: the same split for ours (loadModel options) and the references (-sm/-ts/-mg/--rpc). */
+export interface SplitSettings {
+  splitMode?: 'none' | 'layer' | 'row' | 'tensor';
+  tensorSplit?: number[];
+  mainGpu?: number;
+  /** llama.cpp RPC servers (genesis rpc-server), host:port. */
+  rpcServers?: string[];
+}
+
 export interface BenchSettings {
   quick: boolean;
   threads: number;
   batchSize: number;
   gpuLayers: number;
+  split: SplitSettings;
   /** Best of this many interleaved rounds (ours, reference, ours, ...). */
   repeat: number;
   concurrency: number[];

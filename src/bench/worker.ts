@@ -11,12 +11,14 @@ import { fileURLToPath } from 'node:url';
 
 import { loadModel, type Model } from '../model.js';
 import { mulberry32 } from '../synthetic/models.js';
+import type { SplitSettings } from './types.js';
 
 export interface WorkerModel {
   path: string;
   threads: number;
   batchSize: number;
   gpuLayers: number;
+  split?: SplitSettings;
   seed: number;
 }
 
@@ -40,7 +42,7 @@ async function warm(model: Model, random: () => number, tokens: number): Promise
 
 async function single(job: Extract<WorkerJob, { kind: 'single' }>): Promise<Record<string, number>> {
   const contextSize = Math.max(...job.ppTokens, job.tgTokens + 1) + 1;
-  const model = await loadModel(job.path, { contextSize, maxSequences: 1, batchSize: job.batchSize, threads: job.threads, gpuLayers: job.gpuLayers });
+  const model = await loadModel(job.path, { contextSize, maxSequences: 1, batchSize: job.batchSize, threads: job.threads, gpuLayers: job.gpuLayers, ...job.split });
   const out: Record<string, number> = {};
   try {
     const random = mulberry32(job.seed);
@@ -63,7 +65,7 @@ async function single(job: Extract<WorkerJob, { kind: 'single' }>): Promise<Reco
 async function batched(job: Extract<WorkerJob, { kind: 'batched' }>): Promise<Record<string, { tg: number; total: number }>> {
   const { promptTokens: pp, genTokens: tg } = job;
   const model = await loadModel(job.path, {
-    contextSize: pp + tg + 1, maxSequences: Math.max(...job.concurrency), batchSize: job.batchSize, threads: job.threads, gpuLayers: job.gpuLayers,
+    contextSize: pp + tg + 1, maxSequences: Math.max(...job.concurrency), batchSize: job.batchSize, threads: job.threads, gpuLayers: job.gpuLayers, ...job.split,
   });
   const out: Record<string, { tg: number; total: number }> = {};
   try {

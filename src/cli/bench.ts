@@ -8,6 +8,7 @@ import { ensureBenchModel, isPresetName, MODEL_PRESETS, parseModelSpec, specLabe
 import { defaultBenchOptions, formatRatioTable, runBench, WORKLOADS, type Workload } from '../bench/run.js';
 import { repoRoot } from '../synthetic/models.js';
 import type { SyntheticWeightType } from '../synthetic/models.js';
+import type { SplitSettings } from '../bench/types.js';
 import { UsageError } from './usage-error.js';
 
 export const BENCH_USAGE = `bench options (figures printed next to llama.cpp's own tools, built from the same source):
@@ -23,6 +24,8 @@ export const BENCH_USAGE = `bench options (figures printed next to llama.cpp's o
   --tg N                single-stream generated tokens (llama-bench -n)
   --repeat N            interleaved rounds, best kept (default 2 quick, 3 full)
   --threads N --batch-size N --gpu-layers N
+  --split-mode M --tensor-split A,B --main-gpu I --rpc HOST:PORT[,...]
+                        several devices or genesis rpc-servers, for ours and every reference alike
   --no-roofline         skip the bandwidth measurement and roofline
   --determinism N       instead: N greedy requests (e.g. 200) alone, then all at once, in the
                         default and the deterministic mode; how many equal their solo run, and
@@ -47,6 +50,26 @@ function positive(name: string, value: string | undefined, min = 1): number | un
   return n;
 }
 
+const SPLIT_MODES = ['none', 'layer', 'row', 'tensor'] as const;
+
+function splitSettings(values: { 'split-mode'?: string; 'tensor-split'?: string; 'main-gpu'?: string; rpc?: string }): SplitSettings {
+  const split: SplitSettings = {};
+  const mode = values['split-mode'];
+  if (mode !== undefined) {
+    if (!(SPLIT_MODES as readonly string[]).includes(mode)) throw new UsageError(`--split-mode expects one of ${SPLIT_MODES.join(', ')}, got ${JSON.stringify(mode)}`);
+    split.splitMode = mode as SplitSettings['splitMode'];
+  }
+  if (values['tensor-split'] !== undefined) {
+    const parts = values['tensor-split'].split(/[,/]/).map(Number);
+    if (parts.some((x) => !Number.isFinite(x) || x < 0)) throw new UsageError(`--tensor-split expects proportions such as 3,1, got ${JSON.stringify(values['tensor-split'])}`);
+    split.tensorSplit = parts;
+  }
+  split.mainGpu = positive('main-gpu', values['main-gpu'], 0);
+  if (split.mainGpu === undefined) delete split.mainGpu;
+  if (values.rpc !== undefined) split.rpcServers = values.rpc.split(',').map((x) => x.trim()).filter(Boolean);
+  return split;
+}
+
 export async function benchCommand(argv: string[]): Promise<number> {
   const { values } = parseArgs({
     args: argv,
@@ -63,6 +86,10 @@ export async function benchCommand(argv: string[]): Promise<number> {
       threads: { type: 'string', short: 't' },
       'batch-size': { type: 'string' },
       'gpu-layers': { type: 'string' },
+      'split-mode': { type: 'string' },
+      'tensor-split': { type: 'string' },
+      'main-gpu': { type: 'string' },
+      rpc: { type: 'string' },
       'no-roofline': { type: 'boolean' },
       determinism: { type: 'string' },
       out: { type: 'string' },
@@ -108,6 +135,7 @@ export async function benchCommand(argv: string[]): Promise<number> {
   o.batchSize = positive('batch-size', values['batch-size']) ?? o.batchSize;
   o.gpuLayers = positive('gpu-layers', values['gpu-layers'], 0) ?? o.gpuLayers;
   if (values['no-roofline']) o.roofline = false;
+  o.split = splitSettings(values);
   if (values.determinism !== undefined) {
     const requests = positive('determinism', values.determinism);
     const first = o.models[0] ?? { preset: 'tiny', type: 'q4_0' };

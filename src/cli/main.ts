@@ -11,11 +11,13 @@
  *   genesis replay R --model M                  re-run a receipt and compare the output tokens
  *   genesis bench [--quick] [--model ...]       benchmarks against llama.cpp's own tools
  *   genesis fingerprint make|check ...          OML-style fingerprint pairs and signed checks
+ *   genesis rpc-server [--host H] [--port P]    lend this machine's devices to models elsewhere (llama.cpp RPC)
  * Argument parsing uses node:util parseArgs (Node's own, no dependency).
  */
 import { parseArgs, type ParseArgsConfig } from 'node:util';
 import { GenesisError } from '../errors.js';
-import { estimateMemory, planMemory } from '../memory.js';
+import { estimateMemory, planMemory, type DeviceMemoryEstimate } from '../memory.js';
+import { isLoopback, startRpcServer } from '../rpc.js';
 import { loadModel, type Model } from '../model.js';
 import type { GenerateOptions, LoadModelOptions } from '../options.js';
 import { ServerConfigError } from '../server/app.js';
@@ -40,6 +42,8 @@ const USAGE = `Usage:
   genesis replay <receipt.json> --model <file.gguf> [--threads N]
   genesis bench [--quick] [--model preset[:type[:layers]] | <file.gguf> ...] [options]
   genesis fingerprint make|check --model <file.gguf> ...
+  genesis rpc-server [--host 127.0.0.1] [--port 50052] [--device NAME ...] [--threads N]
+                     [--cache DIR] [--allow-remote]
 
 generate options:
   --max-tokens N        tokens to generate (default 256)
@@ -51,6 +55,17 @@ generate options:
   --system TEXT         system message (with --chat)
 model options:
   --context-size N --max-sequences N --threads N --gpu-layers N|max --batch-size N
+  --split-mode none|layer|row|tensor   how offloaded layers spread over several devices (layer)
+  --tensor-split A,B,...               share per offload device, RPC devices first (e.g. 3,1)
+  --main-gpu I                         device index for --split-mode none
+  --rpc HOST:PORT[,HOST:PORT...]       add devices lent by genesis rpc-server (llama.cpp RPC);
+                                       trusted networks only: the protocol has no authentication
+rpc-server options (llama.cpp's RPC server, from the same source; one client at a time):
+  --host H --port P     listen address (default 127.0.0.1:50052); a non-loopback address needs
+                        --allow-remote and prints a warning: the protocol has no authentication
+  --device NAME         a device to serve, e.g. CUDA0 (repeatable; default: every GPU, else CPU)
+  --threads N           CPU threads when serving the CPU (default: all cores)
+  --cache DIR           keep large tensors on disk so that a reload skips sending them
 serve options (OpenAI-compatible API, chat page at /; no --model: the built-in demo model):
   --model [name=]FILE   a model to serve, named by the request's "model" field (repeatable;
                         default name: the file name without .gguf)
@@ -76,8 +91,20 @@ const modelOptions = {
   'batch-size': { type: 'string' },
   threads: { type: 'string', short: 't' },
   'gpu-layers': { type: 'string' },
+  'split-mode': { type: 'string' },
+  'tensor-split': { type: 'string' },
+  'main-gpu': { type: 'string' },
+  rpc: { type: 'string' },
   help: { type: 'boolean', short: 'h' },
 } as const satisfies ParseArgsConfig['options'];
+
+/** "3,1" → [3, 1]. */
+function numberList(name: string, value: string | undefined): number[] | undefined {
+  if (value === undefined) return undefined;
+  const parts = value.split(/[,/]/).map((x) => Number(x.trim()));
+  if (parts.length === 0 || parts.some((x) => !Number.isFinite(x))) throw new UsageError(`--${name} expects numbers separated by commas, got ${JSON.stringify(value)}`);
+  return parts;
+}
 
 function int(name: string, value: string | undefined): number | undefined {
   if (value === undefined) return undefined;
@@ -103,8 +130,36 @@ function loadOptions(values: Record<string, unknown>): LoadModelOptions {
     batchSize: int('batch-size', values['batch-size'] as string | undefined),
     threads: int('threads', values.threads as string | undefined),
     gpuLayers: gpu === 'max' ? 'max' : int('gpu-layers', gpu),
+    splitMode: values['split-mode'] as LoadModelOptions['splitMode'],
+    tensorSplit: numberList('tensor-split', values['tensor-split'] as string | undefined),
+    mainGpu: int('main-gpu', values['main-gpu'] as string | undefined),
+    rpcServers: typeof values.rpc === 'string' ? values.rpc.split(',').map((x) => x.trim()).filter(Boolean) : undefined,
     onProgress: process.stderr.isTTY ? progressBar('loading') : undefined,
   };
+}
+
+/** "0-3", "0-1,5": layer indices as ranges. */
+function layerRanges(layers: number[]): string {
+  const out: string[] = [];
+  for (let i = 0; i < layers.length; ) {
+    let j = i;
+    while (j + 1 < layers.length && layers[j + 1] === layers[j]! + 1) j++;
+    out.push(i === j ? String(layers[i]) : `${layers[i]}-${layers[j]}`);
+    i = j + 1;
+  }
+  return out.join(',');
+}
+
+/** One line per device that holds something: bytes, and which layers. */
+function placementLines(devices: DeviceMemoryEstimate[]): string[] {
+  const mib = (n: number) => `${(n / 2 ** 20).toFixed(1)} MiB`;
+  return devices
+    .filter((d) => d.total > 0 || d.host || d.layers.length > 0)
+    .map((d) => {
+      const name = d.kind === 'rpc' ? `${d.device} (${d.description})` : d.device;
+      const layers = d.layers.length > 0 ? `layers ${layerRanges(d.layers)}${d.output ? ' + output' : ''}` : d.output ? 'output layer' : 'no layers';
+      return `${name.padEnd(6)} ${mib(d.total).padStart(12)}  ${layers}; weights ${mib(d.weights)}, KV cache ${mib(d.kvCache)}, compute ${mib(d.compute)}`;
+    });
 }
 
 async function open(path: string, options: LoadModelOptions): Promise<Model> {
@@ -202,9 +257,12 @@ async function infoCommand(argv: string[]): Promise<void> {
       ['train context', String(info.trainContextLength)],
       ['vocab', String(info.vocabSize)],
       ['chat template', chatTemplate ? `${chatTemplate.length} chars` : 'none'],
+      ['split', `${info.placement.splitMode}${info.placement.tensorSplit.length ? ` ${info.placement.tensorSplit.join(':')}` : ''}`],
     ];
     const width = Math.max(...rows.map(([k]) => k.length));
     for (const [k, v] of rows) process.stdout.write(`${k.padEnd(width)}  ${v}\n`);
+    process.stdout.write('placement\n');
+    for (const line of placementLines(info.placement.devices)) process.stdout.write(`  ${line}\n`);
   } finally {
     await model.dispose();
   }
@@ -224,11 +282,8 @@ async function planCommand(argv: string[]): Promise<void> {
   const plan = budget !== undefined ? await planMemory(path, { ...options, memoryBudget: budget }) : undefined;
   const estimate = plan?.estimate ?? (await estimateMemory(path, options));
   if (values.json) return void process.stdout.write(`${JSON.stringify(plan ?? estimate, null, 2)}\n`);
-  const mib = (n: number) => `${(n / 2 ** 20).toFixed(1)} MiB`;
   process.stdout.write(`${path}: contextSize ${estimate.options.contextSize} × ${estimate.options.maxSequences} sequences, KV ${(estimate.kvBytesPerToken / 1024).toFixed(1)} KiB per token\n`);
-  for (const d of estimate.devices.filter((x) => x.total > 0 || x.host)) {
-    process.stdout.write(`  ${d.device.padEnd(6)} ${mib(d.total).padStart(12)}  (weights ${mib(d.weights)}, KV cache ${mib(d.kvCache)}, compute ${mib(d.compute)})\n`);
-  }
+  for (const line of placementLines(estimate.devices)) process.stdout.write(`  ${line}\n`);
   if (plan) {
     process.stdout.write(`plan: contextSize ${plan.options.contextSize}, gpuLayers ${plan.options.gpuLayers}, cpuMoeLayers ${plan.options.cpuMoeLayers}\n`);
     for (const line of plan.explanation) process.stdout.write(`  ${line}\n`);
@@ -436,6 +491,47 @@ async function replayCommand(argv: string[]): Promise<number> {
   }
 }
 
+async function rpcServerCommand(argv: string[]): Promise<number> {
+  const { values } = parseArgs({
+    args: argv,
+    options: {
+      host: { type: 'string' },
+      port: { type: 'string', short: 'p' },
+      device: { type: 'string', short: 'd', multiple: true },
+      threads: { type: 'string', short: 't' },
+      cache: { type: 'string', short: 'c' },
+      'allow-remote': { type: 'boolean' },
+      help: { type: 'boolean', short: 'h' },
+    },
+  });
+  if (values.help) return void process.stdout.write(USAGE), 0;
+  const host = values.host ?? '127.0.0.1';
+  if (!isLoopback(host) && !values['allow-remote']) {
+    throw new UsageError(
+      `refusing to listen on ${host}: the RPC protocol has no authentication, so anyone who reaches the port can read and write the served memory. ` +
+        'Pass --allow-remote to do it anyway, on a network you trust.',
+    );
+  }
+  if (!isLoopback(host)) {
+    process.stderr.write(`WARNING: listening on ${host}: the RPC protocol has no authentication or encryption; allow only trusted machines to reach this port.\n`);
+  }
+  const server = await startRpcServer({
+    host,
+    port: int('port', values.port),
+    threads: int('threads', values.threads),
+    devices: values.device?.flatMap((d) => d.split(',')).filter(Boolean),
+    cacheDir: values.cache,
+    allowRemote: values['allow-remote'],
+  });
+  const mib = (n: number) => `${(n / 2 ** 20).toFixed(0)} MiB`;
+  process.stderr.write(
+    `genesis rpc-server: listening on ${server.endpoint}, serving ${server.devices.map((d) => `${d.name} (${d.description}, ${mib(d.free)} free of ${mib(d.total)})`).join(', ')}\n` +
+      `  load a model with --rpc ${server.endpoint} (CLI) or rpcServers: ['${server.endpoint}'] (API); Ctrl-C stops it\n`,
+  );
+  await server.stopped;
+  return 0;
+}
+
 export async function main(argv = process.argv.slice(2)): Promise<number> {
   const [command, ...rest] = argv;
   try {
@@ -466,6 +562,8 @@ export async function main(argv = process.argv.slice(2)): Promise<number> {
         return 0;
       case 'fingerprint':
         return await fingerprintCommand(rest);
+      case 'rpc-server':
+        return await rpcServerCommand(rest);
       case undefined:
       case '-h':
       case '--help':
