@@ -3,7 +3,9 @@
  * processes on 127.0.0.1 lend their CPU as remote devices; the model runs partly here, partly there.
  */
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
+import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { createServer } from 'node:net';
+import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 
@@ -152,6 +154,52 @@ describe('RPC split', () => {
     await expect(planMemory(path, { ...options, rpcServers: endpoints, memoryBudget: { devices: { CUDA7: MiB } } })).rejects.toMatchObject({
       option: 'memoryBudget.devices.CUDA7',
     });
+  });
+
+  it('a server busy with another client (it serves one at a time) is a typed error in the other process, not a hang', async () => {
+    const holder = await loadModel(path, { ...options, rpcServers: [endpoints[0]!] });
+    try {
+      const started = Date.now();
+      const r = await new Promise<{ status: number | null; stderr: string }>((resolve) => {
+        const child = spawn(process.execPath, ['--import', 'tsx', cli, 'info', path, '--rpc', endpoints[0]!], { stdio: ['ignore', 'ignore', 'pipe'] });
+        let stderr = '';
+        child.stderr!.on('data', (d: Buffer) => (stderr += d.toString()));
+        child.once('exit', (status) => resolve({ status, stderr }));
+      });
+      expect(r.status).not.toBe(0);
+      expect(r.stderr).toContain('RPC_UNREACHABLE');
+      expect(r.stderr).toContain('one client at a time');
+      expect(Date.now() - started).toBeLessThan(60_000);
+      // The holder was never disturbed.
+      expect((await holder.complete(prompt, greedy)).tokens).toEqual(reference);
+    } finally {
+      await holder.dispose();
+    }
+  });
+
+  it('benchmarks the same split for ours and llama.cpp’s tools (genesis bench --rpc)', () => {
+    const out = mkdtempSync(join(tmpdir(), 'genesis-bench-rpc-'));
+    try {
+      const r = spawnSync(
+        process.execPath,
+        ['--import', 'tsx', cli, 'bench', '--model', 'tiny:f16:2', '--workloads', 'single', '--repeat', '1', '--pp', '16', '--tg', '4',
+          '--threads', '1', '--gpu-layers', '99', '--rpc', endpoints.join(','), '--tensor-split', '1,1', '--no-roofline', '--out', out],
+        { encoding: 'utf8', timeout: 300_000 },
+      );
+      expect(r.status, r.stderr.slice(-2000)).toBe(0);
+      // Both sides were given the servers.
+      expect(r.stderr).toMatch(/llama-bench.*--rpc 127\.0\.0\.1:\d+,127\.0\.0\.1:\d+ -ts 1\/1/);
+      const report = JSON.parse(readFileSync(join(out, 'report.json'), 'utf8'));
+      expect(report.settings.split).toEqual({ rpcServers: endpoints, tensorSplit: [1, 1] });
+      const rows = report.runs[0].single;
+      expect(rows.length).toBe(2);
+      for (const row of rows) {
+        expect(row.ours).toBeGreaterThan(0);
+        expect(row.reference).toBeGreaterThan(0);
+      }
+    } finally {
+      rmSync(out, { recursive: true, force: true });
+    }
   });
 
   it('a server killed mid-generation fails that model’s requests with RpcError; the process and other models carry on; a reload works once it is back', async () => {

@@ -76,14 +76,13 @@ ModelParams::ModelParams(const OffloadOptions& offload) : params_(llama_model_de
     // Hold a connection for the whole load (the model's buffers take it over), and find out now
     // whether the server answers: its devices were registered once and are cached, reachable or not.
     ggml_backend_t probe = ggml_backend_rpc_init(endpoint.c_str(), 0);
-    if (probe == nullptr) {
-      throw RpcError("RPC_UNREACHABLE", "could not connect to the RPC server at " + endpoint +
-                                            " (is `genesis rpc-server` running there, reachable from here, and of the same version?)");
-    }
-    connections_.emplace_back(probe, ggml_backend_free);
+    if (probe != nullptr) connections_.emplace_back(probe, ggml_backend_free);
     char why[512] = "";
-    if (ggml_backend_rpc_endpoint_failed(endpoint.c_str(), why, sizeof why)) {
-      throw RpcError("RPC_UNREACHABLE", "could not use the RPC server at " + endpoint + ": " + why);
+    const bool failed = ggml_backend_rpc_endpoint_failed(endpoint.c_str(), why, sizeof why);
+    if (probe == nullptr || failed) {
+      throw RpcError("RPC_UNREACHABLE", "could not use the RPC server at " + endpoint + ": " +
+                                            (why[0] != '\0' ? std::string(why) : std::string("it offers no device")) +
+                                            " (is `genesis rpc-server` running there, reachable from here, and of the same version?)");
     }
     ggml_backend_reg_t reg = ggml_backend_rpc_add_server(endpoint.c_str());
     if (reg == nullptr) {

@@ -135,7 +135,7 @@ async function singleStream(o: BenchOptions, path: string, progress: Progress): 
   const model = { path, threads: o.threads, batchSize: o.batchSize, gpuLayers: o.gpuLayers, split: o.split };
   for (let round = 0; round < o.repeat; round++) {
     progress.step(`single stream, round ${round + 1}/${o.repeat}: llama-bench pp ${o.ppTokens.join(',')} tg ${o.tgTokens}`);
-    for (const r of await llamaBench({ model: path, threads: o.threads, batchSize: o.batchSize, gpuLayers: o.gpuLayers, split: o.split, pp: o.ppTokens, tg: o.tgTokens, repetitions: 1 })) {
+    for (const r of await llamaBench({ model: path, threads: o.threads, batchSize: o.batchSize, gpuLayers: o.gpuLayers, split: o.split, pp: o.ppTokens, tg: o.tgTokens, repetitions: 1, log: o.log })) {
       const k = r.nGen > 0 ? `tg${r.nGen}` : `pp${r.nPrompt}`;
       reference.set(k, best(reference.get(k), Math.max(...r.samples)));
     }
@@ -160,7 +160,7 @@ async function batched(o: BenchOptions, path: string, progress: Progress): Promi
   };
   for (let round = 0; round < o.repeat; round++) {
     progress.step(`batched, round ${round + 1}/${o.repeat}: llama-batched-bench B=${npl.join(',')}`);
-    const rows = await batchedBench({ model: path, threads: o.threads, batchSize: o.batchSize, gpuLayers: o.gpuLayers, split: o.split, pp, tg, npl, contextPerSequence: pp + tg + 1 });
+    const rows = await batchedBench({ model: path, threads: o.threads, batchSize: o.batchSize, gpuLayers: o.gpuLayers, split: o.split, pp, tg, npl, contextPerSequence: pp + tg + 1, log: o.log });
     for (const r of rows) keep(ref, r.pl, { tg: r.speedTg, total: r.speed });
     progress.step(`batched, round ${round + 1}/${o.repeat}: genesis B=${npl.join(',')}`);
     const figures = await runInWorker({
