@@ -138,10 +138,15 @@ export interface MemoryPlan {
 
 export type PlanOptions = LoadModelOptions;
 
-/** Bytes per device from a budget spec, for the devices of an estimate (validated). */
+/**
+ * Bytes per device from a budget spec, for the devices of an estimate (validated). `strict`: a
+ * per-device entry must name one of `devices` (one model's budget); a runtime's budget covers many
+ * models, each with some of the devices, and passes false.
+ */
 export function resolveBudget(
   devices: ReadonlyArray<Pick<DeviceMemoryEstimate, 'device' | 'description' | 'host' | 'free'>>,
   budget: MemoryBudget | number | undefined,
+  strict = true,
 ): Map<string, number> {
   if (typeof budget === 'number' && !(Number.isFinite(budget) && budget >= 0)) {
     throw new InvalidOptionError('memoryBudget', 'bytes ≥ 0, or { host?, gpu?, reserve? } in bytes', budget);
@@ -160,7 +165,7 @@ export function resolveBudget(
   }
   const offload = devices.filter((d) => !d.host);
   for (const [key, v] of Object.entries(perDevice)) {
-    if (!offload.some((d) => d.device === key || d.description === key)) {
+    if (strict && !offload.some((d) => d.device === key || d.description === key)) {
       const names = offload.map((d) => (d.description && d.description !== d.device ? `${d.device} (${d.description})` : d.device));
       throw new InvalidOptionError(`memoryBudget.devices.${key}`, `one of this model's offload devices: ${names.join(', ') || 'none'}`, key);
     }

@@ -6,7 +6,7 @@
  *   await model.dispose();
  */
 import { binding, type NativeEvent, type NativeLoadOptions, type NativeModel, type NativeModelInfo, type NativePlacement, type NativeSubmitOptions } from './binding.js';
-import { AbortError, ContextOverflowError, DisposedError, InvalidOptionError, ModelLoadError, toGenesisError } from './errors.js';
+import { AbortError, ContextOverflowError, DisposedError, InvalidOptionError, ModelLoadError, type RpcError, toGenesisError } from './errors.js';
 import { Generation, type GenerationResult } from './generation.js';
 import { checkHyperparameters } from './gguf/hparams.js';
 import { readGguf } from './gguf/index.js';
@@ -287,7 +287,21 @@ export class Model implements AsyncDisposable {
   }
 
   #dispatch(events: NativeEvent[]): void {
-    for (const event of events) this.#active.get(event.id)?._event(event);
+    for (const event of events) {
+      if (event.kind === 'error' && event.code === 'RPC_DISCONNECTED' && !this.#lost) this.#lost = toGenesisError(event) as RpcError;
+      this.#active.get(event.id)?._event(event);
+    }
+  }
+
+  #lost: RpcError | undefined;
+
+  /**
+   * Set once an RPC server holding part of this model was lost: every request then fails with this
+   * RpcError (RPC_DISCONNECTED). Dispose the model and load it again once the server is back (a
+   * Runtime does that itself when the model's last lease ends).
+   */
+  get lostDevice(): RpcError | undefined {
+    return this.#lost;
   }
 
   #bosPrefix(): string {

@@ -94,7 +94,7 @@ export class Runtime implements AsyncDisposable {
   constructor(options: RuntimeOptions) {
     if (options === null || typeof options !== 'object') throw new InvalidOptionError('options', 'an object with memoryBudget', options);
     this.#budgetSpec = options.memoryBudget;
-    resolveBudget([], options.memoryBudget); // validates it
+    resolveBudget([], options.memoryBudget, false); // validates it
     this.#keepAlive = checkMs('keepAlive', options.keepAlive) ?? Infinity;
     this.#loadTimeout = checkMs('loadTimeout', options.loadTimeout) ?? 300_000;
   }
@@ -252,7 +252,7 @@ export class Runtime implements AsyncDisposable {
 
   async #estimate(entry: Entry): Promise<MemoryEstimate> {
     entry.estimate ??= await estimateMemory(entry.path, entry.options);
-    for (const [device, bytes] of resolveBudget(entry.estimate.devices, this.#budgetSpec)) {
+    for (const [device, bytes] of resolveBudget(entry.estimate.devices, this.#budgetSpec, false)) {
       if (!this.#budget.has(device)) this.#budget.set(device, bytes);
     }
     return entry.estimate;
@@ -346,7 +346,11 @@ export class Runtime implements AsyncDisposable {
   #release(entry: Entry): void {
     entry.active = Math.max(0, entry.active - 1);
     entry.lastUsed = Date.now();
-    if (entry.active === 0) {
+    if (entry.active === 0 && entry.model?.lostDevice) {
+      // An RPC server of this model was lost: its weights there are gone. Unload it now; the next
+      // request loads it again (RPC_UNREACHABLE until the server is back).
+      void this.#unload(entry);
+    } else if (entry.active === 0) {
       const keepAlive = entry.options.keepAlive ?? this.#keepAlive;
       if (Number.isFinite(keepAlive) && entry.state === 'loaded') {
         if (entry.timer) clearTimeout(entry.timer);

@@ -9,7 +9,8 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 
-import { InvalidOptionError, loadModel, planMemory, RpcError, type Model } from '../src/index.js';
+import { createRuntime, InvalidOptionError, loadModel, planMemory, RpcError, type Model } from '../src/index.js';
+import { toApiError } from '../src/server/errors.js';
 import { makeFixtureModel, repoRoot } from './fixtures/models.js';
 
 const cli = join(repoRoot(), 'src', 'cli', 'main.ts');
@@ -232,6 +233,35 @@ describe('RPC split', () => {
       expect((await again.complete(prompt, greedy)).tokens).toEqual(reference);
     } finally {
       await again.dispose();
+    }
+  });
+});
+
+describe('RPC split in a runtime', () => {
+  it('unloads a model whose server was lost once its requests end, answers 503 meanwhile, and reloads it when the server is back', async () => {
+    const path = await makeFixtureModel({ arch: 'llama', type: 'f16', nLayer: 4 });
+    const port = await freePort();
+    let server = await rpcServer(port);
+    const runtime = createRuntime({ memoryBudget: { host: 8 * 2 ** 30, devices: { [`127.0.0.1:${port}`]: 2 ** 30 } } });
+    const greedy = { maxTokens: 8, temperature: 0, ignoreEos: true };
+    try {
+      runtime.register('split', path, { contextSize: 256, maxSequences: 2, batchSize: 64, threads: 1, rpcServers: [`127.0.0.1:${port}`], gpuLayers: 3 });
+      const first = await runtime.complete('split', 'Once upon a time', greedy);
+      await stop(server);
+      const error = await runtime.complete('split', 'Once upon a time', greedy).catch((e: unknown) => e);
+      expect(error).toMatchObject({ code: 'RPC_DISCONNECTED' });
+      const api = toApiError(error);
+      expect(api.status).toBe(503);
+      expect(api.headers?.['retry-after']).toBeDefined();
+      // Its last lease ended: unloaded, so the next request loads it again.
+      await expect.poll(() => runtime.statusOf('split').state).toBe('unloaded');
+      await expect(runtime.complete('split', 'Once upon a time', greedy)).rejects.toMatchObject({ code: 'RPC_UNREACHABLE' });
+      server = await rpcServer(port);
+      expect((await runtime.complete('split', 'Once upon a time', greedy)).tokens).toEqual(first.tokens);
+      expect(runtime.statusOf('split').loads).toBe(2);
+    } finally {
+      await runtime.dispose();
+      await stop(server);
     }
   });
 });

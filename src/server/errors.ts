@@ -4,7 +4,7 @@
  * (body too large, bad JSON) are translated by `toApiError`.
  */
 import { ContextOverflowError, DisposedError, GenesisError, InvalidOptionError,
-  MemoryBudgetError, QueueFullError } from '../errors.js';
+  MemoryBudgetError, QueueFullError, RpcError } from '../errors.js';
 
 export type ApiErrorType =
   | 'invalid_request_error'
@@ -105,6 +105,13 @@ export function toApiError(error: unknown, promptParam = 'prompt'): ApiError {
   }
   if (error instanceof MemoryBudgetError) {
     return new ApiError(503, 'service_unavailable', `The model cannot be loaded now: ${error.message}`, { code: 'memory_budget', headers: { 'retry-after': String(RETRY_AFTER_SECONDS) } });
+  }
+  if (error instanceof RpcError) {
+    // A remote device of the model is down: the runtime reloads the model once it is back.
+    return new ApiError(503, 'service_unavailable', `The model is unavailable: ${error.message}`, {
+      code: error.code.toLowerCase(),
+      headers: { 'retry-after': String(RETRY_AFTER_SECONDS) },
+    });
   }
   if (error instanceof DisposedError) {
     return new ApiError(503, 'service_unavailable', 'The model is shutting down.', { code: 'model_unavailable' });
