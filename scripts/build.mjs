@@ -1,5 +1,6 @@
 // `npm install` entry point: pinned llama.cpp -> static libraries (CMake) -> addon (node-gyp).
-//   GENESIS_CUDA=1      build the CUDA variant (ggml-cuda); default is CPU
+//   GENESIS_CUDA=1|0    build the CUDA variant (ggml-cuda) or the CPU one; unset: CUDA when nvcc
+//                       and cuBLAS (the toolkit's, or the Python nvidia-cublas package's) are found
 //   GENESIS_CUDA_ARCHS  CUDA architectures (default 90: Hopper); GENESIS_CUDA_LIB_DIRS extra lib dirs
 //   GENESIS_NATIVE=0    portable CPU code (for prebuilt binaries) instead of -march=native
 //   GENESIS_JOBS=N      parallel build jobs (default: all cores)
@@ -9,7 +10,7 @@ import { spawnSync } from 'node:child_process';
 import { existsSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import { dirname, join, relative } from 'node:path';
-import { buildDir, buildVariant, cmakeBuildLlama, fetchLlama, repoRoot } from './llama.mjs';
+import { buildDir, buildVariant, cmakeBuildLlama, cudaBuildEnv, detectCuda, fetchLlama, repoRoot } from './llama.mjs';
 
 function log(message) {
   process.stderr.write(`[genesis build] ${message}\n`);
@@ -37,12 +38,14 @@ function nodeDirArgs() {
   return existsSync(join(prefix, 'include', 'node', 'node_api.h')) ? [`--nodedir=${prefix}`] : [];
 }
 
-/** -L flags for the CUDA runtime and cuBLAS the CUDA variant links against. */
-function cudaLibDirs() {
+/** -L (and -rpath) flags for the CUDA runtime and cuBLAS the CUDA variant links against. */
+function cudaLibDirs(variant) {
   const roots = [process.env.CUDA_HOME, process.env.CUDA_PATH, '/usr/local/cuda'].filter(Boolean);
   const dirs = roots.flatMap((root) => [join(root, 'lib64'), join(root, 'lib')]).filter((dir) => existsSync(dir));
+  const found = cudaBuildEnv(variant);
+  dirs.unshift(...found.libDirs);
   if (process.env.GENESIS_CUDA_LIB_DIRS) dirs.unshift(...process.env.GENESIS_CUDA_LIB_DIRS.split(':'));
-  return dirs.map((dir) => `-L${dir}`).join(' ');
+  return [...dirs.map((dir) => `-L${dir}`), ...found.rpath.map((dir) => `-Wl,-rpath,${dir}`)].join(' ');
 }
 
 function main() {
@@ -52,6 +55,12 @@ function main() {
     return;
   }
   const variant = buildVariant();
+  const cuda = detectCuda();
+  log(
+    variant === 'cuda'
+      ? `CUDA variant (${process.env.GENESIS_CUDA ? 'GENESIS_CUDA=1' : `found nvcc ${cuda.nvcc} and cuBLAS`}), architectures ${process.env.GENESIS_CUDA_ARCHS ?? '90'}`
+      : `CPU variant (${process.env.GENESIS_CUDA ? `GENESIS_CUDA=${process.env.GENESIS_CUDA}` : cuda.ok ? 'GENESIS_CUDA unset' : cuda.why})`,
+  );
   fetchLlama();
   cmakeBuildLlama(variant);
   log(`building the addon (${variant}) with node-gyp`);
@@ -63,7 +72,7 @@ function main() {
     ...nodeDirArgs(),
     `--llama_build=${relative(repoRoot, buildDir(variant))}`,
     `--genesis_cuda=${variant === 'cuda' ? 1 : 0}`,
-    ...(variant === 'cuda' ? [`--cuda_lib_dirs=${cudaLibDirs()}`] : []),
+    ...(variant === 'cuda' ? [`--cuda_lib_dirs=${cudaLibDirs(variant)}`] : []),
   ];
   const result = spawnSync(process.execPath, args, { cwd: repoRoot, stdio: 'inherit' });
   if (result.status !== 0) throw new Error(`node-gyp exited with status ${result.status}`);

@@ -13,3 +13,8 @@ export function cmakeBuildLlama(variant?: 'cpu' | 'cuda'): string;
 export function referenceTool(name: string, variant?: 'cpu' | 'cuda'): string;
 export function ensureReferenceTool(name: string, variant?: 'cpu' | 'cuda'): string;
 export function portable(): boolean;
+export type CudaToolchain =
+  | { ok: true; nvcc: string; toolkit: string; cublas: { libDir: string; includeDir?: string; python?: string } }
+  | { ok: false; why: string };
+export function detectCuda(): CudaToolchain;
+export function cudaBuildEnv(variant?: 'cpu' | 'cuda'): { cmakeArgs: string[]; libDirs: string[]; rpath: string[] };

@@ -5,7 +5,7 @@
 // is cached outside the repository; the clone lives in the ignored deps/llama.cpp.
 import { execFileSync, spawnSync } from 'node:child_process';
 import { createHash } from 'node:crypto';
-import { existsSync, mkdirSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, readdirSync, readFileSync, realpathSync, rmSync, symlinkSync, writeFileSync } from 'node:fs';
 import { homedir, cpus } from 'node:os';
 import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -116,10 +116,72 @@ export function fetchLlama() {
   writeFileSync(stampFile, JSON.stringify(wanted, null, 2));
 }
 
+/**
+ * The CUDA toolchain of this machine: nvcc and cuBLAS (the toolkit's, or the Python nvidia-cublas
+ * package's, as on machines where CUDA comes from pip), or why there is none.
+ */
+let cudaFound;
+
+export function detectCuda() {
+  cudaFound ??= findCuda();
+  return cudaFound;
+}
+
+function findCuda() {
+  const candidates = [process.env.CUDA_HOME, process.env.CUDA_PATH, '/usr/local/cuda'].filter(Boolean).map((root) => join(root, 'bin', 'nvcc'));
+  const onPath = spawnSync('sh', ['-c', 'command -v nvcc'], { encoding: 'utf8' }).stdout?.trim();
+  const nvcc = [onPath, ...candidates].find((p) => p && existsSync(p));
+  if (!nvcc) return { ok: false, why: 'no nvcc on PATH, in $CUDA_HOME or /usr/local/cuda' };
+  const toolkit = dirname(dirname(realpathSync(nvcc)));
+  const libDirs = [join(toolkit, 'lib64'), join(toolkit, 'lib'), ...globDirs(join(toolkit, 'targets'), 'lib')];
+  const toolkitCublas = libDirs.find((dir) => existsSync(join(dir, 'libcublas.so')));
+  if (toolkitCublas) return { ok: true, nvcc, toolkit, cublas: { libDir: toolkitCublas } };
+  const py = spawnSync('python3', ['-c', 'import nvidia.cublas as c, os; print(os.path.dirname(c.__file__))'], { encoding: 'utf8' });
+  const pkg = py.status === 0 ? py.stdout.trim() : '';
+  if (pkg && existsSync(join(pkg, 'lib'))) return { ok: true, nvcc, toolkit, cublas: { libDir: join(pkg, 'lib'), includeDir: join(pkg, 'include'), python: pkg } };
+  return { ok: false, why: `nvcc at ${nvcc}, but no cuBLAS in ${toolkit} and no Python nvidia-cublas package` };
+}
+
+function globDirs(root, leaf) {
+  if (!existsSync(root)) return [];
+  return readdirSync(root).map((d) => join(root, d, leaf)).filter((d) => existsSync(d));
+}
+
+/**
+ * cuda when GENESIS_CUDA=1; cpu when GENESIS_CUDA=0; otherwise cuda when nvcc and cuBLAS are
+ * present (detectCuda), else cpu.
+ */
 export function buildVariant() {
   const flag = process.env.GENESIS_CUDA;
   if (flag === '1' || flag === 'true') return 'cuda';
-  return 'cpu';
+  if (flag === '0' || flag === 'false') return 'cpu';
+  return detectCuda().ok ? 'cuda' : 'cpu';
+}
+
+/**
+ * What the CUDA build needs beyond the defaults: for cuBLAS from the Python package, unversioned
+ * library names (symlinks in the build folder), its include folder, and an rpath so the addon
+ * finds it at run time; for the toolkit's, its library folder.
+ */
+export function cudaBuildEnv(variant = buildVariant()) {
+  if (variant !== 'cuda') return { cmakeArgs: [], libDirs: [], rpath: [] };
+  const cuda = detectCuda();
+  if (!cuda.ok) throw new Error(`GENESIS_CUDA=1 but ${cuda.why}`);
+  if (!cuda.cublas.python) return { cmakeArgs: [], libDirs: [cuda.cublas.libDir], rpath: [] };
+  const links = join(buildDir(variant), 'cublas-links');
+  mkdirSync(links, { recursive: true });
+  for (const name of readdirSync(cuda.cublas.libDir)) {
+    const m = /^(libcublas(?:Lt)?\.so)\.\d/.exec(name);
+    const link = m && join(links, m[1]);
+    if (link && !existsSync(link)) symlinkSync(join(cuda.cublas.libDir, name), link);
+  }
+  const inc = cuda.cublas.includeDir;
+  log(`cuBLAS from the Python package ${cuda.cublas.python}`);
+  return {
+    cmakeArgs: [`-DCMAKE_LIBRARY_PATH=${links}`, `-DCMAKE_INCLUDE_PATH=${inc}`, `-DCMAKE_CUDA_FLAGS=-I${inc}`, `-DCMAKE_CXX_FLAGS=-I${inc}`],
+    libDirs: [links],
+    rpath: [cuda.cublas.libDir],
+  };
 }
 
 /** Portable code (no -march=native), for prebuilt binaries that must run on any x86-64 CPU. */
@@ -176,7 +238,7 @@ function configureLlama(variant) {
   const cached = existsSync(cache) ? readFileSync(cache, 'utf8') : undefined;
   const current = (k, v) => new RegExp(`^${k}:[A-Z]+=${v}$`, 'm').test(cached ?? '');
   // GENESIS_CMAKE_ARGS: extra configure arguments (e.g. where cuBLAS lives); given, always configure.
-  const extra = (process.env.GENESIS_CMAKE_ARGS ?? '').split(/\s+/).filter(Boolean);
+  const extra = [...cudaBuildEnv(variant).cmakeArgs, ...(process.env.GENESIS_CMAKE_ARGS ?? '').split(/\s+/).filter(Boolean)];
   if (extra.length > 0 || !Object.entries(defines).every(([k, v]) => current(k, v))) {
     log(`configuring llama.cpp (${variant}) with CMake, generator ${generator}`);
     run('cmake', ['-S', llamaDir, '-B', dir, '-G', generator, ...Object.entries(defines).map(([k, v]) => `-D${k}=${v}`), ...extra], {

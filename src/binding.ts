@@ -2,6 +2,8 @@
  * The native addon's surface, typed in one place, and the loader that finds the binary.
  * Nothing outside src/ touches these types: the public API wraps them.
  */
+import { spawnSync } from 'node:child_process';
+import { existsSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -179,22 +181,91 @@ export interface NativeBinding {
 export const packageRoot = join(dirname(fileURLToPath(import.meta.url)), '..');
 
 let cached: NativeBinding | undefined;
+let chosen: BinaryChoice | undefined;
+
+/** Which native binary this process loaded, and why. */
+export interface BinaryChoice {
+  variant: 'cpu' | 'cuda';
+  file: string;
+  /** In words: where it came from, and for a CPU prebuild why the CUDA one was not used. */
+  reason: string;
+}
+
+/**
+ * The binary to load, in order: GENESIS_BINARY (a path); a source build (build/Release, made by
+ * `npm install`); else the prebuilds for this platform (prebuilds/<platform>-<arch>/
+ * genesis-runtime.napi.<variant>.node): the CUDA one when a child process can load it and it finds
+ * a GPU (a missing or broken driver then crashes or fails the child, never this process), else the
+ * CPU one. GENESIS_VARIANT=cpu skips the CUDA probe.
+ */
+export function chooseBinary(root = packageRoot, env: NodeJS.ProcessEnv = process.env): BinaryChoice {
+  const variantOf = (file: string): 'cpu' | 'cuda' => (/\.cuda\.node$/.test(file) ? 'cuda' : 'cpu');
+  if (env.GENESIS_BINARY) return { variant: variantOf(env.GENESIS_BINARY), file: env.GENESIS_BINARY, reason: 'GENESIS_BINARY names it' };
+  const built = join(root, 'build', 'Release', 'genesis.node');
+  if (existsSync(built)) return { variant: 'cpu', file: built, reason: 'built from source by npm install (build/Release)' };
+  const dir = join(root, 'prebuilds', `${process.platform}-${process.arch}`);
+  const prebuild = (variant: string) => join(dir, `genesis-runtime.napi.${variant}.node`);
+  const cpu = prebuild('cpu');
+  const cuda = prebuild('cuda');
+  if (!existsSync(cuda)) {
+    if (existsSync(cpu)) return { variant: 'cpu', file: cpu, reason: 'CPU prebuild (no CUDA prebuild for this platform)' };
+    throw new GenesisError('NATIVE_BINDING', `no native binary: neither ${built} nor a prebuild in ${dir}`);
+  }
+  if (env.GENESIS_VARIANT === 'cpu') {
+    if (existsSync(cpu)) return { variant: 'cpu', file: cpu, reason: 'CPU prebuild: GENESIS_VARIANT=cpu' };
+  } else {
+    const probe = probeCuda(cuda);
+    if (probe.ok) return { variant: 'cuda', file: cuda, reason: `CUDA prebuild: ${probe.detail}` };
+    if (existsSync(cpu)) return { variant: 'cpu', file: cpu, reason: `CPU prebuild: the CUDA one ${probe.detail}` };
+    throw new GenesisError('NATIVE_BINDING', `the CUDA prebuild ${probe.detail}, and there is no CPU prebuild in ${dir}`);
+  }
+  throw new GenesisError('NATIVE_BINDING', `GENESIS_VARIANT=cpu, but there is no CPU prebuild in ${dir}`);
+}
+
+/**
+ * Loads `file` in a child process and asks it for its devices. A driver that is missing, too old,
+ * or crashes takes down the child only.
+ */
+function probeCuda(file: string): { ok: boolean; detail: string } {
+  const script = 'const b = require(process.argv[1]); process.stdout.write(JSON.stringify({ gpu: b.systemInfo().gpuOffload }))';
+  const r = spawnSync(process.execPath, ['-e', script, file], { encoding: 'utf8', timeout: 60_000, env: { ...process.env, GENESIS_LOG: '' } });
+  if (r.error) return { ok: false, detail: `could not be probed (${r.error.message})` };
+  if (r.signal) return { ok: false, detail: `crashed the probe process (${r.signal}): a broken or missing driver?` };
+  if (r.status !== 0) {
+    const why = (r.stderr || '').trim().split('\n').filter((l) => /Error|error/.test(l))[0] ?? `exit status ${r.status}`;
+    return { ok: false, detail: `did not load (${why.trim().slice(0, 300)})` };
+  }
+  try {
+    const info = JSON.parse(r.stdout) as { gpu: boolean };
+    return info.gpu ? { ok: true, detail: 'a child process loaded it and found a GPU' } : { ok: false, detail: 'loaded but found no GPU' };
+  } catch {
+    return { ok: false, detail: `gave an unreadable answer (${r.stdout.slice(0, 100)})` };
+  }
+}
 
 export function binding(): NativeBinding {
   if (cached) return cached;
   const require = createRequire(import.meta.url);
+  let choice: BinaryChoice | undefined;
   try {
-    // node-gyp-build looks in prebuilds/<platform>-<arch> first, then build/Release.
-    const load = require('node-gyp-build') as (dir: string) => NativeBinding;
-    cached = load(packageRoot);
+    choice = chooseBinary();
+    cached = require(choice.file) as NativeBinding;
+    chosen = { ...choice, variant: cached.systemInfo().variant };
     return cached;
   } catch (error) {
+    if (error instanceof GenesisError && !choice) throw error;
     throw new GenesisError(
       'NATIVE_BINDING',
-      `the Genesis native addon could not be loaded for ${process.platform}-${process.arch} (Node ${process.version}): ` +
-        `${error instanceof Error ? error.message : String(error)}. Fixes: run \`npm install\` in ${packageRoot} ` +
+      `the Genesis native addon could not be loaded for ${process.platform}-${process.arch} (Node ${process.version})` +
+        `${choice ? ` from ${choice.file}` : ''}: ${error instanceof Error ? error.message : String(error)}. Fixes: run \`npm install\` in ${packageRoot} ` +
         '(it builds llama.cpp and the addon; needs cmake, git, make and a C++17 compiler), or `npm run build` to rebuild after a Node upgrade.',
       { cause: error },
     );
   }
+}
+
+/** The binary this process loaded and why (loads it if needed). */
+export function loadedBinary(): BinaryChoice {
+  binding();
+  return chosen!;
 }

@@ -1,9 +1,9 @@
-import { binding, type NativeSystemInfo } from './binding.js';
+import { binding, loadedBinary, type BinaryChoice, type NativeSystemInfo } from './binding.js';
 import { GenesisError, InvalidOptionError, toGenesisError, type NativeFailure } from './errors.js';
 
 /** What the loaded native binary supports: variant (cpu/cuda), GPU offload, llama.cpp's CPU features. */
-export function systemInfo(): NativeSystemInfo {
-  return binding().systemInfo();
+export function systemInfo(): NativeSystemInfo & { binary: BinaryChoice } {
+  return { ...binding().systemInfo(), binary: loadedBinary() };
 }
 
 export interface BandwidthOptions {
