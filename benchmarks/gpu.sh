@@ -87,7 +87,7 @@ build() {
   test -f build/Release/genesis.node || { say "the build failed: see $OUT/build.log"; tail -40 "$OUT/build.log"; exit 1; }
   say "checks: CUDA variant, GPU offload, bandwidth, generation on the GPU matches the CPU"
   REHEARSE="$REHEARSE" node --input-type=module - << 'EOF' 2>&1 | tee -a "$OUT/checks.log"
-import { loadModel, measureBandwidth, systemInfo } from './dist/index.js';
+import { estimateMemory, loadModel, measureBandwidth, systemInfo } from './dist/index.js';
 import { ensureDefaultModel } from './dist/synthetic/default-model.js';
 const gpu = process.env.REHEARSE !== '1';
 const info = systemInfo();
@@ -108,6 +108,17 @@ for (const gpuLayers of [0, 'max']) {
 // Greedy tokens may part where two logits are within float rounding of each other; say so, do not hide it.
 const same = texts[0] === texts[1];
 console.log(same ? 'GPU and CPU greedy tokens identical' : 'GPU and CPU greedy tokens differ (check the logits: near-ties or a real error)');
+// Device memory after 20 loads and disposals must be where it started (the CUDA issue, part 5).
+const free = async () => (await estimateMemory(path, { gpuLayers: gpu ? 'max' : 0, contextSize: 512 })).devices.find((d) => !d.host)?.free ?? 0;
+const before = await free();
+for (let i = 0; i < 20; i++) {
+  const model = await loadModel(path, { gpuLayers: gpu ? 'max' : 0, contextSize: 512, maxSequences: 4 });
+  await model.complete(prompt, { maxTokens: 4, temperature: 0 });
+  await model.dispose();
+}
+const after = await free();
+console.log(`device memory free before 20 load/dispose cycles ${(before / 2 ** 20).toFixed(0)} MiB, after ${(after / 2 ** 20).toFixed(0)} MiB, difference ${((before - after) / 2 ** 20).toFixed(1)} MiB`);
+if (gpu && before - after > 64 * 2 ** 20) throw new Error('device memory leaked across load/dispose cycles');
 EOF
 }
 
