@@ -24,6 +24,9 @@ export interface NativeLoadOptions {
   useMmap: boolean;
   maxQueue: number;
   cpuMoeLayers: number;
+  /** Speculative decoding: the draft model's native object, and tokens drafted per step. */
+  draft?: NativeModel;
+  draftMaxTokens?: number;
   /** llama_split_mode: 0 none, 1 layer, 2 row, 3 tensor. */
   splitMode: number;
   tensorSplit: number[];
@@ -83,6 +86,8 @@ export interface NativeSubmitOptions {
   priority: number;
   ignoreEos: boolean;
   grammar: string;
+  /** Tokens to draft per step: -1 the model's default, 0 none. */
+  draftMaxTokens: number;
 }
 
 export interface NativeTimings {
@@ -102,6 +107,8 @@ export type NativeEvent =
       finishReason: 'eog' | 'stop' | 'length' | 'context' | 'abort';
       promptTokens: number;
       completionTokens: number;
+      draftTokens: number;
+      draftAccepted: number;
       timings: NativeTimings;
     }
   | { id: number; kind: 'error'; tokens: Int32Array; text: string; code: string; message: string; completionTokens: number };

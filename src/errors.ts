@@ -29,6 +29,7 @@ export type GenesisErrorCode =
   | 'RPC_UNREACHABLE'
   | 'RPC_DISCONNECTED'
   | 'RPC_SERVER'
+  | 'MODEL_IN_USE'
   | 'NATIVE_BINDING';
 
 export class GenesisError extends Error {
@@ -186,6 +187,7 @@ export function toGenesisError(failure: NativeFailure): GenesisError {
     case 'SAMPLING':
     case 'CHAT_TEMPLATE':
     case 'TOKENIZE':
+    case 'MODEL_IN_USE':
     case 'NATIVE_BINDING':
       return new GenesisError(failure.code, failure.message);
     default:

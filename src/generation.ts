@@ -42,6 +42,11 @@ export interface GenerationResult {
   timings: GenerationTimings;
   /** The sampler seed used: pass it back to reproduce the output. */
   seed: number;
+  /**
+   * Speculative decoding (a model loaded with `draft`): tokens the draft proposed, how many the
+   * model kept, and the share kept. Each kept token is one target decode step saved.
+   */
+  speculative?: { draftTokens: number; acceptedTokens: number; acceptanceRate: number };
 }
 
 type Waiter = { resolve: (r: IteratorResult<GenerationChunk>) => void; reject: (e: unknown) => void };
@@ -107,6 +112,9 @@ export class Generation implements AsyncIterable<GenerationChunk> {
         tokensPerSecond: t.generationMs > 0 && completion > 1 ? ((completion - 1) / t.generationMs) * 1000 : 0,
       },
       seed: this.seed,
+      ...(event.draftTokens > 0
+        ? { speculative: { draftTokens: event.draftTokens, acceptedTokens: event.draftAccepted, acceptanceRate: event.draftAccepted / event.draftTokens } }
+        : {}),
     };
     this.#finish();
     this.#resolve(result);

@@ -6,7 +6,7 @@
  *   await model.dispose();
  */
 import { binding, type NativeEvent, type NativeLoadOptions, type NativeModel, type NativeModelInfo, type NativePlacement, type NativeSubmitOptions } from './binding.js';
-import { AbortError, ContextOverflowError, DisposedError, InvalidOptionError, ModelLoadError, type RpcError, toGenesisError } from './errors.js';
+import { AbortError, ContextOverflowError, DisposedError, GenesisError, InvalidOptionError, ModelLoadError, type RpcError, toGenesisError } from './errors.js';
 import { Generation, type GenerationResult } from './generation.js';
 import { checkHyperparameters } from './gguf/hparams.js';
 import { readGguf } from './gguf/index.js';
@@ -55,6 +55,9 @@ export interface EngineStats {
   kvUsedTokens: number;
   /** Tokens the KV cache can hold: contextSize × maxSequences. */
   kvCapacityTokens: number;
+  /** Speculative decoding since load: tokens the draft model proposed, and those kept. */
+  draftTokens: number;
+  acceptedDraftTokens: number;
 }
 
 let nextRequestId = 1;
@@ -81,6 +84,12 @@ export class Model implements AsyncDisposable {
     route.handler = this.#onEvents;
   }
 
+  /** The native object of a loaded model given as an option (InvalidOptionError otherwise). */
+  static #nativeOf(model: unknown, option: string): NativeModel {
+    if (!(model instanceof Model) || model.#disposed) throw new InvalidOptionError(option, 'a loaded Model that is not disposed', model);
+    return model.#native;
+  }
+
   /** @internal use loadModel() */
   static async _load(path: string, options: LoadModelOptions = {}): Promise<Model> {
     let plan: MemoryPlan | undefined;
@@ -95,12 +104,17 @@ export class Model implements AsyncDisposable {
     const route: { handler?: (events: NativeEvent[]) => void } = {};
     let native: NativeModel;
     try {
-      native = await binding().loadModel(path, resolved, options.onProgress, (events) => route.handler?.(events));
+      const draft = options.draft ? { draft: Model.#nativeOf(options.draft.model, 'draft.model') } : {};
+      native = await binding().loadModel(path, { ...resolved, ...draft }, options.onProgress, (events) => route.handler?.(events));
     } catch (error) {
       throw toGenesisError(error as { code: string; message: string; path?: string });
     }
     const model = new Model(path, native, route);
     model.plan = plan;
+    if (options.draft) {
+      model.#draft = options.draft.model;
+      options.draft.model.#borrowers.add(model);
+    }
     return model;
   }
 
@@ -235,14 +249,23 @@ export class Model implements AsyncDisposable {
    */
   dispose(): Promise<void> {
     if (this.#disposing) return this.#disposing;
+    if (this.#borrowers.size > 0) {
+      const users = [...this.#borrowers].map((m) => m.path).join(', ');
+      return Promise.reject(new GenesisError('MODEL_IN_USE', `${this.path} is the draft model of ${users}: dispose ${this.#borrowers.size > 1 ? 'those' : 'that one'} first`));
+    }
     this.#disposed = true;
     this.#disposing = (async () => {
       await this.#native.close(this.#onEvents);
       for (const generation of this.#active.values()) generation._fail(new DisposedError());
       this.#active.clear();
+      if (this.#draft) this.#draft.#borrowers.delete(this);
     })();
     return this.#disposing;
   }
+
+  /** Models loaded with this one as their draft (it is not disposed while they live). */
+  #borrowers = new Set<Model>();
+  #draft: Model | undefined;
 
   [Symbol.asyncDispose](): Promise<void> {
     return this.dispose();

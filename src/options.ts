@@ -6,6 +6,7 @@ import { availableParallelism } from 'node:os';
 import type { NativeLoadOptions, NativeSubmitOptions } from './binding.js';
 import { InvalidOptionError } from './errors.js';
 import type { MemoryBudget } from './memory.js';
+import type { Model } from './model.js';
 
 export interface LoadModelOptions {
   /** Tokens each sequence can hold (prompt + output). Default: the model's training context, at most 4096. */
@@ -71,6 +72,15 @@ export interface LoadModelOptions {
    */
   rpcServers?: string[];
   /**
+   * Speculative decoding: a smaller loaded model with the same tokenizer drafts up to `maxTokens`
+   * (default 4) tokens per sequence and step; this model checks them all in one batched decode and
+   * keeps those its own sampler agrees with. The output is exactly this model's own (greedy: token
+   * for token; sampled: each token is this model's draw, so the distribution is unchanged); what
+   * changes is how many target decode steps it takes. The draft model stays loaded (its dispose()
+   * is refused while this model lives). Not with `deterministic`.
+   */
+  draft?: { model: Model; maxTokens?: number };
+  /**
    * Requests that may wait for a free sequence; one more makes generate() throw QueueFullError.
    * Default: no limit.
    */
@@ -128,6 +138,11 @@ export interface SamplingOptions {
   grammar?: string;
   /** Cancels the generation; the iterator and `result` reject with AbortError. */
   signal?: AbortSignal;
+  /**
+   * With a model loaded with `draft`: false turns speculative decoding off for this request;
+   * { maxTokens } drafts that many tokens per step (0 to 64). Default: the model's setting.
+   */
+  draft?: false | { maxTokens?: number };
 }
 
 export interface GenerateOptions extends SamplingOptions {
@@ -196,6 +211,12 @@ export function resolveLoadOptions(
   if (options.onProgress !== undefined && typeof options.onProgress !== 'function') {
     throw new InvalidOptionError('onProgress', 'a function', options.onProgress);
   }
+  let draftMaxTokens: number | undefined;
+  if (options.draft !== undefined) {
+    if (options.draft === null || typeof options.draft !== 'object') throw new InvalidOptionError('draft', '{ model: Model, maxTokens?: number }', options.draft);
+    draftMaxTokens = checkInt('draft.maxTokens', options.draft.maxTokens, 1, 64) ?? 4;
+    if (deterministic) throw new InvalidOptionError('draft', 'no draft with deterministic: true (each sequence is decoded alone, token by token)', options.draft);
+  }
   const splitModes = ['none', 'layer', 'row', 'tensor'] as const;
   const splitMode = options.splitMode === undefined ? 1 : splitModes.indexOf(options.splitMode);
   if (splitMode < 0) throw new InvalidOptionError('splitMode', "'none', 'layer', 'row' or 'tensor'", options.splitMode);
@@ -218,6 +239,7 @@ export function resolveLoadOptions(
     tensorSplit,
     mainGpu,
     rpcServers,
+    ...(draftMaxTokens !== undefined ? { draftMaxTokens } : {}),
     threads,
     kvUnified,
     deterministic,
@@ -293,5 +315,13 @@ export function resolveSamplingOptions(options: SamplingOptions, vocabSize: numb
     priority: checkInt('priority', options.priority, -(2 ** 31), 2 ** 31 - 1) ?? 0,
     ignoreEos: checkBool('ignoreEos', options.ignoreEos) ?? false,
     grammar: checkGrammar(options.grammar),
+    draftMaxTokens: resolveRequestDraft(options.draft),
   };
+}
+
+function resolveRequestDraft(draft: SamplingOptions['draft']): number {
+  if (draft === undefined) return -1;
+  if (draft === false) return 0;
+  if (draft === null || typeof draft !== 'object') throw new InvalidOptionError('draft', 'false, or { maxTokens?: number }', draft);
+  return checkInt('draft.maxTokens', draft.maxTokens, 0, 64) ?? -1;
 }

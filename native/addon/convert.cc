@@ -122,6 +122,7 @@ Request request_from_js(Napi::Env env, Napi::Value id, Napi::Value prompt, Napi:
   }
   r.max_tokens = static_cast<int32_t>(get_integer(env, o, "maxTokens", -1, -1, INT32_MAX));
   r.priority = static_cast<int32_t>(get_integer(env, o, "priority", 0, INT32_MIN, INT32_MAX));
+  r.draft_max = static_cast<int32_t>(get_integer(env, o, "draftMaxTokens", -1, -1, 256));
   Napi::Value ignore_eos = o.Get("ignoreEos");
   r.ignore_eos = ignore_eos.IsBoolean() && ignore_eos.As<Napi::Boolean>().Value();
   Napi::Value stop = o.Get("stop");
@@ -171,6 +172,8 @@ Napi::Array events_to_js(Napi::Env env, const std::vector<Event>& events) {
         o.Set("finishReason", e.finish_reason);
         o.Set("promptTokens", e.prompt_tokens);
         o.Set("completionTokens", e.completion_tokens);
+        o.Set("draftTokens", e.draft_tokens);
+        o.Set("draftAccepted", e.draft_accepted);
         Napi::Object t = Napi::Object::New(env);
         t.Set("queuedMs", e.timings.queued_ms);
         t.Set("promptMs", e.timings.prompt_ms);

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstring>
 #include <stdexcept>
 #include <thread>
 
@@ -42,6 +43,25 @@ void Host::wait_jobs() {
   jobs_idle.wait(lock, [&] { return jobs_in_flight == 0; });
 }
 
+void Host::lend() {
+  std::lock_guard<std::mutex> lock(lend_mu);
+  lent++;
+}
+
+void Host::give_back() {
+  llama_model* free_now = nullptr;
+  {
+    std::lock_guard<std::mutex> lock(lend_mu);
+    if (--lent == 0) std::swap(free_now, orphaned);
+  }
+  if (free_now != nullptr) llama_model_free(free_now);
+}
+
+bool Host::is_lent() {
+  std::lock_guard<std::mutex> lock(lend_mu);
+  return lent > 0;
+}
+
 void Host::shutdown() {
   wait_jobs();
   embedder.reset();
@@ -50,8 +70,17 @@ void Host::shutdown() {
     engine->join();
     engine.reset();
   }
+  if (draft) {
+    draft->give_back();  // this engine, the only user of the draft's model here, is gone
+    draft.reset();
+  }
   if (model != nullptr) {
-    llama_model_free(model);
+    std::lock_guard<std::mutex> lock(lend_mu);
+    if (lent > 0) {
+      orphaned = model;  // another engine still drafts with it
+    } else {
+      llama_model_free(model);
+    }
     model = nullptr;
   }
   if (events) {
@@ -77,10 +106,24 @@ std::string trim(std::string s) {
   return s;
 }
 
+// Why two models' tokenizers differ (size, type, or the first token whose text differs), or empty.
+std::string vocab_mismatch(const llama_model* a, const llama_model* b) {
+  const llama_vocab* va = llama_model_get_vocab(a);
+  const llama_vocab* vb = llama_model_get_vocab(b);
+  const int32_t n = llama_vocab_n_tokens(va);
+  if (n != llama_vocab_n_tokens(vb)) return std::to_string(n) + " tokens against " + std::to_string(llama_vocab_n_tokens(vb));
+  if (llama_vocab_type(va) != llama_vocab_type(vb)) return "another tokenizer type";
+  for (llama_token t = 0; t < n; ++t) {
+    if (std::strcmp(llama_vocab_get_text(va, t), llama_vocab_get_text(vb, t)) != 0) return "token " + std::to_string(t) + " differs";
+  }
+  return std::string();
+}
+
 struct LoadBaton {
   std::string path;
   OffloadOptions offload;
   EngineOptions engine;
+  std::shared_ptr<Host> draft;  // speculative decoding: the draft model's host
 };
 
 // Progress calls queued on the TSFN may run after the load promise settles; they are dropped then,
@@ -161,6 +204,19 @@ class LoadWorker : public Napi::AsyncWorker {
       std::weak_ptr<Host> weak = host_;
       EngineOptions engine = baton_.engine;
       engine.rpc_endpoints = baton_.offload.rpc_servers;
+      if (baton_.draft) {
+        const std::string mismatch = vocab_mismatch(host_->model, baton_.draft->model);
+        if (!mismatch.empty()) {
+          code_ = "INVALID_OPTION";
+          option_ = "draft";
+          expected_ = "a model with the same tokenizer as the target";
+          message_ = "invalid option draft: its tokenizer differs from " + baton_.path + "'s (" + mismatch + "): drafts would be other tokens";
+          return;
+        }
+        engine.draft_model = baton_.draft->model;
+        host_->draft = baton_.draft;  // lent from here on: returned by shutdown()
+        host_->draft->lend();
+      }
       host_->engine = std::make_unique<Engine>(host_->model, engine, [events, weak]() mutable {
         events.NonBlockingCall([weak](Napi::Env env, Napi::Function fn) {
           if (auto h = weak.lock()) NativeModel::Deliver(env, fn, *h);
@@ -430,6 +486,12 @@ LoadBaton load_baton(Napi::Env env, const std::string& path, const Napi::Object&
   baton.engine.prompt_cache = get_bool(opts, "promptCache", true);
   baton.engine.flash_attention = get_int(opts, "flashAttention", -1);
   baton.engine.max_queue = static_cast<uint32_t>(std::max(0, get_int(opts, "maxQueue", 0)));
+  Napi::Value draft = opts.Get("draft");
+  if (!draft.IsUndefined() && !draft.IsNull()) {
+    baton.draft = NativeModel::HostOf(env, draft);
+    if (!baton.draft) throw CodedError(env, "INVALID_OPTION", "invalid option draft: expected a loaded model that is not disposed");
+    baton.engine.draft_max = static_cast<uint32_t>(std::max(1, get_int(opts, "draftMaxTokens", 4)));
+  }
   if (baton.engine.max_sequences > llama_max_parallel_sequences()) {
     throw CodedError(env, "INVALID_OPTION",
                      "invalid option maxSequences: expected at most " + std::to_string(llama_max_parallel_sequences()) + ", got " +
@@ -522,6 +584,15 @@ struct AddonData {
   Napi::FunctionReference model_constructor;
 };
 }  // namespace
+
+std::shared_ptr<Host> NativeModel::HostOf(Napi::Env env, Napi::Value value) {
+  if (!value.IsObject()) return nullptr;
+  auto* data = env.GetInstanceData<AddonData>();
+  if (data == nullptr || !value.As<Napi::Object>().InstanceOf(data->model_constructor.Value())) return nullptr;
+  NativeModel* m = NativeModel::Unwrap(value.As<Napi::Object>());
+  if (m == nullptr || !m->host_ || m->host_->closed || m->host_->closing || m->host_->model == nullptr) return nullptr;
+  return m->host_;
+}
 
 Napi::Function NativeModel::Define(Napi::Env env) {
   Napi::Function ctor = DefineClass(env, "NativeModel",
@@ -762,6 +833,8 @@ Napi::Value NativeModel::Stats(const Napi::CallbackInfo& info) {
   out.Set("decodedTokens", static_cast<double>(s.decoded_tokens));
   out.Set("cachedPromptTokens", static_cast<double>(s.cached_prompt_tokens));
   out.Set("kvUsedTokens", static_cast<double>(s.kv_used_tokens));
+  out.Set("draftTokens", static_cast<double>(s.draft_tokens));
+  out.Set("acceptedDraftTokens", static_cast<double>(s.draft_accepted));
   out.Set("kvCapacityTokens", static_cast<double>(host_->engine->context_size()) * host_->engine->max_sequences());
   return out;
 }
@@ -792,6 +865,11 @@ Napi::Value NativeModel::Close(const Napi::CallbackInfo& info) {
   if (!host_ || host_->closed || host_->closing) {
     auto d = Napi::Promise::Deferred::New(env);
     d.Resolve(env.Undefined());
+    return d.Promise();
+  }
+  if (host_->is_lent()) {
+    auto d = Napi::Promise::Deferred::New(env);
+    d.Reject(CodedError(env, "MODEL_IN_USE", "the model is the draft model of another loaded model: dispose that one first").Value());
     return d.Promise();
   }
   if (cleanup_hook_) {

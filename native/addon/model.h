@@ -35,6 +35,16 @@ struct Host {
   uint32_t active = 0;              // requests submitted and not finished (JS thread only)
   bool closing = false;  // close() in progress (JS thread only)
   bool closed = false;
+  // Speculative decoding: the draft model's host, lent to this host's engine. A host lent out
+  // keeps its llama_model until every borrower gave it back, even when it is shut down first
+  // (environment teardown); close() of a lent model is refused instead (MODEL_IN_USE).
+  std::shared_ptr<Host> draft;
+  std::mutex lend_mu;
+  int lent = 0;
+  llama_model* orphaned = nullptr;  // shut down while lent: freed by the last give_back()
+  void lend();
+  void give_back();
+  bool is_lent();
 
   ~Host();
   // Stops the engine thread and frees native resources; safe to call twice.
@@ -53,6 +63,8 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
 
   // Converts and delivers events waiting in the engine outbox (JS thread).
   static void Deliver(Napi::Env env, Napi::Function on_events, Host& host);
+  // The host of a NativeModel object (null when `value` is not one, or it is closed).
+  static std::shared_ptr<Host> HostOf(Napi::Env env, Napi::Value value);
 
  private:
   Napi::Value Info(const Napi::CallbackInfo& info);

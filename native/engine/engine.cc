@@ -74,6 +74,22 @@ Engine::Engine(llama_model* model, const EngineOptions& options, Notify notify)
   rpc_endpoints_ = options.rpc_endpoints;
   prompt_cache_ = options.prompt_cache && !options.kv_unified && !options.deterministic;
   batch_ = llama_batch_init(static_cast<int32_t>(n_batch_), 0, 1);
+  if (options.draft_model != nullptr && options.draft_max > 0 && !deterministic_) {
+    // The draft's own context: same sequences, context and batch as the target's, same threads.
+    draft_ctx_ = llama_init_from_model(options.draft_model, params);
+    if (draft_ctx_ == nullptr) {
+      llama_free(ctx_);
+      ctx_ = nullptr;
+      if (threadpool_ != nullptr) ggml_threadpool_free(threadpool_);
+      threadpool_ = nullptr;
+      llama_batch_free(batch_);
+      throw std::runtime_error("llama.cpp could not create a context for the draft model (contextSize " + std::to_string(options.context_size) +
+                               " x maxSequences " + std::to_string(options.max_sequences) + ")");
+    }
+    if (threadpool_ != nullptr) llama_attach_threadpool(draft_ctx_, threadpool_, nullptr);
+    draft_batch_ = llama_batch_init(static_cast<int32_t>(n_batch_), 0, 1);
+    draft_max_ = options.draft_max;
+  }
   slots_.resize(n_seq_max_);
   for (uint32_t i = 0; i < n_seq_max_; ++i) slots_[i].seq = static_cast<llama_seq_id>(i);
   thread_ = std::thread(&Engine::loop, this);
@@ -83,6 +99,10 @@ Engine::~Engine() {
   stop();
   join();
   llama_batch_free(batch_);
+  if (draft_ctx_ != nullptr) {
+    llama_batch_free(draft_batch_);
+    llama_free(draft_ctx_);
+  }
   if (ctx_ != nullptr) llama_free(ctx_);
   if (threadpool_ != nullptr) ggml_threadpool_free(threadpool_);
 }
@@ -301,6 +321,26 @@ void Engine::step() {
       if (!deterministic_) budget--;
     }
   }
+  // Speculative decoding: generating sequences get their drafts next, within what is left of the
+  // budget, their context and their max_tokens.
+  std::vector<size_t> speculating;
+  std::vector<uint32_t> draft_k(slots_.size(), 0);
+  if (draft_ctx_ != nullptr) {
+    for (size_t i = 0; i < slots_.size(); ++i) {
+      Slot& s = slots_[i];
+      if (take[i] != 1 || s.prefilled < s.request.prompt.size()) continue;
+      int64_t k = s.request.draft_max < 0 ? draft_max_ : s.request.draft_max;
+      k = std::min<int64_t>(k, static_cast<int64_t>(n_ctx_seq_) - s.n_past - 2);
+      if (s.request.max_tokens >= 0) k = std::min<int64_t>(k, s.request.max_tokens - s.generated - 1);
+      k = std::min<int64_t>(k, budget);
+      if (k <= 0) continue;
+      draft_k[i] = static_cast<uint32_t>(k);
+      budget -= static_cast<uint32_t>(k);
+      speculating.push_back(i);
+    }
+    if (!speculating.empty()) draft(speculating, draft_k);
+    for (size_t i : speculating) take[i] = 1 + static_cast<uint32_t>(slots_[i].drafts.size());
+  }
   std::sort(prefilling.begin(), prefilling.end(), [](const Slot* a, const Slot* b) { return a->admitted_order < b->admitted_order; });
   for (Slot* s : prefilling) {
     if (!deterministic_ && budget == 0) break;
@@ -352,6 +392,11 @@ void Engine::decode(const std::vector<size_t>& which, const std::vector<uint32_t
     } else {
       s.batch_index = add(s.last, s.n_past, s.seq, true);
       s.n_past++;
+      // Drafts follow in consecutive rows, each with logits: the target's choice after each.
+      for (llama_token d : s.drafts) {
+        add(d, s.n_past, s.seq, true);
+        s.n_past++;
+      }
     }
   }
   if (batch_.n_tokens == 0) return;
@@ -382,6 +427,7 @@ void Engine::decode(const std::vector<size_t>& which, const std::vector<uint32_t
                                             : "llama_decode failed with status " + std::to_string(status);
     for (size_t i : which) {
       slots_[i].kv_tokens.clear();  // what the failed decode left in the stream is unknown
+      slots_[i].drafts.clear();
       if (slots_[i].busy) fail(slots_[i], "ENGINE", message);
     }
     return;
@@ -390,21 +436,155 @@ void Engine::decode(const std::vector<size_t>& which, const std::vector<uint32_t
   for (int32_t k = 0; k < batch_.n_tokens; ++k) slots_[static_cast<size_t>(batch_.seq_id[k][0])].kv_tokens.push_back(batch_.token[k]);
   for (size_t i : which) {
     Slot& s = slots_[i];
-    if (s.busy && s.batch_index >= 0) sample_slot(s);
+    if (!s.busy || s.batch_index < 0) continue;
+    if (s.drafts.empty()) {
+      sample_slot(s);
+    } else {
+      verify(s);
+    }
+  }
+}
+
+void Engine::draft(const std::vector<size_t>& which, const std::vector<uint32_t>& k) {
+  llama_memory_t mem = llama_get_memory(draft_ctx_);
+  const int32_t n_vocab = llama_vocab_n_tokens(vocab_);
+  auto failed = [&](const std::vector<size_t>& slots) {
+    // A draft that cannot run costs only its speed-up: these sequences go on without drafts.
+    for (size_t i : slots) {
+      Slot& s = slots_[i];
+      s.drafts.clear();
+      llama_memory_seq_rm(mem, s.seq, -1, -1);
+      s.draft_kv.clear();
+    }
+  };
+  auto add = [&](llama_token token, llama_pos pos, llama_seq_id seq, bool logits) {
+    const int32_t row = draft_batch_.n_tokens++;
+    draft_batch_.token[row] = token;
+    draft_batch_.pos[row] = pos;
+    draft_batch_.n_seq_id[row] = 1;
+    draft_batch_.seq_id[row][0] = seq;
+    draft_batch_.logits[row] = logits ? 1 : 0;
+    return row;
+  };
+  // 1. Catch up: the draft context must hold each sequence's history and its last token; the
+  //    logits after that give the first draft. Long catch-ups (a new prompt) go in chunks.
+  std::vector<int32_t> row_of(slots_.size(), -1);
+  std::vector<size_t> in_batch;
+  auto run = [&]() {
+    if (draft_batch_.n_tokens == 0) return true;
+    if (llama_decode(draft_ctx_, draft_batch_) != 0) return false;
+    for (size_t i : in_batch) {
+      Slot& s = slots_[i];
+      if (row_of[i] >= 0) {
+        s.drafts.assign(1, argmax(llama_get_logits_ith(draft_ctx_, row_of[i]), n_vocab));
+        row_of[i] = -1;
+      }
+    }
+    draft_batch_.n_tokens = 0;
+    in_batch.clear();
+    return true;
+  };
+  draft_batch_.n_tokens = 0;
+  for (size_t i : which) {
+    Slot& s = slots_[i];
+    s.drafts.clear();
+    std::vector<llama_token> want = s.kv_tokens;
+    want.push_back(s.last);
+    size_t lcp = 0;
+    while (lcp < s.draft_kv.size() && lcp < want.size() && s.draft_kv[lcp] == want[lcp]) ++lcp;
+    if (lcp == want.size()) --lcp;  // the last token is decoded again for its logits
+    llama_memory_seq_rm(mem, s.seq, static_cast<llama_pos>(lcp), -1);
+    s.draft_kv.resize(lcp);
+    for (size_t p = lcp; p < want.size(); ++p) {
+      if (draft_batch_.n_tokens == static_cast<int32_t>(n_batch_) && !run()) return failed(which);
+      const bool final = p + 1 == want.size();
+      const int32_t row = add(want[p], static_cast<llama_pos>(p), s.seq, final);
+      if (final) row_of[i] = row;
+      if (in_batch.empty() || in_batch.back() != i) in_batch.push_back(i);
+      s.draft_kv.push_back(want[p]);
+    }
+  }
+  if (!run()) return failed(which);
+  // 2. Each further round decodes every sequence's newest draft and takes the argmax after it.
+  uint32_t rounds = 0;
+  for (size_t i : which) rounds = std::max(rounds, k[i]);
+  for (uint32_t r = 1; r < rounds; ++r) {
+    for (size_t i : which) {
+      Slot& s = slots_[i];
+      if (s.drafts.size() != r || k[i] <= r) continue;
+      row_of[i] = add(s.drafts.back(), static_cast<llama_pos>(s.draft_kv.size()), s.seq, true);
+      s.draft_kv.push_back(s.drafts.back());
+      in_batch.push_back(i);
+    }
+    if (draft_batch_.n_tokens == 0) break;
+    std::vector<size_t> round = in_batch;
+    if (llama_decode(draft_ctx_, draft_batch_) != 0) return failed(which);
+    for (size_t i : round) {
+      slots_[i].drafts.push_back(argmax(llama_get_logits_ith(draft_ctx_, row_of[i]), n_vocab));
+      row_of[i] = -1;
+    }
+    draft_batch_.n_tokens = 0;
+    in_batch.clear();
+  }
+}
+
+void Engine::verify(Slot& s) {
+  const std::vector<llama_token> drafts = std::move(s.drafts);
+  s.drafts.clear();
+  const int32_t row = s.batch_index;
+  s.batch_index = -1;
+  // The target's own token at each position, in order (a sampler advances as it goes), until the
+  // first that differs from the draft there: that one is the target's correction (or, all agreeing,
+  // the bonus token after the last draft).
+  std::vector<llama_token> chosen;
+  for (size_t i = 0; i <= drafts.size(); ++i) {
+    llama_token t;
+    if (!choose(s, row + static_cast<int32_t>(i), t)) return;
+    chosen.push_back(t);
+    if (i == drafts.size() || t != drafts[i]) break;
+  }
+  const size_t accepted = chosen.size() - 1;
+  // The KV streams keep the last token and the accepted drafts; the rest is dropped.
+  const llama_pos base = s.n_past - 1 - static_cast<llama_pos>(drafts.size());
+  s.n_past = base + 1 + static_cast<llama_pos>(accepted);
+  llama_memory_seq_rm(llama_get_memory(ctx_), s.seq, s.n_past, -1);
+  s.kv_tokens.resize(static_cast<size_t>(s.n_past));
+  if (s.draft_kv.size() > static_cast<size_t>(s.n_past)) {
+    llama_memory_seq_rm(llama_get_memory(draft_ctx_), s.seq, s.n_past, -1);
+    s.draft_kv.resize(static_cast<size_t>(s.n_past));
+  }
+  s.draft_tokens += static_cast<int32_t>(drafts.size());
+  s.draft_accepted += static_cast<int32_t>(accepted);
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    stats_.draft_tokens += drafts.size();
+    stats_.draft_accepted += accepted;
+  }
+  for (llama_token t : chosen) {
+    if (!accept(s, t)) return;
   }
 }
 
 void Engine::sample_slot(Slot& s) {
-  const float* logits = llama_get_logits_ith(ctx_, s.batch_index);
+  const int32_t row = s.batch_index;
   s.batch_index = -1;
   llama_token token;
+  if (choose(s, row, token)) accept(s, token);
+}
+
+bool Engine::choose(Slot& s, int32_t row, llama_token& token) {
+  const float* logits = llama_get_logits_ith(ctx_, row);
   try {
     token = is_plain_greedy(s.request.sampling) ? argmax(logits, llama_vocab_n_tokens(vocab_))
                                                 : sample_token(s.sampler.get(), logits, llama_vocab_n_tokens(vocab_), scratch_);
   } catch (const std::exception& e) {
     fail(s, "SAMPLING", e.what());
-    return;
+    return false;
   }
+  return true;
+}
+
+bool Engine::accept(Slot& s, llama_token token) {
   if (!s.has_first_token) {
     s.has_first_token = true;
     s.first_token = Clock::now();
@@ -414,28 +594,29 @@ void Engine::sample_slot(Slot& s) {
 
   if (!s.request.ignore_eos && llama_vocab_is_eog(vocab_, token)) {
     finish(s, "eog");
-    return;
+    return false;
   }
   auto update = s.text.push(token_piece(vocab_, token));
   Event e;
   e.text = std::move(update.delta);
   if (update.stopped) {
     finish_with(s, "stop", std::move(e.text));
-    return;
+    return false;
   }
   if (s.request.max_tokens >= 0 && s.generated >= s.request.max_tokens) {
     finish_with(s, "length", std::move(e.text));
-    return;
+    return false;
   }
   if (static_cast<uint32_t>(s.n_past) + 1 > n_ctx_seq_) {
     finish_with(s, "context", std::move(e.text));
-    return;
+    return false;
   }
   s.last = token;
   e.id = s.request.id;
   e.kind = Event::Kind::Tokens;
   e.tokens.swap(s.unsent);
   push(std::move(e));
+  return true;
 }
 
 void Engine::finish(Slot& s, const char* reason) { finish_with(s, reason, std::string()); }
@@ -450,6 +631,8 @@ void Engine::finish_with(Slot& s, const char* reason, std::string text) {
   e.text = std::string(reason) == "stop" ? std::move(text) : text + s.text.flush();
   e.prompt_tokens = static_cast<int32_t>(s.request.prompt.size());
   e.completion_tokens = s.generated;
+  e.draft_tokens = s.draft_tokens;
+  e.draft_accepted = s.draft_accepted;
   const auto now = Clock::now();
   e.timings.queued_ms = ms_between(s.submitted, s.admitted);
   if (s.has_first_token) {
@@ -477,7 +660,12 @@ void Engine::release(Slot& s) {
   if (!prompt_cache_) {
     llama_memory_seq_rm(llama_get_memory(ctx_), s.seq, -1, -1);
     s.kv_tokens.clear();
+    if (draft_ctx_ != nullptr) llama_memory_seq_rm(llama_get_memory(draft_ctx_), s.seq, -1, -1);
+    s.draft_kv.clear();
   }
+  s.drafts.clear();
+  s.draft_tokens = 0;
+  s.draft_accepted = 0;
   s.sampler.reset();
   s.busy = false;
   s.released_at = ++releases_;

@@ -40,6 +40,13 @@ struct EngineOptions {
   // RPC servers holding part of the model: after each decode the engine checks their connections,
   // and a lost one fails every request (RPC_DISCONNECTED) instead of returning garbage.
   std::vector<std::string> rpc_endpoints;
+  // Speculative decoding: a smaller model with the same vocabulary proposes up to draft_max tokens
+  // per sequence and step (greedily, in its own context); the target checks them all in one decode
+  // and keeps the prefix its own sampler agrees with, plus its own next token. Output is exactly the
+  // target's: greedy token for token; sampled, each position is the target's own draw. Not with
+  // deterministic (each sequence alone) mode.
+  llama_model* draft_model = nullptr;
+  uint32_t draft_max = 0;
 };
 
 // The llama.cpp context parameters of an engine with `options` (the engine adds its abort callback).
@@ -61,6 +68,7 @@ struct Request {
   std::vector<std::string> stop;
   int32_t priority = 0;     // higher first; FIFO among equals
   bool ignore_eos = false;
+  int32_t draft_max = -1;   // tokens to draft per step: -1 the engine's draft_max, 0 none
 };
 
 struct Timings {
@@ -80,6 +88,8 @@ struct Event {
   std::string finish_reason;        // "eog" | "stop" | "length" | "context" | "abort"
   int32_t prompt_tokens = 0;
   int32_t completion_tokens = 0;
+  int32_t draft_tokens = 0;      // proposed by the draft model
+  int32_t draft_accepted = 0;    // of those, kept (each saved one target decode step)
   Timings timings;
   // Error
   std::string error_code;
@@ -93,6 +103,8 @@ struct EngineStats {
   uint64_t decoded_tokens = 0;
   uint64_t cached_prompt_tokens = 0;  // prompt tokens taken from a slot's cache instead of decoded
   uint64_t kv_used_tokens = 0;  // tokens held in the KV cache by active sequences
+  uint64_t draft_tokens = 0;    // speculative decoding: tokens the draft model proposed
+  uint64_t draft_accepted = 0;  // and the target kept
 };
 
 class Engine {
@@ -112,6 +124,8 @@ class Engine {
   uint32_t max_queue() const { return max_queue_; }
   uint32_t total_context() const;
   const llama_context* context() const { return ctx_; }
+  bool has_draft() const { return draft_ctx_ != nullptr; }
+  uint32_t draft_max() const { return draft_max_; }
 
   void submit(Request request);
   void cancel(uint64_t id);
@@ -149,6 +163,11 @@ class Engine {
     uint64_t admitted_order = 0;
     Clock::time_point submitted, admitted, first_token;
     bool has_first_token = false;
+    // Speculative decoding
+    std::vector<llama_token> draft_kv;  // tokens whose KV the draft context holds for this sequence
+    std::vector<llama_token> drafts;    // proposed this step, checked by the next target decode
+    int32_t draft_tokens = 0;
+    int32_t draft_accepted = 0;
   };
 
   void loop();
@@ -158,6 +177,14 @@ class Engine {
   // One llama_decode over the slots `which` (their `take` tokens), then their sampling.
   void decode(const std::vector<size_t>& which, const std::vector<uint32_t>& take);
   void sample_slot(Slot& slot);
+  // The target's token at a batch row (greedy or the slot's sampler); false when the slot failed.
+  bool choose(Slot& slot, int32_t row, llama_token& token);
+  // Takes a chosen token: events, end conditions; true while the slot keeps generating.
+  bool accept(Slot& slot, llama_token token);
+  // Speculative decoding: the draft proposals of this step for the slots `which`.
+  void draft(const std::vector<size_t>& which, const std::vector<uint32_t>& k);
+  // Checks a slot's drafts against the target logits (rows from batch_index) and keeps what agrees.
+  void verify(Slot& slot);
   void finish(Slot& slot, const char* reason);
   void finish_with(Slot& slot, const char* reason, std::string text);
   void fail(Slot& slot, const std::string& code, const std::string& message);
@@ -196,6 +223,10 @@ class Engine {
   std::vector<Slot> slots_;
   uint64_t next_order_ = 0;
   uint64_t next_admit_ = 0;
+
+  llama_context* draft_ctx_ = nullptr;
+  llama_batch draft_batch_{};
+  uint32_t draft_max_ = 0;
 
   std::atomic<bool> abort_decode_{false};
   std::vector<std::string> rpc_endpoints_;
