@@ -6,6 +6,7 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 
 import { GenesisError, InvalidOptionError, loadModel, type Model } from '../src/index.js';
+import { serve } from '../src/server/serve.js';
 import { makeFixtureModel } from './fixtures/models.js';
 
 describe('speculative decoding', () => {
@@ -119,5 +120,39 @@ describe('speculative decoding', () => {
     expect((await draft.complete('still here', { maxTokens: 2, temperature: 0 })).usage.completionTokens).toBe(2);
     await user.dispose();
     await draft.dispose();
+  });
+
+  it('genesis serve --draft: the same completions, and the draft figures in /metrics', async () => {
+    const handle = await serve({
+      models: [{ name: 't', path: targetPath, draft: { path: targetPath, maxTokens: 4 } }],
+      load: options,
+      port: 0,
+      handleSignals: false,
+      log: () => {},
+    });
+    try {
+      const r = await fetch(`${handle.url}/v1/completions`, {
+        method: 'POST',
+        headers: { 'content-type': 'application/json' },
+        body: JSON.stringify({ model: 't', prompt: prompts[0], max_tokens: 24, temperature: 0 }),
+      });
+      expect(r.status).toBe(200);
+      const body = (await r.json()) as { choices: Array<{ text: string }> };
+      expect(body.choices[0]!.text).toBe((await target.complete(prompts[0]!, { maxTokens: 24, temperature: 0 })).text);
+      const metrics = await (await fetch(`${handle.url}/metrics`)).text();
+      const accepted = Number(/genesis_draft_accepted_tokens_total\{model="t"\} (\d+)/.exec(metrics)?.[1]);
+      const drafted = Number(/genesis_draft_tokens_total\{model="t"\} (\d+)/.exec(metrics)?.[1]);
+      expect(drafted).toBeGreaterThan(0);
+      expect(accepted).toBeGreaterThan(0);
+      expect(accepted).toBeLessThanOrEqual(drafted);
+    } finally {
+      await handle.stop();
+    }
+  });
+
+  it('genesis serve refuses --draft with --memory-budget, before loading anything', async () => {
+    await expect(
+      serve({ models: [{ name: 't', path: targetPath, draft: { path: targetPath } }], memoryBudget: 2 ** 30, port: 0, handleSignals: false, log: () => {} }),
+    ).rejects.toThrow(/--draft is not available with --memory-budget/);
   });
 });

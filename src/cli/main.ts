@@ -82,6 +82,9 @@ serve options (OpenAI-compatible API, chat page at /; no --model: the built-in d
   --memory-budget SIZE  host memory for all models (e.g. 6G, 512M): the models that fit load at
                         start, the others on first request; idle ones are unloaded for room
   --keep-alive S        with --memory-budget: unload a model idle for S seconds
+  --draft [name=]FILE   speculative decoding: a smaller model with the same tokenizer drafts
+                        tokens for the model named (default: the first); output unchanged
+  --draft-max N         tokens drafted per step (default 4)
 ${BENCH_USAGE}${FINGERPRINT_USAGE}`;
 
 const modelOptions = {
@@ -356,6 +359,8 @@ async function serveCommand(argv: string[]): Promise<void> {
       'log-level': { type: 'string' },
       'memory-budget': { type: 'string' },
       'keep-alive': { type: 'string' },
+      draft: { type: 'string', multiple: true },
+      'draft-max': { type: 'string' },
     },
   });
   if (values.help) return void process.stdout.write(USAGE);
@@ -368,6 +373,15 @@ async function serveCommand(argv: string[]): Promise<void> {
     process.stderr.write(`no --model given: serving the built-in demo model ${path}\n`);
     process.stderr.write('(synthetic, RANDOM WEIGHTS: the text is noise; tokens, batching, streaming and speed are real)\n');
     specs = [{ name: 'genesis-demo', path, randomWeights: true }];
+  }
+  // --draft [target=]draft.gguf: speculative decoding for that model (default: the first).
+  for (const value of values.draft ?? []) {
+    const eq = value.indexOf('=');
+    const slash = value.search(/[\\/]/);
+    const named = eq > 0 && (slash < 0 || eq < slash);
+    const target = named ? specs.find((s) => s.name === value.slice(0, eq)) : specs[0];
+    if (!target) throw new UsageError(`--draft ${JSON.stringify(value)}: no --model is named ${JSON.stringify(value.slice(0, eq))}`);
+    target.draft = { path: named ? value.slice(eq + 1) : value, maxTokens: int('draft-max', values['draft-max']) };
   }
   const { onProgress: _unused, ...load } = loadOptions(values);
   const port = int('port', values.port) ?? 8080;

@@ -15,6 +15,8 @@ export interface ServeModelSpec {
   path: string;
   /** The built-in demo model: said loudly at start-up and on the chat page. */
   randomWeights?: boolean;
+  /** Speculative decoding: a draft model (same tokenizer) loaded for this one. */
+  draft?: { path: string; maxTokens?: number };
 }
 
 export interface ServeOptions extends Omit<ServerOptions, 'models' | 'logger'> {
@@ -71,9 +73,18 @@ export async function serve(options: ServeOptions): Promise<ServeHandle> {
     names.add(spec.name);
   }
 
+  if (options.memoryBudget !== undefined && options.models.some((s) => s.draft)) {
+    throw new ServerConfigError('--draft is not available with --memory-budget yet: the runtime does not count or unload draft models');
+  }
+
   const models: Model[] = [];
+  const drafts: Model[] = [];
   const runtime = options.memoryBudget !== undefined ? createRuntime({ memoryBudget: options.memoryBudget, keepAlive: options.keepAlive }) : undefined;
-  const disposeAll = () => Promise.all([...models.map((m) => m.dispose()), runtime?.dispose()]).then(() => undefined);
+  // Targets before their drafts: a draft in use cannot be disposed.
+  const disposeAll = async () => {
+    await Promise.all([...models.map((m) => m.dispose()), runtime?.dispose()]);
+    await Promise.all(drafts.map((m) => m.dispose()));
+  };
   let server: GenesisServer;
   try {
     if (runtime) {
@@ -92,9 +103,19 @@ export async function serve(options: ServeOptions): Promise<ServeHandle> {
       log(`memory budget: ${usage}`);
     }
     for (const spec of runtime ? [] : options.models) {
+      let draft: Model | undefined;
+      if (spec.draft) {
+        log(`loading the draft model of ${spec.name} from ${spec.draft.path}`);
+        draft = await loadModel(spec.draft.path, { ...options.load, onProgress: options.progress?.(`${spec.name} draft`) });
+        drafts.push(draft);
+      }
       log(`loading ${spec.name} from ${spec.path}`);
       const started = performance.now();
-      const model = await loadModel(spec.path, { ...options.load, onProgress: options.progress?.(spec.name) });
+      const model = await loadModel(spec.path, {
+        ...options.load,
+        onProgress: options.progress?.(spec.name),
+        ...(draft ? { draft: { model: draft, maxTokens: spec.draft!.maxTokens } } : {}),
+      });
       models.push(model);
       const { context } = model.info;
       log(
