@@ -7,6 +7,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 
 import { GenesisError, InvalidOptionError, loadModel, type Model } from '../src/index.js';
 import { serve } from '../src/server/serve.js';
+import { formatSpeculativeTable, measureSpeculative, parseSpeculativeSimple } from '../src/bench/speculative.js';
 import { makeFixtureModel } from './fixtures/models.js';
 
 describe('speculative decoding', () => {
@@ -154,5 +155,42 @@ describe('speculative decoding', () => {
     await expect(
       serve({ models: [{ name: 't', path: targetPath, draft: { path: targetPath } }], memoryBudget: 2 ** 30, port: 0, handleSignals: false, log: () => {} }),
     ).rejects.toThrow(/--draft is not available with --memory-budget/);
+  });
+
+});
+
+describe('speculative decoding benchmark', () => {
+  it('reads llama-speculative-simple’s summary', () => {
+    const text = [
+      'encoded    9 tokens in    0.012 seconds, speed:  750.000 t/s',
+      'decoded   24 tokens in    0.133 seconds, speed:  180.451 t/s',
+      '',
+      'n_draft   = 4',
+      'n_predict = 24',
+      'n_drafted = 52',
+      'n_accept  = 14',
+      'accept    = 26.923%',
+    ].join('\n');
+    expect(parseSpeculativeSimple(text)).toEqual({ tokensPerSecond: 180.451, drafted: 52, accepted: 14 });
+    expect(() => parseSpeculativeSimple('nothing')).toThrow(/could not read/);
+  });
+
+  it('measures ours and llama-speculative-simple on the same models; agreement falls as the target’s later layers grow', async () => {
+    const lines: string[] = [];
+    const r = await measureSpeculative({
+      target: { preset: 'tiny', type: 'q8_0', layers: 4 }, scales: [0, 1], draftTokens: 4, genTokens: 24, threads: 1, gpuLayers: 0, repeat: 1,
+      log: (line) => lines.push(line),
+    });
+    expect(r.rows.map((row) => row.scale)).toEqual([0, 1]);
+    // Scale 0: the later layers add nothing, the 1-layer draft is always right, in both runtimes.
+    expect(r.rows[0]!.acceptance).toEqual({ ours: 1, reference: 1 });
+    expect(r.rows[1]!.acceptance.ours).toBeLessThan(0.9);
+    for (const row of r.rows) {
+      expect(row.alone).toBeGreaterThan(0);
+      expect(row.ours).toBeGreaterThan(0);
+      expect(row.reference).toBeGreaterThan(0);
+    }
+    expect(lines.join('\n')).not.toContain('WARNING');
+    expect(formatSpeculativeTable(r)).toMatch(/^\| 0 \| 100 % \/ 100 % \|/m);
   });
 });

@@ -75,6 +75,8 @@ export interface BenchModelSpec {
   type: SyntheticWeightType;
   /** Default: the real model's layer count. */
   layers?: number;
+  /** Layers from 1 up scaled by this (see SyntheticModelOptions.quietLayers): for draft agreement. */
+  quiet?: number;
 }
 
 /** Parses 'qwen3-30b-a3b:q4_0:2' (preset, type, layers; type and layers optional). */
@@ -106,6 +108,7 @@ export async function ensureBenchModel(spec: BenchModelSpec, cacheDir?: string):
     type: spec.type,
     // One layer of random weights is generated; the others reuse its bytes (see the option).
     shareLayerWeights: true,
+    ...(spec.quiet !== undefined ? { quietLayers: { from: 1, scale: spec.quiet } } : {}),
     ...(cacheDir ? { cacheDir } : {}),
   });
 }

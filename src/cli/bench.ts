@@ -4,6 +4,7 @@ import { join, resolve } from 'node:path';
 import { parseArgs } from 'node:util';
 
 import { measureDeterminism } from '../bench/determinism.js';
+import { formatSpeculativeTable, measureSpeculative } from '../bench/speculative.js';
 import { ensureBenchModel, isPresetName, MODEL_PRESETS, parseModelSpec, specLabel, type BenchModelSpec } from '../bench/models.js';
 import { defaultBenchOptions, formatRatioTable, runBench, WORKLOADS, type Workload } from '../bench/run.js';
 import { repoRoot } from '../synthetic/models.js';
@@ -30,6 +31,10 @@ export const BENCH_USAGE = `bench options (figures printed next to llama.cpp's o
   --determinism N       instead: N greedy requests (e.g. 200) alone, then all at once, in the
                         default and the deterministic mode; how many equal their solo run, and
                         the throughput of each (first --model; default the tiny preset)
+  --speculative         instead: speculative decoding against llama-speculative-simple at several
+                        acceptance rates (--scales 0.2,0.5,0.8: how much the target's layers 1+
+                        are scaled; draft = its first layer), --draft-max N (4), --tg N (64);
+                        first --model as target (default llama-3-8b:q4_0:4)
   --out DIR             where report.json, report.md and report.html go
                         (default benchmarks/out/<date>)
 `;
@@ -92,6 +97,9 @@ export async function benchCommand(argv: string[]): Promise<number> {
       rpc: { type: 'string' },
       'no-roofline': { type: 'boolean' },
       determinism: { type: 'string' },
+      speculative: { type: 'boolean' },
+      scales: { type: 'string' },
+      'draft-max': { type: 'string' },
       out: { type: 'string' },
       help: { type: 'boolean', short: 'h' },
     },
@@ -152,6 +160,19 @@ export async function benchCommand(argv: string[]): Promise<number> {
     const [d, det] = r.modes;
     if (d && det) process.stdout.write(`\ndeterministic throughput: ${(det.tokensPerSecond / d.tokensPerSecond).toFixed(2)} × default\n`);
     return r.modes.every((m) => m.mode !== 'deterministic' || m.equal === m.requests) ? 0 : 1;
+  }
+  if (values.speculative) {
+    const first = values.model ? o.models[0] : undefined;
+    if (typeof first === 'string') throw new UsageError('--speculative needs a preset --model (its draft is generated from it), not a file');
+    const target: BenchModelSpec = first ?? { preset: 'llama-3-8b', type: (values.type ?? 'q4_0') as SyntheticWeightType, layers: layers ?? 4 };
+    const scales = values.scales?.split(',').map(Number) ?? [0.2, 0.5, 0.8];
+    if (scales.some((x) => !Number.isFinite(x) || x < 0)) throw new UsageError(`--scales expects numbers ≥ 0, got ${JSON.stringify(values.scales)}`);
+    const r = await measureSpeculative({
+      target, scales, draftTokens: positive('draft-max', values['draft-max']) ?? 4, genTokens: positive('tg', values.tg, 2) ?? 64,
+      threads: o.threads, gpuLayers: o.gpuLayers, repeat: positive('repeat', values.repeat) ?? 1, log: (line) => process.stderr.write(`[bench] ${line}\n`),
+    });
+    process.stdout.write(`\n${formatSpeculativeTable(r)}\n`);
+    return 0;
   }
   const outDir = resolve(values.out ?? join(repoRoot(), 'benchmarks', 'out', new Date().toISOString().replace(/[:.]/g, '-')));
 

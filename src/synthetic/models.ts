@@ -84,6 +84,14 @@ export interface SyntheticModelOptions {
    * from their own memory. Default false.
    */
   shareLayerWeights?: boolean;
+  /**
+   * Scale the matrices of layers `from` and up by `scale` (their norms stay 1): those layers then
+   * add little to the residual stream, so the model predicts nearly what its first `from` layers
+   * alone predict while costing every layer's compute. With the same seed, a `from`-layer model is
+   * a draft for it whose agreement falls as `scale` grows (speculative decoding benchmarks).
+   * Default: none.
+   */
+  quietLayers?: { from: number; scale: number } | null;
   /** Default: `defaultModelCacheDir()`. */
   cacheDir?: string;
 }
@@ -151,6 +159,7 @@ function resolve(options: SyntheticModelOptions): ResolvedOptions {
     name: options.name ?? `genesis-fixture-${arch}-${vocab}-${type}`,
     tieEmbeddings: options.tieEmbeddings ?? false,
     shareLayerWeights: options.shareLayerWeights ?? false,
+    quietLayers: options.quietLayers ?? null,
   };
   validate(r);
   return r;
@@ -164,6 +173,10 @@ function validate(o: ResolvedOptions): void {
   if (o.nHead % o.nHeadKv !== 0) throw new RangeError(`nHead (${o.nHead}) must be divisible by nHeadKv (${o.nHeadKv})`);
   if (o.headDim % 2 !== 0) throw new RangeError(`head size (headDim, default nEmbd/nHead) must be even for RoPE, got ${o.headDim}`);
   if (o.nExpertUsed > o.nExpert) throw new RangeError(`nExpertUsed (${o.nExpertUsed}) must not exceed nExpert (${o.nExpert})`);
+  const q = o.quietLayers;
+  if (q !== null && (!Number.isInteger(q.from) || q.from < 0 || !Number.isFinite(q.scale) || q.scale < 0)) {
+    throw new RangeError(`quietLayers needs an integer from ≥ 0 and a scale ≥ 0, got ${JSON.stringify(q)}`);
+  }
   if (o.type === 'q8_0' || o.type === 'q4_0') {
     // Every quantized matrix has one of these as its contiguous dimension (ne0).
     const rows = o.arch === 'llama' ? { nEmbd: o.nEmbd, nFf: o.nFf, 'headDim*nHead': o.headDim * o.nHead } : { nEmbd: o.nEmbd, nFfExp: o.nFfExp, 'headDim*nHead': o.headDim * o.nHead };
@@ -274,22 +287,26 @@ async function buildContent(o: ResolvedOptions): Promise<FixtureContent> {
   // so activations stay O(1) through the layers and the logits are neither flat nor saturated.
   const matrix = (name: string, shape: number[], type = wtype, scale = 1 / Math.sqrt(shape[0]!)): void => {
     const n = shape.reduce((x, y) => x * y, 1);
-    const layer = /^blk\.\d+\./.exec(name);
+    const layer = /^blk\.(\d+)\./.exec(name);
+    const quiet = o.quietLayers !== null && layer !== null && Number(layer[1]) >= o.quietLayers.from ? o.quietLayers.scale : 1;
+    scale *= quiet;
     if (!o.shareLayerWeights || !layer) {
       tensors.push({ name, type, shape, data: () => uniform(o.seed, name, n, scale) });
       return;
     }
-    // Layers are written in order: layer 0 encodes each shared tensor once, the last layer frees it.
+    // Layers are written in order: layer 0 encodes each shared tensor once (once more scaled for
+    // quiet layers), the last layer frees it.
     const source = name.replace(layer[0], 'blk.0.');
+    const key = quiet === 1 ? source : `${source}@${quiet}`;
     const last = layer[0] === `blk.${o.nLayer - 1}.`;
     tensors.push({
       name,
       type,
       shape,
       data: () => {
-        const bytes = shared.get(source) ?? encodeTensorData({ name, type, shape }, uniform(o.seed, source, n, scale));
-        if (last) shared.delete(source);
-        else shared.set(source, bytes);
+        const bytes = shared.get(key) ?? encodeTensorData({ name, type, shape }, uniform(o.seed, source, n, scale));
+        if (last) shared.delete(key);
+        else shared.set(key, bytes);
         return bytes;
       },
     });
@@ -336,8 +353,9 @@ export async function makeSyntheticModel(options: SyntheticModelOptions = {}): P
   const cacheDir = options.cacheDir ?? defaultModelCacheDir();
   const vocabStat = await stat(vocabPath(o.vocab, o.vocabDir)).catch(() => undefined);
   // The vocab file's size stands in for its content so a different llama.cpp checkout gets a new name.
-  const { vocabDir: _vocabDir, ...hashed } = o;
-  const key = JSON.stringify({ v: GENERATOR_VERSION, ...hashed, vocabBytes: vocabStat?.size ?? null });
+  const { vocabDir: _vocabDir, quietLayers, ...hashed } = o;
+  // Options added later are hashed only when set, so earlier files keep their names.
+  const key = JSON.stringify({ v: GENERATOR_VERSION, ...hashed, vocabBytes: vocabStat?.size ?? null, ...(quietLayers ? { quietLayers } : {}) });
   const hash = createHash('sha256').update(key).digest('hex').slice(0, 16);
   const path = join(cacheDir, `${o.arch}-${o.vocab}-${o.type}-${hash}.gguf`);
 
