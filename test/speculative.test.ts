@@ -59,6 +59,14 @@ describe('speculative decoding', () => {
     expect(after.draftTokens - before.draftTokens).toBe(r.speculative!.draftTokens);
   });
 
+  it('drafts less for a sequence whose drafts keep being rejected', async () => {
+    // The 1-layer random draft almost never agrees: the draft length halves to 0, then one token is
+    // tried again every 16 steps, instead of 3 drafted tokens every step (~120 for 40 tokens).
+    const r = await withSmall.complete(prompts[0]!, greedy);
+    expect(r.speculative!.acceptanceRate).toBeLessThan(0.2);
+    expect(r.speculative!.draftTokens).toBeLessThan(20);
+  });
+
   it('sampled output with a seed is the target’s own draw at every position', async () => {
     // The draws are the same random numbers in the same order with or without drafts. With flash
     // attention on, llama.cpp's CPU kernel for several tokens of a sequence in one decode rounds

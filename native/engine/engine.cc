@@ -26,6 +26,17 @@ std::string token_piece(const llama_vocab* vocab, llama_token token) {
   return piece;
 }
 
+// Appends one token of one sequence to a batch; returns its row.
+int32_t batch_add(llama_batch& batch, llama_token token, llama_pos pos, llama_seq_id seq, bool logits) {
+  const int32_t row = batch.n_tokens++;
+  batch.token[row] = token;
+  batch.pos[row] = pos;
+  batch.n_seq_id[row] = 1;
+  batch.seq_id[row][0] = seq;
+  batch.logits[row] = logits ? 1 : 0;
+  return row;
+}
+
 }  // namespace
 
 llama_context_params engine_context_params(const EngineOptions& options) {
@@ -329,7 +340,14 @@ void Engine::step() {
     for (size_t i = 0; i < slots_.size(); ++i) {
       Slot& s = slots_[i];
       if (take[i] != 1 || s.prefilled < s.request.prompt.size()) continue;
-      int64_t k = s.request.draft_max < 0 ? draft_max_ : s.request.draft_max;
+      const int64_t max_k = s.request.draft_max < 0 ? draft_max_ : s.request.draft_max;
+      if (max_k <= 0) continue;
+      if (s.draft_k < 0) s.draft_k = static_cast<int32_t>(max_k);
+      if (s.draft_k == 0 && ++s.draft_pause >= 16) {
+        s.draft_k = 1;  // drafts were all rejected for a while: try one again
+        s.draft_pause = 0;
+      }
+      int64_t k = std::min<int64_t>(s.draft_k, max_k);
       k = std::min<int64_t>(k, static_cast<int64_t>(n_ctx_seq_) - s.n_past - 2);
       if (s.request.max_tokens >= 0) k = std::min<int64_t>(k, s.request.max_tokens - s.generated - 1);
       k = std::min<int64_t>(k, budget);
@@ -370,15 +388,7 @@ void Engine::decode(const std::vector<size_t>& which, const std::vector<uint32_t
   // Tokens are laid out by increasing sequence id: with one KV stream per sequence, llama.cpp
   // batches consecutive sequence ids together in one micro-batch.
   batch_.n_tokens = 0;
-  auto add = [&](llama_token token, llama_pos pos, llama_seq_id seq, bool logits) {
-    const int32_t i = batch_.n_tokens++;
-    batch_.token[i] = token;
-    batch_.pos[i] = pos;
-    batch_.n_seq_id[i] = 1;
-    batch_.seq_id[i][0] = seq;
-    batch_.logits[i] = logits ? 1 : 0;
-    return i;
-  };
+  auto add = [&](llama_token token, llama_pos pos, llama_seq_id seq, bool logits) { return batch_add(batch_, token, pos, seq, logits); };
   for (size_t i : which) {
     Slot& s = slots_[i];
     if (s.prefilled < s.request.prompt.size()) {
@@ -457,15 +467,7 @@ void Engine::draft(const std::vector<size_t>& which, const std::vector<uint32_t>
       s.draft_kv.clear();
     }
   };
-  auto add = [&](llama_token token, llama_pos pos, llama_seq_id seq, bool logits) {
-    const int32_t row = draft_batch_.n_tokens++;
-    draft_batch_.token[row] = token;
-    draft_batch_.pos[row] = pos;
-    draft_batch_.n_seq_id[row] = 1;
-    draft_batch_.seq_id[row][0] = seq;
-    draft_batch_.logits[row] = logits ? 1 : 0;
-    return row;
-  };
+  auto add = [&](llama_token token, llama_pos pos, llama_seq_id seq, bool logits) { return batch_add(draft_batch_, token, pos, seq, logits); };
   // 1. Catch up: the draft context must hold each sequence's history and its last token; the
   //    logits after that give the first draft. Long catch-ups (a new prompt) go in chunks.
   std::vector<int32_t> row_of(slots_.size(), -1);
@@ -555,6 +557,14 @@ void Engine::verify(Slot& s) {
   }
   s.draft_tokens += static_cast<int32_t>(drafts.size());
   s.draft_accepted += static_cast<int32_t>(accepted);
+  const int32_t max_k = s.request.draft_max < 0 ? static_cast<int32_t>(draft_max_) : s.request.draft_max;
+  if (accepted == drafts.size()) {
+    s.draft_k = std::min(max_k, static_cast<int32_t>(drafts.size()) + 1);
+  } else if (accepted > 0) {
+    s.draft_k = static_cast<int32_t>(accepted) + 1;
+  } else {
+    s.draft_k = static_cast<int32_t>(drafts.size()) / 2;
+  }
   {
     std::lock_guard<std::mutex> lock(mu_);
     stats_.draft_tokens += drafts.size();
@@ -666,6 +676,8 @@ void Engine::release(Slot& s) {
   s.drafts.clear();
   s.draft_tokens = 0;
   s.draft_accepted = 0;
+  s.draft_k = -1;
+  s.draft_pause = 0;
   s.sampler.reset();
   s.busy = false;
   s.released_at = ++releases_;

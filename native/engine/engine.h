@@ -168,6 +168,10 @@ class Engine {
     std::vector<llama_token> drafts;    // proposed this step, checked by the next target decode
     int32_t draft_tokens = 0;
     int32_t draft_accepted = 0;
+    // Adaptive draft length: all kept → one more next step; some → as many as were kept plus one;
+    // none → half. At 0 the sequence drafts nothing, then tries one token again after 16 steps.
+    int32_t draft_k = -1;  // -1: not set yet (the request's maximum)
+    int32_t draft_pause = 0;
   };
 
   void loop();
