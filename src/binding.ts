@@ -88,6 +88,8 @@ export interface NativeSubmitOptions {
   grammar: string;
   /** Tokens to draft per step: -1 the model's default, 0 none. */
   draftMaxTokens: number;
+  /** Logit fusion: send each step's logits ('logits' event) and wait for feed(id, token). */
+  externalSampling?: boolean;
 }
 
 export interface NativeTimings {
@@ -111,7 +113,8 @@ export type NativeEvent =
       draftAccepted: number;
       timings: NativeTimings;
     }
-  | { id: number; kind: 'error'; tokens: Int32Array; text: string; code: string; message: string; completionTokens: number };
+  | { id: number; kind: 'error'; tokens: Int32Array; text: string; code: string; message: string; completionTokens: number }
+  | { id: number; kind: 'logits'; logits: Float32Array };
 
 export interface NativeModelInfo {
   architecture: string;
@@ -145,6 +148,9 @@ export interface NativeModel {
   detokenize(tokens: Int32Array | number[], removeSpecial: boolean, unparseSpecial: boolean): string;
   applyChatTemplate(messages: Array<{ role: string; content: string }>, addAssistant: boolean, template?: string): string;
   submit(id: number, prompt: Int32Array, options: NativeSubmitOptions): void;
+  feed(id: number, token: number): void;
+  /** '<n_tokens>:<hex digest of the tokenizer>': equal for models whose token ids mean the same text. */
+  vocabDigest(): string;
   cancel(id: number): void;
   stats(): EngineStats;
   embed(inputs: Int32Array[]): Promise<{ embeddings: Float32Array[]; pooling: string }>;

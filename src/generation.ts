@@ -82,9 +82,16 @@ export class Generation implements AsyncIterable<GenerationChunk> {
     this.result.catch(() => {});
   }
 
+  /** @internal logit fusion: called with each step's logits of an externally sampled generation */
+  _onLogits: ((logits: Float32Array) => void) | undefined;
+
   /** @internal */
   _event(event: NativeEvent): void {
     if (this.#done) return;
+    if (event.kind === 'logits') {
+      this._onLogits?.(event.logits);
+      return;
+    }
     const tokens = Array.from(event.tokens);
     this.#text += event.text;
     this.#tokens.push(...tokens);

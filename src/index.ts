@@ -1,6 +1,8 @@
 export { loadModel, Model } from './model.js';
 export type { ChatMessage, EmbeddingResult, EngineStats, ModelInfo, Placement } from './model.js';
 export { startRpcServer } from './rpc.js';
+export { fuse, FusedModel } from './fusion.js';
+export type { FusionMember } from './fusion.js';
 export type { RpcServer, RpcServerOptions } from './rpc.js';
 export { Generation } from './generation.js';
 export type { FinishReason, GenerationChunk, GenerationResult, GenerationTimings } from './generation.js';

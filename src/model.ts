@@ -305,6 +305,27 @@ export class Model implements AsyncDisposable {
     return generation;
   }
 
+  /**
+   * @internal logit fusion: a generation whose tokens are chosen outside (its logits arrive at
+   * `_onLogits`, the choice goes back with `_feed`); stop strings, maxTokens and EOS apply as usual.
+   */
+  _generateExternal(tokens: Int32Array, options: GenerateOptions): Generation {
+    this.#assertOpen();
+    const sampling = resolveSamplingOptions({ ...options, temperature: 0 }, this.info.vocabSize);
+    return this.#submit(tokens, { ...sampling, externalSampling: true, draftMaxTokens: 0 }, options.signal);
+  }
+
+  /** @internal */
+  _feed(id: number, token: number): void {
+    if (!this.#disposed && this.#active.has(id)) this.#native.feed(id, token);
+  }
+
+  /** Identifies the tokenizer: equal digests, equal token ids for equal text (logit fusion, drafts). */
+  vocabDigest(): string {
+    this.#assertOpen();
+    return this.#native.vocabDigest();
+  }
+
   #cancel(id: number): void {
     if (!this.#disposed && this.#active.has(id)) this.#native.cancel(id);
   }

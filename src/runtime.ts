@@ -11,6 +11,7 @@
  *   const r = await runtime.complete('router', 'Classify: ...', { maxTokens: 8 });
  */
 import { DisposedError, InvalidOptionError, MemoryBudgetError } from './errors.js';
+import { fuse } from './fusion.js';
 import type { Generation, GenerationResult } from './generation.js';
 import { estimateMemory, formatBytes, resolveBudget, type MemoryBudget, type MemoryEstimate } from './memory.js';
 import { loadModel, type ChatMessage, type EmbeddingResult, type Model } from './model.js';
@@ -173,6 +174,32 @@ export class Runtime implements AsyncDisposable {
 
   chat(name: string, messages: ChatMessage[], options?: ChatOptions): Promise<Generation> {
     return this.#with(name, (model) => model.chat(messages, options));
+  }
+
+  /**
+   * Logit fusion over registered models (see fuse()): each generation holds a lease on every
+   * member while it runs, so none is unloaded under it.
+   */
+  fuse(members: Array<{ model: string; weight: number }>): {
+    generate(prompt: string | readonly number[], options?: GenerateOptions): Promise<Generation>;
+    complete(prompt: string | readonly number[], options?: GenerateOptions): Promise<GenerationResult>;
+  } {
+    if (!Array.isArray(members) || members.length === 0) throw new InvalidOptionError('members', 'a non-empty array of { model: name, weight }', members);
+    for (const m of members) this.#entry(m?.model);
+    const generate = async (prompt: string | readonly number[], options?: GenerateOptions): Promise<Generation> => {
+      const leases: ModelLease[] = [];
+      const releaseAll = () => leases.forEach((l) => l.release());
+      try {
+        for (const m of members) leases.push(await this.acquire(m.model));
+        const generation = fuse(members.map((m, i) => ({ model: leases[i]!.model, weight: m.weight }))).generate(prompt, options);
+        generation.result.then(releaseAll, releaseAll);
+        return generation;
+      } catch (error) {
+        releaseAll();
+        throw error;
+      }
+    };
+    return { generate, complete: async (prompt, options) => (await generate(prompt, options)).result };
   }
 
   async embed(name: string, input: string | readonly string[]): Promise<EmbeddingResult> {

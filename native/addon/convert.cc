@@ -123,6 +123,8 @@ Request request_from_js(Napi::Env env, Napi::Value id, Napi::Value prompt, Napi:
   r.max_tokens = static_cast<int32_t>(get_integer(env, o, "maxTokens", -1, -1, INT32_MAX));
   r.priority = static_cast<int32_t>(get_integer(env, o, "priority", 0, INT32_MIN, INT32_MAX));
   r.draft_max = static_cast<int32_t>(get_integer(env, o, "draftMaxTokens", -1, -1, 256));
+  Napi::Value external = o.Get("externalSampling");
+  r.external_sampling = external.IsBoolean() && external.As<Napi::Boolean>().Value();
   Napi::Value ignore_eos = o.Get("ignoreEos");
   r.ignore_eos = ignore_eos.IsBoolean() && ignore_eos.As<Napi::Boolean>().Value();
   Napi::Value stop = o.Get("stop");
@@ -180,6 +182,13 @@ Napi::Array events_to_js(Napi::Env env, const std::vector<Event>& events) {
         t.Set("generationMs", e.timings.generation_ms);
         t.Set("timeToFirstTokenMs", e.timings.time_to_first_token_ms);
         o.Set("timings", t);
+        break;
+      }
+      case Event::Kind::Logits: {
+        o.Set("kind", "logits");
+        auto logits = Napi::Float32Array::New(env, e.logits.size());
+        std::copy(e.logits.begin(), e.logits.end(), logits.Data());
+        o.Set("logits", logits);
         break;
       }
       case Event::Kind::Error:

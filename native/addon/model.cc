@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstdio>
 #include <cstring>
 #include <stdexcept>
 #include <thread>
@@ -602,6 +603,8 @@ Napi::Function NativeModel::Define(Napi::Env env) {
                                         InstanceMethod<&NativeModel::Detokenize>("detokenize"),
                                         InstanceMethod<&NativeModel::ApplyChatTemplate>("applyChatTemplate"),
                                         InstanceMethod<&NativeModel::Submit>("submit"),
+                                        InstanceMethod<&NativeModel::Feed>("feed"),
+                                        InstanceMethod<&NativeModel::VocabDigest>("vocabDigest"),
                                         InstanceMethod<&NativeModel::Cancel>("cancel"),
                                         InstanceMethod<&NativeModel::Stats>("stats"),
                                         InstanceMethod<&NativeModel::Embed>("embed"),
@@ -815,11 +818,46 @@ Napi::Value NativeModel::Submit(const Napi::CallbackInfo& info) {
   return env.Undefined();
 }
 
+Napi::Value NativeModel::Feed(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  EnsureOpen(env);
+  const int32_t n_vocab = llama_vocab_n_tokens(llama_model_get_vocab(host_->model));
+  if (info.Length() < 2 || !info[0].IsNumber() || !info[1].IsNumber()) throw CodedError(env, "NATIVE_BINDING", "feed(id: number, token: number)");
+  const double token = info[1].As<Napi::Number>().DoubleValue();
+  if (!(token >= 0 && token < n_vocab) || std::floor(token) != token) {
+    throw CodedError(env, "INVALID_OPTION", "feed: token id " + std::to_string(token) + " is not in [0, " + std::to_string(n_vocab) + ")");
+  }
+  host_->engine->feed(static_cast<uint64_t>(info[0].As<Napi::Number>().Int64Value()), static_cast<llama_token>(token));
+  return env.Undefined();
+}
+
 Napi::Value NativeModel::Cancel(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   if (!host_ || !host_->engine || info.Length() < 1 || !info[0].IsNumber()) return env.Undefined();
   host_->engine->cancel(static_cast<uint64_t>(info[0].As<Napi::Number>().Int64Value()));
   return env.Undefined();
+}
+
+// A digest of the tokenizer (type, then every token's text): models whose digests are equal map
+// token ids to the same text, as logit fusion and speculative decoding need.
+Napi::Value NativeModel::VocabDigest(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  EnsureOpen(env);
+  const llama_vocab* vocab = llama_model_get_vocab(host_->model);
+  uint64_t h = 0xcbf29ce484222325ULL;  // FNV-1a, 64 bit
+  auto mix = [&h](const char* p, size_t n) {
+    for (size_t i = 0; i < n; ++i) h = (h ^ static_cast<uint8_t>(p[i])) * 0x100000001b3ULL;
+  };
+  const int32_t type = llama_vocab_type(vocab);
+  mix(reinterpret_cast<const char*>(&type), sizeof type);
+  const int32_t n = llama_vocab_n_tokens(vocab);
+  for (llama_token t = 0; t < n; ++t) {
+    const char* text = llama_vocab_get_text(vocab, t);
+    mix(text, std::strlen(text) + 1);
+  }
+  char hex[17];
+  std::snprintf(hex, sizeof hex, "%016llx", static_cast<unsigned long long>(h));
+  return Napi::String::New(env, std::to_string(n) + ":" + hex);
 }
 
 Napi::Value NativeModel::Stats(const Napi::CallbackInfo& info) {

@@ -72,6 +72,8 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
   Napi::Value Detokenize(const Napi::CallbackInfo& info);
   Napi::Value ApplyChatTemplate(const Napi::CallbackInfo& info);
   Napi::Value Submit(const Napi::CallbackInfo& info);
+  Napi::Value Feed(const Napi::CallbackInfo& info);
+  Napi::Value VocabDigest(const Napi::CallbackInfo& info);
   Napi::Value Cancel(const Napi::CallbackInfo& info);
   Napi::Value Stats(const Napi::CallbackInfo& info);
   Napi::Value Embed(const Napi::CallbackInfo& info);

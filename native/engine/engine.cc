@@ -131,6 +131,26 @@ void Engine::submit(Request request) {
   cv_.notify_one();
 }
 
+void Engine::feed(uint64_t id, llama_token token) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    feeds_.emplace_back(id, token);
+  }
+  cv_.notify_one();
+}
+
+void Engine::apply_feeds(const std::vector<std::pair<uint64_t, llama_token>>& feeds) {
+  for (const auto& [id, token] : feeds) {
+    for (auto& slot : slots_) {
+      // A request cancelled or failed meanwhile is no longer there: its token is dropped.
+      if (!slot.busy || !slot.awaiting || slot.request.id != id) continue;
+      slot.awaiting = false;
+      accept(slot, token);
+      break;
+    }
+  }
+}
+
 void Engine::cancel(uint64_t id) {
   {
     std::lock_guard<std::mutex> lock(mu_);
@@ -178,16 +198,20 @@ void Engine::push(Event event) {
 void Engine::loop() {
   while (true) {
     std::unordered_set<uint64_t> cancels;
+    std::vector<std::pair<uint64_t, llama_token>> feeds;
     {
       std::unique_lock<std::mutex> lock(mu_);
-      const bool busy = !waiting_.empty() || std::any_of(slots_.begin(), slots_.end(), [](const Slot& s) { return s.busy; });
-      cv_.wait(lock, [&] { return stop_ || !incoming_.empty() || !cancels_.empty() || busy; });
+      // Slots waiting for an external token have nothing to decode until it is fed.
+      const bool busy = !waiting_.empty() || std::any_of(slots_.begin(), slots_.end(), [](const Slot& s) { return s.busy && !s.awaiting; });
+      cv_.wait(lock, [&] { return stop_ || !incoming_.empty() || !cancels_.empty() || !feeds_.empty() || busy; });
       if (stop_) break;
       for (auto& p : incoming_) waiting_.push_back(std::move(p));
       incoming_.clear();
       cancels.swap(cancels_);
+      feeds.swap(feeds_);
     }
     if (!cancels.empty()) apply_cancels(cancels);
+    if (!feeds.empty()) apply_feeds(feeds);
     if (!broken_.empty()) {
       // A lost RPC server took part of the model's weights with it: nothing can run any more.
       fail_waiting("RPC_DISCONNECTED", broken_);
@@ -324,7 +348,7 @@ void Engine::step() {
   std::vector<Slot*> prefilling;
   for (size_t i = 0; i < slots_.size(); ++i) {
     Slot& s = slots_[i];
-    if (!s.busy) continue;
+    if (!s.busy || s.awaiting) continue;
     if (s.prefilled < s.request.prompt.size()) {
       prefilling.push_back(&s);
     } else if (deterministic_ || budget > 0) {
@@ -339,7 +363,7 @@ void Engine::step() {
   if (draft_ctx_ != nullptr) {
     for (size_t i = 0; i < slots_.size(); ++i) {
       Slot& s = slots_[i];
-      if (take[i] != 1 || s.prefilled < s.request.prompt.size()) continue;
+      if (take[i] != 1 || s.prefilled < s.request.prompt.size() || s.request.external_sampling) continue;
       const int64_t max_k = s.request.draft_max < 0 ? draft_max_ : s.request.draft_max;
       if (max_k <= 0) continue;
       if (s.draft_k < 0) s.draft_k = static_cast<int32_t>(max_k);
@@ -578,6 +602,16 @@ void Engine::verify(Slot& s) {
 void Engine::sample_slot(Slot& s) {
   const int32_t row = s.batch_index;
   s.batch_index = -1;
+  if (s.request.external_sampling) {
+    const float* logits = llama_get_logits_ith(ctx_, row);
+    Event e;
+    e.id = s.request.id;
+    e.kind = Event::Kind::Logits;
+    e.logits.assign(logits, logits + llama_vocab_n_tokens(vocab_));
+    s.awaiting = true;
+    push(std::move(e));
+    return;
+  }
   llama_token token;
   if (choose(s, row, token)) accept(s, token);
 }
@@ -678,6 +712,7 @@ void Engine::release(Slot& s) {
   s.draft_accepted = 0;
   s.draft_k = -1;
   s.draft_pause = 0;
+  s.awaiting = false;
   s.sampler.reset();
   s.busy = false;
   s.released_at = ++releases_;

@@ -69,6 +69,9 @@ struct Request {
   int32_t priority = 0;     // higher first; FIFO among equals
   bool ignore_eos = false;
   int32_t draft_max = -1;   // tokens to draft per step: -1 the engine's draft_max, 0 none
+  // Logit fusion: instead of sampling, each step's logits go out in a Logits event and the slot
+  // waits for feed(id, token) (the token chosen over several models), then takes it as its own.
+  bool external_sampling = false;
 };
 
 struct Timings {
@@ -79,7 +82,7 @@ struct Timings {
 };
 
 struct Event {
-  enum class Kind { Tokens, Done, Error };
+  enum class Kind { Tokens, Done, Error, Logits };
   uint64_t id = 0;
   Kind kind = Kind::Tokens;
   std::vector<llama_token> tokens;  // tokens sampled since the previous event of this request
@@ -94,6 +97,8 @@ struct Event {
   // Error
   std::string error_code;
   std::string error_message;
+  // Logits (external sampling): the vocabulary's logits after the sequence's latest token
+  std::vector<float> logits;
 };
 
 struct EngineStats {
@@ -129,6 +134,8 @@ class Engine {
 
   void submit(Request request);
   void cancel(uint64_t id);
+  // The token an external sampler chose for a request waiting after a Logits event.
+  void feed(uint64_t id, llama_token token);
   // Asks the thread to stop: every queued and active request finishes with a DISPOSED error.
   void stop();
   // Waits for the thread to end (call after stop()).
@@ -172,11 +179,13 @@ class Engine {
     // none → half. At 0 the sequence drafts nothing, then tries one token again after 16 steps.
     int32_t draft_k = -1;  // -1: not set yet (the request's maximum)
     int32_t draft_pause = 0;
+    bool awaiting = false;  // external sampling: logits sent, waiting for feed()
   };
 
   void loop();
   void admit();
   void apply_cancels(const std::unordered_set<uint64_t>& ids);
+  void apply_feeds(const std::vector<std::pair<uint64_t, llama_token>>& feeds);
   void step();
   // One llama_decode over the slots `which` (their `take` tokens), then their sampling.
   void decode(const std::vector<size_t>& which, const std::vector<uint32_t>& take);
@@ -218,6 +227,7 @@ class Engine {
   std::condition_variable cv_;
   std::vector<Pending> incoming_;
   std::unordered_set<uint64_t> cancels_;
+  std::vector<std::pair<uint64_t, llama_token>> feeds_;
   bool stop_ = false;
   std::vector<Event> outbox_;
   EngineStats stats_;
