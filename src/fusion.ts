@@ -64,8 +64,13 @@ export class FusedModel {
     const controller = new AbortController();
     const forward = () => controller.abort();
     options.signal?.addEventListener('abort', forward, { once: true });
+    // Members must end on the same token: where their contexts differ, the smallest one bounds the
+    // output for all (as maxTokens, so that no member stops on its own for lack of room).
+    const contexts = this.members.map((m) => m.model.info.context.contextSize);
+    const room = Math.min(...contexts) - tokens.length - 1;
+    const maxTokens = new Set(contexts).size > 1 && room >= 1 ? Math.min(options.maxTokens ?? Infinity, room) : options.maxTokens;
     const memberOptions: GenerateOptions = {
-      maxTokens: options.maxTokens,
+      maxTokens,
       stop: options.stop,
       ignoreEos: options.ignoreEos,
       priority: options.priority,
@@ -79,6 +84,7 @@ export class FusedModel {
       controller.abort();
       throw error;
     }
+    if (options.signal?.aborted) controller.abort();
     // Each step: wait until every member has sent its logits, choose, feed the choice to all.
     const pending: Array<Float32Array | undefined> = generations.map(() => undefined);
     let arrived = 0;

@@ -81,6 +81,17 @@ describe('logit fusion', () => {
     expect(() => fuse([{ model: a, weight: 1 }]).generate(prompt, { repeatPenalty: 1.2 })).toThrow(/repeatPenalty/);
   });
 
+  it('members with different context sizes end together at the smallest', async () => {
+    const small = await loadModel(bPath, { ...options, contextSize: 32 });
+    try {
+      const r = await fuse([{ model: a, weight: 1 }, { model: small, weight: 0 }]).complete(prompt, { maxTokens: 100, temperature: 0, ignoreEos: true });
+      expect(r.usage.promptTokens + r.usage.completionTokens).toBe(31);
+      expect(r.tokens).toEqual((await a.complete(prompt, { ...greedy, maxTokens: r.usage.completionTokens })).tokens);
+    } finally {
+      await small.dispose();
+    }
+  });
+
   it('an abort ends every member', async () => {
     const controller = new AbortController();
     const g = fuse([{ model: a, weight: 1 }, { model: b, weight: 1 }]).generate(prompt, { maxTokens: 10_000, temperature: 0, ignoreEos: true, signal: controller.signal });
@@ -93,6 +104,10 @@ describe('logit fusion', () => {
     })().catch((e: unknown) => e);
     expect(error).toMatchObject({ code: 'ABORTED' });
     await expect.poll(() => a.stats().active + b.stats().active).toBe(0);
+    // A signal aborted before the start ends it at once.
+    const early = new AbortController();
+    early.abort();
+    await expect(fuse([{ model: a, weight: 1 }]).complete(prompt, { ...greedy, signal: early.signal })).rejects.toMatchObject({ code: 'ABORTED' });
   });
 
   it('runtime.fuse holds every member while a fused generation runs', async () => {
