@@ -11,7 +11,7 @@
 import { AbortError, InvalidOptionError } from './errors.js';
 import type { Generation, GenerationResult } from './generation.js';
 import { Model } from './model.js';
-import type { GenerateOptions } from './options.js';
+import { resolveSamplingOptions, type GenerateOptions } from './options.js';
 import { mulberry32 } from './synthetic/models.js';
 
 export interface FusionMember {
@@ -60,7 +60,7 @@ export class FusedModel {
     }
     const first = this.members[0]!.model;
     const tokens = typeof prompt === 'string' ? Int32Array.from(first.tokenize(prompt, { addSpecial: options.addSpecial ?? true })) : Int32Array.from(prompt);
-    const sampler = fusedSampler(options);
+    const sampler = fusedSampler(options, first.info.vocabSize);
     const controller = new AbortController();
     const forward = () => controller.abort();
     options.signal?.addEventListener('abort', forward, { once: true });
@@ -133,18 +133,9 @@ interface FusedSampler {
  * on the fused distribution, then temperature and the draw. Temperature 0: the argmax (the first
  * of equals, as llama.cpp's greedy sampler).
  */
-function fusedSampler(options: GenerateOptions): FusedSampler {
-  const check = (name: string, v: number | undefined, lo: number, hi: number, fallback: number) => {
-    if (v === undefined) return fallback;
-    if (typeof v !== 'number' || !Number.isFinite(v) || v < lo || v > hi) throw new InvalidOptionError(name, `a number in [${lo}, ${hi}]`, v);
-    return v;
-  };
-  const temperature = check('temperature', options.temperature, 0, 100, 0.8);
-  const topK = check('topK', options.topK, 0, 2 ** 31, 40);
-  const topP = check('topP', options.topP, 0, 1, 0.95);
-  const minP = check('minP', options.minP, 0, 1, 0.05);
-  const seed = options.seed ?? Math.floor(Math.random() * 2 ** 32);
-  if (!Number.isInteger(seed) || seed < 0 || seed >= 2 ** 32) throw new InvalidOptionError('seed', 'an integer in [0, 2^32)', seed);
+function fusedSampler(options: GenerateOptions, vocabSize: number): FusedSampler {
+  // The same validation and defaults as any generation's sampler.
+  const { temperature, topK, topP, minP, seed } = resolveSamplingOptions(options, vocabSize);
   const random = mulberry32(seed);
   return {
     seed,
