@@ -26,6 +26,13 @@ std::string token_piece(const llama_vocab* vocab, llama_token token) {
   return piece;
 }
 
+// How many leading tokens two sequences share.
+size_t common_prefix(const std::vector<llama_token>& a, const std::vector<llama_token>& b) {
+  size_t n = 0;
+  while (n < a.size() && n < b.size() && a[n] == b[n]) ++n;
+  return n;
+}
+
 // Appends one token of one sequence to a batch; returns its row.
 int32_t batch_add(llama_batch& batch, llama_token token, llama_pos pos, llama_seq_id seq, bool logits) {
   const int32_t row = batch.n_tokens++;
@@ -285,12 +292,7 @@ void Engine::admit() {
     size_t chosen_lcp = 0;
     for (auto& slot : slots_) {
       if (slot.busy) continue;
-      size_t lcp = 0;
-      if (prompt_cache_) {
-        const auto& a = slot.kv_tokens;
-        const auto& b = best->request.prompt;
-        while (lcp < a.size() && lcp < b.size() && a[lcp] == b[lcp]) ++lcp;
-      }
+      const size_t lcp = prompt_cache_ ? common_prefix(slot.kv_tokens, best->request.prompt) : 0;
       if (chosen == nullptr || lcp > chosen_lcp || (lcp == chosen_lcp && slot.released_at < chosen->released_at)) {
         chosen = &slot;
         chosen_lcp = lcp;
@@ -364,9 +366,9 @@ void Engine::step() {
     for (size_t i = 0; i < slots_.size(); ++i) {
       Slot& s = slots_[i];
       if (take[i] != 1 || s.prefilled < s.request.prompt.size() || s.request.external_sampling) continue;
-      const int64_t max_k = s.request.draft_max < 0 ? draft_max_ : s.request.draft_max;
+      const int32_t max_k = draft_limit(s);
       if (max_k <= 0) continue;
-      if (s.draft_k < 0) s.draft_k = static_cast<int32_t>(max_k);
+      if (s.draft_k < 0) s.draft_k = max_k;
       if (s.draft_k == 0 && ++s.draft_pause >= 16) {
         s.draft_k = 1;  // drafts were all rejected for a while: try one again
         s.draft_pause = 0;
@@ -516,8 +518,7 @@ void Engine::draft(const std::vector<size_t>& which, const std::vector<uint32_t>
     s.drafts.clear();
     std::vector<llama_token> want = s.kv_tokens;
     want.push_back(s.last);
-    size_t lcp = 0;
-    while (lcp < s.draft_kv.size() && lcp < want.size() && s.draft_kv[lcp] == want[lcp]) ++lcp;
+    size_t lcp = common_prefix(s.draft_kv, want);
     if (lcp == want.size()) --lcp;  // the last token is decoded again for its logits
     llama_memory_seq_rm(mem, s.seq, static_cast<llama_pos>(lcp), -1);
     s.draft_kv.resize(lcp);
@@ -581,7 +582,7 @@ void Engine::verify(Slot& s) {
   }
   s.draft_tokens += static_cast<int32_t>(drafts.size());
   s.draft_accepted += static_cast<int32_t>(accepted);
-  const int32_t max_k = s.request.draft_max < 0 ? static_cast<int32_t>(draft_max_) : s.request.draft_max;
+  const int32_t max_k = draft_limit(s);
   if (accepted == drafts.size()) {
     s.draft_k = std::min(max_k, static_cast<int32_t>(drafts.size()) + 1);
   } else if (accepted > 0) {

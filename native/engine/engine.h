@@ -198,6 +198,10 @@ class Engine {
   void draft(const std::vector<size_t>& which, const std::vector<uint32_t>& k);
   // Checks a slot's drafts against the target logits (rows from batch_index) and keeps what agrees.
   void verify(Slot& slot);
+  // Most tokens a sequence may draft per step: its request's draft_max, else the engine's.
+  int32_t draft_limit(const Slot& slot) const {
+    return slot.request.draft_max < 0 ? static_cast<int32_t>(draft_max_) : slot.request.draft_max;
+  }
   void finish(Slot& slot, const char* reason);
   void finish_with(Slot& slot, const char* reason, std::string text);
   void fail(Slot& slot, const std::string& code, const std::string& message);
