@@ -57,7 +57,8 @@ function positive(name: string, value: string | undefined, min = 1): number | un
 
 const SPLIT_MODES = ['none', 'layer', 'row', 'tensor'] as const;
 
-function splitSettings(values: { 'split-mode'?: string; 'tensor-split'?: string; 'main-gpu'?: string; rpc?: string }): SplitSettings {
+/** --split-mode, --tensor-split, --main-gpu and --rpc, checked: for genesis bench and the model commands alike. */
+export function splitSettings(values: { 'split-mode'?: string; 'tensor-split'?: string; 'main-gpu'?: string; rpc?: string }): SplitSettings {
   const split: SplitSettings = {};
   const mode = values['split-mode'];
   if (mode !== undefined) {

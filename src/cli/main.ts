@@ -23,7 +23,7 @@ import type { GenerateOptions, LoadModelOptions } from '../options.js';
 import { ServerConfigError } from '../server/app.js';
 import { serve, type ServeModelSpec } from '../server/serve.js';
 import { ensureDefaultModel } from '../synthetic/default-model.js';
-import { benchCommand, BENCH_USAGE } from './bench.js';
+import { benchCommand, BENCH_USAGE, splitSettings } from './bench.js';
 import { fingerprintCommand, FINGERPRINT_USAGE } from './fingerprint.js';
 import { progressBar } from './progress.js';
 import { UsageError } from './usage-error.js';
@@ -101,14 +101,6 @@ const modelOptions = {
   help: { type: 'boolean', short: 'h' },
 } as const satisfies ParseArgsConfig['options'];
 
-/** "3,1" → [3, 1]. */
-function numberList(name: string, value: string | undefined): number[] | undefined {
-  if (value === undefined) return undefined;
-  const parts = value.split(/[,/]/).map((x) => Number(x.trim()));
-  if (parts.length === 0 || parts.some((x) => !Number.isFinite(x))) throw new UsageError(`--${name} expects numbers separated by commas, got ${JSON.stringify(value)}`);
-  return parts;
-}
-
 function int(name: string, value: string | undefined): number | undefined {
   if (value === undefined) return undefined;
   const n = Number(value);
@@ -133,10 +125,7 @@ function loadOptions(values: Record<string, unknown>): LoadModelOptions {
     batchSize: int('batch-size', values['batch-size'] as string | undefined),
     threads: int('threads', values.threads as string | undefined),
     gpuLayers: gpu === 'max' ? 'max' : int('gpu-layers', gpu),
-    splitMode: values['split-mode'] as LoadModelOptions['splitMode'],
-    tensorSplit: numberList('tensor-split', values['tensor-split'] as string | undefined),
-    mainGpu: int('main-gpu', values['main-gpu'] as string | undefined),
-    rpcServers: typeof values.rpc === 'string' ? values.rpc.split(',').map((x) => x.trim()).filter(Boolean) : undefined,
+    ...splitSettings(values as Parameters<typeof splitSettings>[0]),
     onProgress: process.stderr.isTTY ? progressBar('loading') : undefined,
   };
 }
@@ -331,13 +320,19 @@ async function demoCommand(argv: string[]): Promise<void> {
   }
 }
 
-/** `--model [name=]path` → { name, path }; the name defaults to the file name without .gguf. */
-function modelSpec(value: string): ServeModelSpec {
+/** `[name=]path` → { name?, path }: a '=' before any path separator ends a name; paths may contain '=' further on. */
+function namedPath(flag: string, value: string): { name?: string; path: string } {
   const eq = value.indexOf('=');
-  // A '=' before any path separator separates a name; paths may contain '=' further on.
   const slash = value.search(/[\\/]/);
   if (eq > 0 && (slash < 0 || eq < slash)) return { name: value.slice(0, eq), path: value.slice(eq + 1) };
-  if (eq === 0) throw new UsageError(`--model ${JSON.stringify(value)}: the name before '=' is empty`);
+  if (eq === 0) throw new UsageError(`${flag} ${JSON.stringify(value)}: the name before '=' is empty`);
+  return { path: value };
+}
+
+/** `--model [name=]path` → { name, path }; the name defaults to the file name without .gguf. */
+function modelSpec(value: string): ServeModelSpec {
+  const { name, path } = namedPath('--model', value);
+  if (name !== undefined) return { name, path };
   const base = value.split(/[\\/]/).pop() ?? value;
   return { name: base.replace(/\.gguf$/i, ''), path: value };
 }
@@ -376,12 +371,10 @@ async function serveCommand(argv: string[]): Promise<void> {
   }
   // --draft [target=]draft.gguf: speculative decoding for that model (default: the first).
   for (const value of values.draft ?? []) {
-    const eq = value.indexOf('=');
-    const slash = value.search(/[\\/]/);
-    const named = eq > 0 && (slash < 0 || eq < slash);
-    const target = named ? specs.find((s) => s.name === value.slice(0, eq)) : specs[0];
-    if (!target) throw new UsageError(`--draft ${JSON.stringify(value)}: no --model is named ${JSON.stringify(value.slice(0, eq))}`);
-    target.draft = { path: named ? value.slice(eq + 1) : value, maxTokens: int('draft-max', values['draft-max']) };
+    const { name, path } = namedPath('--draft', value);
+    const target = name !== undefined ? specs.find((s) => s.name === name) : specs[0];
+    if (!target) throw new UsageError(`--draft ${JSON.stringify(value)}: no --model is named ${JSON.stringify(name)}`);
+    target.draft = { path, maxTokens: int('draft-max', values['draft-max']) };
   }
   const { onProgress: _unused, ...load } = loadOptions(values);
   const port = int('port', values.port) ?? 8080;
