@@ -11,6 +11,7 @@
 
 #include "addon/convert.h"
 #include "addon/model.h"
+#include "engine/memory.h"
 #include "ggml-backend.h"
 #include "ggml-rpc.h"
 
@@ -68,7 +69,7 @@ Napi::Value StartRpcServer(const Napi::CallbackInfo& info) {
     for (uint32_t i = 0; i < a.Length(); ++i) {
       const std::string name = a.Get(i).IsString() ? a.Get(i).As<Napi::String>().Utf8Value() : std::string();
       ggml_backend_dev_t dev = ggml_backend_dev_by_name(name.c_str());
-      if (dev == nullptr || std::string(ggml_backend_reg_name(ggml_backend_dev_backend_reg(dev))) == "RPC") {
+      if (dev == nullptr || is_rpc_device(dev)) {
         invalid_option(env, "devices", "names of this machine's devices: " + available_devices());
       }
       devices.push_back(dev);

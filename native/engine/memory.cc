@@ -13,10 +13,6 @@ namespace genesis {
 
 namespace {
 
-bool is_rpc(ggml_backend_dev_t dev) {
-  ggml_backend_reg_t reg = ggml_backend_dev_backend_reg(dev);  // null for llama.cpp's meta (tensor-parallel) device
-  return reg != nullptr && std::string(ggml_backend_reg_name(reg)) == "RPC";
-}
 
 // The local offload devices llama.cpp picks by default: the GPUs, or the integrated GPUs when
 // there is no discrete one.
@@ -25,7 +21,7 @@ std::vector<ggml_backend_dev_t> local_gpus() {
   for (size_t i = 0; i < ggml_backend_dev_count(); ++i) {
     ggml_backend_dev_t dev = ggml_backend_dev_get(i);
     const auto type = ggml_backend_dev_type(dev);
-    if (type == GGML_BACKEND_DEVICE_TYPE_GPU && !is_rpc(dev)) gpus.push_back(dev);
+    if (type == GGML_BACKEND_DEVICE_TYPE_GPU && !is_rpc_device(dev)) gpus.push_back(dev);
     if (type == GGML_BACKEND_DEVICE_TYPE_IGPU) igpus.push_back(dev);
   }
   return gpus.empty() ? igpus : gpus;
@@ -33,7 +29,7 @@ std::vector<ggml_backend_dev_t> local_gpus() {
 
 
 std::string device_kind(ggml_backend_dev_t dev) {
-  if (is_rpc(dev)) return "rpc";
+  if (is_rpc_device(dev)) return "rpc";
   switch (ggml_backend_dev_type(dev)) {
     case GGML_BACKEND_DEVICE_TYPE_CPU: return "cpu";
     case GGML_BACKEND_DEVICE_TYPE_GPU: return "gpu";
@@ -53,6 +49,11 @@ std::string list_devices(const std::vector<ggml_backend_dev_t>& devices) {
 }
 
 }  // namespace
+
+bool is_rpc_device(ggml_backend_dev_t dev) {
+  ggml_backend_reg_t reg = ggml_backend_dev_backend_reg(dev);  // null for llama.cpp's meta (tensor-parallel) device
+  return reg != nullptr && std::string(ggml_backend_reg_name(reg)) == "RPC";
+}
 
 std::string rpc_failure(const std::vector<std::string>& endpoints) {
   for (const std::string& endpoint : endpoints) {

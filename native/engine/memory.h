@@ -44,6 +44,9 @@ struct RpcError : std::runtime_error {
   std::string code;
 };
 
+// A device lent by an RPC server (llama.cpp's RPC backend).
+bool is_rpc_device(ggml_backend_dev_t dev);
+
 // The first of `endpoints` whose connection has failed, as "endpoint: reason"; empty when all are well.
 std::string rpc_failure(const std::vector<std::string>& endpoints);
 
