@@ -129,8 +129,6 @@ class Engine {
   uint32_t max_queue() const { return max_queue_; }
   uint32_t total_context() const;
   const llama_context* context() const { return ctx_; }
-  bool has_draft() const { return draft_ctx_ != nullptr; }
-  uint32_t draft_max() const { return draft_max_; }
 
   void submit(Request request);
   void cancel(uint64_t id);
