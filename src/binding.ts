@@ -27,6 +27,8 @@ export interface NativeLoadOptions {
   /** Speculative decoding: the draft model's native object, and tokens drafted per step. */
   draft?: NativeModel;
   draftMaxTokens?: number;
+  /** Draft with the model's own MTP (nextn) layers (loaded with them). */
+  draftMtp?: boolean;
   /** llama_split_mode: 0 none, 1 layer, 2 row, 3 tensor. */
   splitMode: number;
   tensorSplit: number[];

@@ -104,14 +104,14 @@ export class Model implements AsyncDisposable {
     const route: { handler?: (events: NativeEvent[]) => void } = {};
     let native: NativeModel;
     try {
-      const draft = options.draft ? { draft: Model.#nativeOf(options.draft.model, 'draft.model') } : {};
+      const draft = options.draft && 'model' in options.draft ? { draft: Model.#nativeOf(options.draft.model, 'draft.model') } : {};
       native = await binding().loadModel(path, { ...resolved, ...draft }, options.onProgress, (events) => route.handler?.(events));
     } catch (error) {
       throw toGenesisError(error as { code: string; message: string; path?: string });
     }
     const model = new Model(path, native, route);
     model.plan = plan;
-    if (options.draft) {
+    if (options.draft && 'model' in options.draft) {
       model.#draft = options.draft.model;
       options.draft.model.#borrowers.add(model);
     }

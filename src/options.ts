@@ -78,8 +78,12 @@ export interface LoadModelOptions {
    * for token; sampled: each token is this model's draw, so the distribution is unchanged); what
    * changes is how many target decode steps it takes. The draft model stays loaded (its dispose()
    * is refused while this model lives). Not with `deterministic`.
+   *
+   * `{ mtp: true }` drafts with the model's own multi-token-prediction layers instead (GLM-4.5,
+   * Qwen3.5, DeepSeek-V3 and others ship them: GGUF key `<arch>.nextn_predict_layers`), loaded
+   * alongside the rest; each draft reads the token and this model's hidden state before it.
    */
-  draft?: { model: Model; maxTokens?: number };
+  draft?: { model: Model; maxTokens?: number } | { mtp: true; maxTokens?: number };
   /**
    * Requests that may wait for a free sequence; one more makes generate() throw QueueFullError.
    * Default: no limit.
@@ -212,8 +216,16 @@ export function resolveLoadOptions(
     throw new InvalidOptionError('onProgress', 'a function', options.onProgress);
   }
   let draftMaxTokens: number | undefined;
+  let draftMtp = false;
   if (options.draft !== undefined) {
-    if (options.draft === null || typeof options.draft !== 'object') throw new InvalidOptionError('draft', '{ model: Model, maxTokens?: number }', options.draft);
+    const expected = '{ model: Model, maxTokens?: number } or { mtp: true, maxTokens?: number }';
+    if (options.draft === null || typeof options.draft !== 'object') throw new InvalidOptionError('draft', expected, options.draft);
+    if ('mtp' in options.draft) {
+      if (options.draft.mtp !== true || 'model' in options.draft) throw new InvalidOptionError('draft.mtp', `true, without draft.model (${expected})`, options.draft.mtp);
+      draftMtp = true;
+    } else if (!('model' in options.draft)) {
+      throw new InvalidOptionError('draft', expected, options.draft);
+    }
     draftMaxTokens = checkInt('draft.maxTokens', options.draft.maxTokens, 1, 64) ?? 4;
     if (deterministic) throw new InvalidOptionError('draft', 'no draft with deterministic: true (each sequence is decoded alone, token by token)', options.draft);
   }
@@ -240,6 +252,7 @@ export function resolveLoadOptions(
     mainGpu,
     rpcServers,
     ...(draftMaxTokens !== undefined ? { draftMaxTokens } : {}),
+    ...(draftMtp ? { draftMtp } : {}),
     threads,
     kvUnified,
     deterministic,

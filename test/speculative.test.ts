@@ -167,6 +167,110 @@ describe('speculative decoding', () => {
 
 });
 
+describe('speculative decoding with the model’s own MTP layers', () => {
+  // GLM-4.5-shaped (sigmoid-routed MoE with a shared expert) with one nextn block. Quiet layers make
+  // the trunk nearly a bigram model, which the MTP block (identity on its embedding half) predicts
+  // one token further; its hidden-state half (mtpStateScale) makes the drafts depend on the
+  // target's hidden states too.
+  let path: string;
+  let plain: Model;
+  let mtp: Model;
+  const options = { contextSize: 512, maxSequences: 4, batchSize: 128, threads: 1 };
+  const greedy = { maxTokens: 32, temperature: 0, ignoreEos: true };
+  // Different lengths: with one KV stream per sequence llama.cpp regroups such a batch's tokens.
+  const prompts = ['Once upon a time there was a', 'The quick brown fox', 'In the beginning God created the heaven and the earth.', 'Hi'];
+
+  beforeAll(async () => {
+    path = await makeFixtureModel({
+      arch: 'glm4moe',
+      type: 'f16',
+      nLayer: 2,
+      mtpLayers: 1,
+      mtpStateScale: 4,
+      quietLayers: { from: 0, scale: 0.05 },
+    });
+    plain = await loadModel(path, options);
+    mtp = await loadModel(path, { ...options, draft: { mtp: true, maxTokens: 4 } });
+  });
+  afterAll(async () => {
+    for (const m of [mtp, plain]) await m?.dispose();
+  });
+
+  it('greedy output equals the model alone, token for token, with several sequences at once', async () => {
+    const alone = await Promise.all(prompts.map((p) => plain.complete(p, greedy)));
+    const drafted = await Promise.all(prompts.map((p) => mtp.complete(p, greedy)));
+    drafted.forEach((r, i) => {
+      expect(r.tokens).toEqual(alone[i]!.tokens);
+      expect(r.speculative!.draftTokens).toBeGreaterThan(0);
+    });
+    const total = drafted.reduce((n, r) => n + r.speculative!.acceptedTokens, 0);
+    expect(total).toBeGreaterThan(0);
+  });
+
+  it('drafts the same in a batch as alone: each draft reads its own token’s hidden state', async () => {
+    // The drafts depend on the target's hidden states (mtpStateScale): a state taken from another
+    // token of the batch would change them, and with them the acceptance figures.
+    const solo = [];
+    for (const p of prompts) solo.push((await mtp.complete(p, greedy)).speculative);
+    const together = (await Promise.all(prompts.map((p) => mtp.complete(p, greedy)))).map((r) => r.speculative);
+    expect(together).toEqual(solo);
+  });
+
+  it('accepts more drafts the closer the trunk is to what the MTP block predicts', async () => {
+    const rate = async (scale: number): Promise<number> => {
+      const p = await makeFixtureModel({ arch: 'glm4moe', type: 'f16', nLayer: 2, mtpLayers: 1, quietLayers: { from: 0, scale } });
+      const m = await loadModel(p, { ...options, draft: { mtp: true, maxTokens: 4 } });
+      try {
+        const rs = await Promise.all(prompts.map((q) => m.complete(q, greedy)));
+        const drafted = rs.reduce((n, r) => n + r.speculative!.draftTokens, 0);
+        return rs.reduce((n, r) => n + r.speculative!.acceptedTokens, 0) / drafted;
+      } finally {
+        await m.dispose();
+      }
+    };
+    const quiet = await rate(0.05);
+    const loud = await rate(1);
+    expect(quiet).toBeGreaterThan(0.8);
+    expect(loud).toBeLessThan(quiet);
+  });
+
+  it('sampled output with a seed is the model’s own draw at every position', async () => {
+    // Flash attention off: see the same test with a draft model above.
+    const fa = { ...options, flashAttention: false };
+    const a = await loadModel(path, fa);
+    const b = await loadModel(path, { ...fa, draft: { mtp: true, maxTokens: 3 } });
+    try {
+      for (const seed of [1, 2, 3, 4, 5]) {
+        const sampled = { maxTokens: 24, temperature: 1, topK: 8, seed, ignoreEos: true };
+        expect((await b.complete(prompts[1]!, sampled)).tokens).toEqual((await a.complete(prompts[1]!, sampled)).tokens);
+      }
+    } finally {
+      await b.dispose();
+      await a.dispose();
+    }
+  });
+
+  it('reuses a cached prompt prefix and still matches the model alone', async () => {
+    const first = await mtp.complete(prompts[2]!, greedy);
+    const before = mtp.stats().cachedPromptTokens;
+    const longer = `${prompts[2]!}${first.text} And`;
+    const r = await mtp.complete(longer, greedy);
+    expect(mtp.stats().cachedPromptTokens).toBeGreaterThan(before);
+    expect(r.tokens).toEqual((await plain.complete(longer, greedy)).tokens);
+  });
+
+  it('refuses MTP drafting for a model without nextn layers, and malformed draft options', async () => {
+    const llama = await makeFixtureModel({ arch: 'llama', type: 'f16', nLayer: 1 });
+    const error = await loadModel(llama, { ...options, draft: { mtp: true } }).catch((e: unknown) => e);
+    expect(error).toBeInstanceOf(InvalidOptionError);
+    expect(error).toMatchObject({ option: 'draft.mtp' });
+    expect((error as Error).message).toMatch(/no multi-token-prediction/);
+    await expect(loadModel(path, { ...options, draft: { mtp: false } as never })).rejects.toMatchObject({ option: 'draft.mtp' });
+    await expect(loadModel(path, { ...options, draft: {} as never })).rejects.toMatchObject({ option: 'draft' });
+    await expect(loadModel(path, { ...options, deterministic: true, draft: { mtp: true } })).rejects.toMatchObject({ option: 'draft' });
+  });
+});
+
 describe('speculative decoding benchmark', () => {
   it('reads llama-speculative-simple’s summary', () => {
     const text = [

@@ -205,6 +205,13 @@ class LoadWorker : public Napi::AsyncWorker {
       std::weak_ptr<Host> weak = host_;
       EngineOptions engine = baton_.engine;
       engine.rpc_endpoints = baton_.offload.rpc_servers;
+      if (engine.mtp && llama_model_n_layer_nextn(host_->model) <= 0) {
+        code_ = "INVALID_OPTION";
+        option_ = "draft.mtp";
+        expected_ = "a model with multi-token-prediction layers (GGUF key <arch>.nextn_predict_layers > 0)";
+        message_ = "invalid option draft.mtp: " + baton_.path + " has no multi-token-prediction (nextn) layers to draft with";
+        return;
+      }
       if (baton_.draft) {
         const std::string mismatch = vocab_mismatch(host_->model, baton_.draft->model);
         if (!mismatch.empty()) {
@@ -491,6 +498,10 @@ LoadBaton load_baton(Napi::Env env, const std::string& path, const Napi::Object&
   if (!draft.IsUndefined() && !draft.IsNull()) {
     baton.draft = NativeModel::HostOf(env, draft);
     if (!baton.draft) throw CodedError(env, "INVALID_OPTION", "invalid option draft: expected a loaded model that is not disposed");
+    baton.engine.draft_max = static_cast<uint32_t>(std::max(1, get_int(opts, "draftMaxTokens", 4)));
+  } else if (get_bool(opts, "draftMtp", false)) {
+    baton.engine.mtp = true;
+    baton.offload.load_mtp = true;
     baton.engine.draft_max = static_cast<uint32_t>(std::max(1, get_int(opts, "draftMaxTokens", 4)));
   }
   if (baton.engine.max_sequences > llama_max_parallel_sequences()) {

@@ -3,8 +3,11 @@
 #include "engine/memory.h"  // rpc_failure
 
 #include "ggml-cpu.h"
+#include "llama-ext.h"  // nextn hidden states (MTP drafting)
 
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
 #include <stdexcept>
 
 namespace genesis {
@@ -72,6 +75,11 @@ Engine::Engine(llama_model* model, const EngineOptions& options, Notify notify)
     : model_(model), vocab_(llama_model_get_vocab(model)), notify_(std::move(notify)) {
   auto params = engine_context_params(options);
   const int32_t threads = params.n_threads;
+  const bool drafting = (options.draft_model != nullptr || options.mtp) && options.draft_max > 0 && !options.deterministic;
+  const bool recurrent = llama_model_is_recurrent(model) || llama_model_is_hybrid(model);
+  // A recurrent state cannot be cut back to a position; llama.cpp keeps snapshots of the last
+  // n_rs_seq steps for architectures that support it, enough to drop up to draft_max rejected drafts.
+  if (drafting && recurrent) params.n_rs_seq = options.draft_max;
   params.abort_callback = [](void* data) { return static_cast<std::atomic<bool>*>(data)->load(); };
   params.abort_callback_data = &abort_decode_;
 
@@ -92,20 +100,47 @@ Engine::Engine(llama_model* model, const EngineOptions& options, Notify notify)
   rpc_endpoints_ = options.rpc_endpoints;
   prompt_cache_ = options.prompt_cache && !options.kv_unified && !options.deterministic;
   batch_ = llama_batch_init(static_cast<int32_t>(n_batch_), 0, 1);
-  if (options.draft_model != nullptr && options.draft_max > 0 && !deterministic_) {
-    // The draft's own context: same sequences, context and batch as the target's, same threads.
-    draft_ctx_ = llama_init_from_model(options.draft_model, params);
-    if (draft_ctx_ == nullptr) {
+  if (drafting) {
+    auto undo = [&](const std::string& why) {
+      if (draft_ctx_ != nullptr) llama_free(draft_ctx_);
+      draft_ctx_ = nullptr;
       llama_free(ctx_);
       ctx_ = nullptr;
       if (threadpool_ != nullptr) ggml_threadpool_free(threadpool_);
       threadpool_ = nullptr;
       llama_batch_free(batch_);
-      throw std::runtime_error("llama.cpp could not create a context for the draft model (contextSize " + std::to_string(options.context_size) +
-                               " x maxSequences " + std::to_string(options.max_sequences) + ")");
+      throw std::runtime_error(why);
+    };
+    if (recurrent && llama_n_rs_seq(ctx_) < options.draft_max) {
+      undo("speculative decoding needs to roll the model's recurrent state back over rejected drafts, which llama.cpp "
+           "supports only for some architectures (qwen35, qwen35moe, nemotron_h, lfm2, …), not this one");
+    }
+    // The draft's own context: same sequences, context and batch as the target's, same threads.
+    auto draft_params = params;
+    draft_params.n_rs_seq = 0;
+    if (options.mtp) {
+      draft_params.ctx_type = LLAMA_CONTEXT_TYPE_MTP;
+      if (llama_model_n_layer_nextn(model) <= 0) undo("the model has no multi-token-prediction (nextn) layers");
+    }
+    draft_ctx_ = llama_init_from_model(options.mtp ? model : options.draft_model, draft_params);
+    if (draft_ctx_ == nullptr) {
+      undo(std::string("llama.cpp could not create a context for ") + (options.mtp ? "the MTP layers" : "the draft model") + " (contextSize " +
+           std::to_string(options.context_size) + " x maxSequences " + std::to_string(options.max_sequences) + ")");
     }
     if (threadpool_ != nullptr) llama_attach_threadpool(draft_ctx_, threadpool_, nullptr);
-    draft_batch_ = llama_batch_init(static_cast<int32_t>(n_batch_), 0, 1);
+    if (options.mtp) {
+      // Every target row's hidden state, in batch order (native/patches/0002), feeds the MTP; its own
+      // rows' states chain its drafts.
+      mtp_ = true;
+      n_embd_ = llama_model_n_embd_out(model);
+      llama_set_embeddings_nextn(ctx_, true, false);
+      llama_set_embeddings_nextn(draft_ctx_, true, false);
+      draft_batch_ = llama_batch_init(static_cast<int32_t>(n_batch_), n_embd_, 1);
+      // MTP rows carry both a token and an embedding row; llama_batch_init allocates one of them.
+      draft_batch_.token = static_cast<llama_token*>(malloc(sizeof(llama_token) * n_batch_));
+    } else {
+      draft_batch_ = llama_batch_init(static_cast<int32_t>(n_batch_), 0, 1);
+    }
     draft_max_ = options.draft_max;
   }
   slots_.resize(n_seq_max_);
@@ -322,9 +357,19 @@ void Engine::admit() {
     }
     slot.text = TextStream(slot.request.stop);
     // Reuse the cached prefix, leaving at least the last prompt token to decode for its logits.
-    const size_t keep = slot.request.prompt.empty() ? 0 : std::min(chosen_lcp, slot.request.prompt.size() - 1);
-    llama_memory_seq_rm(llama_get_memory(ctx_), slot.seq, static_cast<llama_pos>(keep), -1);
+    size_t keep = slot.request.prompt.empty() ? 0 : std::min(chosen_lcp, slot.request.prompt.size() - 1);
+    if (!llama_memory_seq_rm(llama_get_memory(ctx_), slot.seq, static_cast<llama_pos>(keep), -1)) {
+      // A recurrent state cannot be cut back to an arbitrary position: start the sequence afresh.
+      llama_memory_seq_rm(llama_get_memory(ctx_), slot.seq, -1, -1);
+      keep = 0;
+    }
     slot.kv_tokens.resize(keep);
+    // MTP rows still queued from the slot's previous request are good for the reused prefix only.
+    if (slot.mtp_pos + static_cast<llama_pos>(slot.mtp_tokens.size()) > static_cast<llama_pos>(keep)) {
+      const size_t rows = static_cast<size_t>(std::max<llama_pos>(0, static_cast<llama_pos>(keep) - slot.mtp_pos));
+      slot.mtp_tokens.resize(rows);
+      slot.mtp_h.resize(rows * static_cast<size_t>(n_embd_));
+    }
     if (keep > 0) {
       std::lock_guard<std::mutex> lock(mu_);
       stats_.cached_prompt_tokens += keep;
@@ -382,7 +427,11 @@ void Engine::step() {
       budget -= static_cast<uint32_t>(k);
       speculating.push_back(i);
     }
-    if (!speculating.empty()) draft(speculating, draft_k);
+    if (mtp_) {
+      mtp_draft(speculating, draft_k);  // also brings the MTP context up to date when none drafts
+    } else if (!speculating.empty()) {
+      draft(speculating, draft_k);
+    }
     for (size_t i : speculating) take[i] = 1 + static_cast<uint32_t>(slots_[i].drafts.size());
   }
   std::sort(prefilling.begin(), prefilling.end(), [](const Slot* a, const Slot* b) { return a->admitted_order < b->admitted_order; });
@@ -415,8 +464,11 @@ void Engine::decode(const std::vector<size_t>& which, const std::vector<uint32_t
   // batches consecutive sequence ids together in one micro-batch.
   batch_.n_tokens = 0;
   auto add = [&](llama_token token, llama_pos pos, llama_seq_id seq, bool logits) { return batch_add(batch_, token, pos, seq, logits); };
+  std::vector<llama_pos> past_before(slots_.size(), 0);
   for (size_t i : which) {
     Slot& s = slots_[i];
+    s.batch_begin = batch_.n_tokens;
+    past_before[i] = s.n_past;
     if (s.prefilled < s.request.prompt.size()) {
       for (uint32_t k = 0; k < take[i]; ++k) {
         const bool last = s.prefilled + 1 == s.request.prompt.size();
@@ -472,11 +524,150 @@ void Engine::decode(const std::vector<size_t>& which, const std::vector<uint32_t
   for (int32_t k = 0; k < batch_.n_tokens; ++k) slots_[static_cast<size_t>(batch_.seq_id[k][0])].kv_tokens.push_back(batch_.token[k]);
   for (size_t i : which) {
     Slot& s = slots_[i];
-    if (!s.busy || s.batch_index < 0) continue;
-    if (s.drafts.empty()) {
-      sample_slot(s);
+    if (s.busy && s.batch_index >= 0) {
+      if (s.drafts.empty()) {
+        sample_slot(s);
+      } else {
+        verify(s);
+      }
+    }
+    // What the target kept of this slot's rows (verify dropped rejected drafts) feeds the MTP.
+    if (mtp_) mtp_collect(s, static_cast<int32_t>(s.n_past - past_before[i]));
+  }
+}
+
+void Engine::mtp_collect(Slot& s, int32_t kept) {
+  if (kept <= 0 || s.batch_begin < 0 || !mtp_wanted(s)) return;
+  const size_t n = static_cast<size_t>(n_embd_);
+  const llama_pos p0 = batch_.pos[s.batch_begin];
+  if (s.mtp_tokens.empty() || s.mtp_pos + static_cast<llama_pos>(s.mtp_tokens.size()) != p0) {
+    s.mtp_tokens.clear();
+    s.mtp_h.clear();
+    s.mtp_pos = p0;
+  }
+  auto append = [&](const float* h) {
+    if (h != nullptr) {
+      s.mtp_h.insert(s.mtp_h.end(), h, h + n);
     } else {
-      verify(s);
+      s.mtp_h.resize(s.mtp_h.size() + n, 0.0f);  // unknown (a cached prefix): a weaker draft, not a wrong one
+    }
+  };
+  for (int32_t j = 0; j < kept; ++j) {
+    s.mtp_tokens.push_back(batch_.token[s.batch_begin + j]);
+    if (j == 0) {
+      append(s.h_pos == p0 - 1 && !s.h_last.empty() ? s.h_last.data() : nullptr);
+    } else {
+      append(llama_get_embeddings_nextn_ith(ctx_, s.batch_begin + j - 1));
+    }
+  }
+  const float* h = llama_get_embeddings_nextn_ith(ctx_, s.batch_begin + kept - 1);
+  if (h != nullptr) {
+    s.h_last.assign(h, h + n);
+    s.h_pos = p0 + kept - 1;
+  } else {
+    s.h_last.clear();
+    s.h_pos = -1;
+  }
+}
+
+void Engine::mtp_draft(const std::vector<size_t>& which, const std::vector<uint32_t>& k) {
+  // The MTP layer at position p reads the token there and the target's hidden state after p-1, and
+  // predicts the token at p+1. Its context must hold every earlier position of the sequence, fed
+  // with the target's states, before it drafts: first the rows the target kept since the last call
+  // (positions missing for another reason, such as a prefix from the prompt cache, get zero states),
+  // then the drafting sequences' newest token, then each draft with the MTP's own state.
+  llama_memory_t mem = llama_get_memory(draft_ctx_);
+  const int32_t n_vocab = llama_vocab_n_tokens(vocab_);
+  const size_t n = static_cast<size_t>(n_embd_);
+  llama_batch& b = draft_batch_;
+  b.n_tokens = 0;
+  auto add = [&](llama_token token, llama_pos pos, llama_seq_id seq, const float* h, bool logits) {
+    const int32_t row = batch_add(b, token, pos, seq, logits);
+    if (h != nullptr) {
+      std::memcpy(b.embd + static_cast<size_t>(row) * n, h, n * sizeof(float));
+    } else {
+      std::memset(b.embd + static_cast<size_t>(row) * n, 0, n * sizeof(float));
+    }
+    return row;
+  };
+  auto run = [&]() {
+    const bool ok = b.n_tokens == 0 || llama_decode(draft_ctx_, b) == 0;
+    b.n_tokens = 0;
+    return ok;
+  };
+  auto failed = [&]() {
+    // A draft that cannot run costs only its speed-up: every sequence starts its MTP history anew.
+    for (auto& s : slots_) {
+      s.drafts.clear();
+      llama_memory_seq_rm(mem, s.seq, -1, -1);
+      s.draft_kv.clear();
+      s.mtp_tokens.clear();
+      s.mtp_h.clear();
+    }
+  };
+  const int32_t capacity = static_cast<int32_t>(n_batch_);
+  // 1. Catch up, in chunks; the drafting sequences' first rows go in the last chunk when they fit.
+  for (auto& s : slots_) {
+    if (!s.busy || !mtp_wanted(s)) continue;
+    s.drafts.clear();
+    const llama_pos end = s.n_past;  // the MTP must hold [0, end)
+    const llama_pos pending_end = s.mtp_pos + static_cast<llama_pos>(s.mtp_tokens.size());
+    const bool pending = !s.mtp_tokens.empty() && pending_end == end;
+    llama_pos from = static_cast<llama_pos>(common_prefix(s.draft_kv, s.kv_tokens));
+    if (pending) from = std::min(from, s.mtp_pos);
+    from = std::min(from, end);
+    if (static_cast<llama_pos>(s.draft_kv.size()) > from) {
+      llama_memory_seq_rm(mem, s.seq, from, -1);
+      s.draft_kv.resize(static_cast<size_t>(from));
+    }
+    for (llama_pos p = from; p < end; ++p) {
+      if (b.n_tokens == capacity && !run()) return failed();
+      const llama_token token = s.kv_tokens[static_cast<size_t>(p)];
+      const bool known = pending && p >= s.mtp_pos;
+      add(token, p, s.seq, known ? s.mtp_h.data() + static_cast<size_t>(p - s.mtp_pos) * n : nullptr, false);
+      s.draft_kv.push_back(token);
+    }
+    s.mtp_tokens.clear();
+    s.mtp_h.clear();
+  }
+  // 2. Draft rounds: each drafting sequence's newest row, with logits and the state to chain on.
+  std::vector<int32_t> row_of(slots_.size(), -1);
+  std::vector<std::vector<float>> h(slots_.size());
+  uint32_t rounds = 0;
+  for (size_t i : which) rounds = std::max(rounds, k[i]);
+  for (uint32_t r = 0; r < rounds; ++r) {
+    int32_t rows = 0;
+    for (size_t i : which) rows += (k[i] > r && slots_[i].drafts.size() == r) ? 1 : 0;
+    if (rows == 0) break;
+    if (b.n_tokens + rows > capacity && !run()) return failed();
+    std::vector<size_t> round;
+    for (size_t i : which) {
+      Slot& s = slots_[i];
+      if (k[i] <= r || s.drafts.size() != r) continue;
+      const llama_pos pos = s.n_past + static_cast<llama_pos>(r);
+      const llama_token token = r == 0 ? s.last : s.drafts.back();
+      const float* state = r == 0 ? (s.h_pos == s.n_past - 1 && !s.h_last.empty() ? s.h_last.data() : nullptr) : h[i].data();
+      row_of[i] = add(token, pos, s.seq, state, true);
+      s.draft_kv.push_back(token);
+      round.push_back(i);
+    }
+    if (!run()) return failed();
+    for (size_t i : round) {
+      Slot& s = slots_[i];
+      s.drafts.push_back(argmax(llama_get_logits_ith(draft_ctx_, row_of[i]), n_vocab));
+      const float* next = llama_get_embeddings_nextn_ith(draft_ctx_, row_of[i]);
+      if (next == nullptr) return failed();
+      h[i].assign(next, next + n);
+    }
+  }
+  if (!run()) return failed();  // catch-up rows when no sequence drafts
+  // Drafts were fed with the MTP's own states: drop them, so the context holds only rows fed with
+  // the target's (the target's kept rows come back through mtp_collect).
+  for (size_t i : which) {
+    Slot& s = slots_[i];
+    if (static_cast<llama_pos>(s.draft_kv.size()) > s.n_past) {
+      llama_memory_seq_rm(mem, s.seq, s.n_past, -1);
+      s.draft_kv.resize(static_cast<size_t>(s.n_past));
     }
   }
 }
@@ -574,7 +765,12 @@ void Engine::verify(Slot& s) {
   // The KV streams keep the last token and the accepted drafts; the rest is dropped.
   const llama_pos base = s.n_past - 1 - static_cast<llama_pos>(drafts.size());
   s.n_past = base + 1 + static_cast<llama_pos>(accepted);
-  llama_memory_seq_rm(llama_get_memory(ctx_), s.seq, s.n_past, -1);
+  if (!llama_memory_seq_rm(llama_get_memory(ctx_), s.seq, s.n_past, -1)) {
+    s.kv_tokens.clear();
+    llama_memory_seq_rm(llama_get_memory(ctx_), s.seq, -1, -1);
+    fail(s, "ENGINE", "llama.cpp could not roll the sequence's state back over its rejected drafts");
+    return;
+  }
   s.kv_tokens.resize(static_cast<size_t>(s.n_past));
   if (s.draft_kv.size() > static_cast<size_t>(s.n_past)) {
     llama_memory_seq_rm(llama_get_memory(draft_ctx_), s.seq, s.n_past, -1);
@@ -707,6 +903,10 @@ void Engine::release(Slot& s) {
     s.kv_tokens.clear();
     if (draft_ctx_ != nullptr) llama_memory_seq_rm(llama_get_memory(draft_ctx_), s.seq, -1, -1);
     s.draft_kv.clear();
+    s.mtp_tokens.clear();
+    s.mtp_h.clear();
+    s.h_last.clear();
+    s.h_pos = -1;
   }
   s.drafts.clear();
   s.draft_tokens = 0;

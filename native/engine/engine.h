@@ -47,6 +47,10 @@ struct EngineOptions {
   // deterministic (each sequence alone) mode.
   llama_model* draft_model = nullptr;
   uint32_t draft_max = 0;
+  // Or the model's own multi-token-prediction (MTP/NextN) layers draft, in a second context of
+  // llama.cpp's MTP type on the same weights (the model must be loaded with load_mtp): each draft
+  // row pairs a token with the target's hidden state before it (see Engine::mtp_draft).
+  bool mtp = false;
 };
 
 // The llama.cpp context parameters of an engine with `options` (the engine adds its abort callback).
@@ -177,6 +181,14 @@ class Engine {
     // none → half. At 0 the sequence drafts nothing, then tries one token again after 16 steps.
     int32_t draft_k = -1;  // -1: not set yet (the request's maximum)
     int32_t draft_pause = 0;
+    // MTP: rows (token at position p, the target's hidden state after p-1) kept by the target but
+    // not yet in the MTP context; h_last is the hidden state after the newest kept token.
+    int32_t batch_begin = -1;               // this slot's first row in the current target batch
+    llama_pos mtp_pos = 0;                  // position of mtp_tokens[0]
+    std::vector<llama_token> mtp_tokens;
+    std::vector<float> mtp_h;               // mtp_tokens.size() rows of n_embd
+    std::vector<float> h_last;              // empty: unknown (zeros are used)
+    llama_pos h_pos = -1;                   // position of the token h_last follows
     bool awaiting = false;  // external sampling: logits sent, waiting for feed()
   };
 
@@ -194,6 +206,13 @@ class Engine {
   bool accept(Slot& slot, llama_token token);
   // Speculative decoding: the draft proposals of this step for the slots `which`.
   void draft(const std::vector<size_t>& which, const std::vector<uint32_t>& k);
+  // The same with the model's MTP layers: first the rows the target kept since the last call, then
+  // each drafting sequence's next token with the target's hidden state, then the MTP's own.
+  void mtp_draft(const std::vector<size_t>& which, const std::vector<uint32_t>& k);
+  // Whether a slot's rows go to the MTP context: not when its request drafts nothing.
+  bool mtp_wanted(const Slot& slot) const { return draft_limit(slot) > 0 && !slot.request.external_sampling; }
+  // After a target decode: queues the rows of `slot` it kept (`kept` from batch_begin) for the MTP.
+  void mtp_collect(Slot& slot, int32_t kept);
   // Checks a slot's drafts against the target logits (rows from batch_index) and keeps what agrees.
   void verify(Slot& slot);
   // Most tokens a sequence may draft per step: its request's draft_max, else the engine's.
@@ -243,6 +262,8 @@ class Engine {
   llama_context* draft_ctx_ = nullptr;
   llama_batch draft_batch_{};
   uint32_t draft_max_ = 0;
+  bool mtp_ = false;
+  int32_t n_embd_ = 0;  // MTP: width of a hidden-state row
 
   std::atomic<bool> abort_decode_{false};
   std::vector<std::string> rpc_endpoints_;

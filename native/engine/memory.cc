@@ -68,6 +68,7 @@ ModelParams::ModelParams(const OffloadOptions& offload) : params_(llama_model_de
   params_.load_mode = offload.use_mmap ? LLAMA_LOAD_MODE_MMAP : LLAMA_LOAD_MODE_NONE;
   params_.split_mode = offload.split_mode;
   params_.main_gpu = offload.main_gpu;
+  params_.load_mtp = offload.load_mtp;
 
   // The offload devices: each RPC server's devices first (as llama.cpp orders them, so that the
   // layers next to the output stay local), then the local GPUs. Given explicitly, so that RPC

@@ -28,6 +28,8 @@ struct OffloadOptions {
   int32_t main_gpu = 0;
   // llama.cpp RPC servers ("host:port") whose devices join this model's split, ahead of local GPUs.
   std::vector<std::string> rpc_servers;
+  // Also load the multi-token-prediction (nextn) layers, which llama.cpp skips by default.
+  bool load_mtp = false;
 };
 
 // A load option this machine cannot satisfy (tensorSplit longer than the device list, ...).

@@ -20,7 +20,7 @@ import type { GgufMetadataEntry, GgufTensorInput } from '../gguf/index.js';
 /** Bump when the generator changes so stale cached files are not reused. */
 const GENERATOR_VERSION = 1;
 
-export type SyntheticArch = 'llama' | 'qwen3moe';
+export type SyntheticArch = 'llama' | 'qwen3moe' | 'glm4moe';
 export type SyntheticWeightType = 'f32' | 'f16' | 'q8_0' | 'q4_0';
 /** Any `ggml-vocab-<name>.gguf` in the vocab directory; these are the ones llama.cpp ships. */
 export type SyntheticVocab =
@@ -44,7 +44,7 @@ export type SyntheticVocab =
 
 export interface SyntheticModelOptions {
   arch?: SyntheticArch;
-  /** Default: 'llama-spm' for llama, 'qwen2' for qwen3moe. */
+  /** Default: 'llama-spm' for llama, 'qwen2' for qwen3moe and glm4moe. */
   vocab?: SyntheticVocab;
   /** Directory holding ggml-vocab-*.gguf. Default: `defaultVocabDir()`. */
   vocabDir?: string;
@@ -92,6 +92,21 @@ export interface SyntheticModelOptions {
    * Default: none.
    */
   quietLayers?: { from: number; scale: number } | null;
+  /**
+   * glm4moe only: multi-token-prediction (nextn) blocks after the `nLayer` trunk layers, as GLM-4.5
+   * ships one (`glm4moe.nextn_predict_layers`). Each is a full MoE decoder block plus `eh_proj`, which
+   * maps [norm(embedding of the token), norm(hidden state before it)] to the block's input; here its
+   * embedding half is the identity, so with quiet blocks (`quietLayers`) the MTP predicts what the
+   * trunk would predict for the next token, and drafts are accepted as often as the trunk's layers
+   * leave that prediction alone. Default 0.
+   */
+  mtpLayers?: number;
+  /**
+   * Scale of eh_proj's hidden-state half relative to the block's other matrices (which
+   * `quietLayers` may scale down): larger makes drafts depend more on the target's hidden state,
+   * and agree with it less often. Default 1.
+   */
+  mtpStateScale?: number;
   /** Default: `defaultModelCacheDir()`. */
   cacheDir?: string;
 }
@@ -137,7 +152,7 @@ export function vocabPath(vocab: string, vocabDir = defaultVocabDir()): string {
 
 function resolve(options: SyntheticModelOptions): ResolvedOptions {
   const arch = options.arch ?? 'llama';
-  const vocab = options.vocab ?? (arch === 'qwen3moe' ? 'qwen2' : 'llama-spm');
+  const vocab = options.vocab ?? (arch === 'llama' ? 'llama-spm' : 'qwen2');
   const type = options.type ?? 'q8_0';
   const r: ResolvedOptions = {
     arch,
@@ -160,6 +175,8 @@ function resolve(options: SyntheticModelOptions): ResolvedOptions {
     tieEmbeddings: options.tieEmbeddings ?? false,
     shareLayerWeights: options.shareLayerWeights ?? false,
     quietLayers: options.quietLayers ?? null,
+    mtpLayers: options.mtpLayers ?? 0,
+    mtpStateScale: options.mtpStateScale ?? 1,
   };
   validate(r);
   return r;
@@ -172,6 +189,10 @@ function validate(o: ResolvedOptions): void {
   }
   if (o.nHead % o.nHeadKv !== 0) throw new RangeError(`nHead (${o.nHead}) must be divisible by nHeadKv (${o.nHeadKv})`);
   if (o.headDim % 2 !== 0) throw new RangeError(`head size (headDim, default nEmbd/nHead) must be even for RoPE, got ${o.headDim}`);
+  if (!Number.isFinite(o.mtpStateScale) || o.mtpStateScale < 0) throw new RangeError(`mtpStateScale must be a number ≥ 0, got ${o.mtpStateScale}`);
+  if (!Number.isInteger(o.mtpLayers) || o.mtpLayers < 0 || (o.mtpLayers > 0 && o.arch !== 'glm4moe')) {
+    throw new RangeError(`mtpLayers must be an integer ≥ 0, and > 0 only with arch 'glm4moe', got ${o.mtpLayers} (${o.arch})`);
+  }
   if (o.nExpertUsed > o.nExpert) throw new RangeError(`nExpertUsed (${o.nExpertUsed}) must not exceed nExpert (${o.nExpert})`);
   const q = o.quietLayers;
   if (q !== null && (!Number.isInteger(q.from) || q.from < 0 || !Number.isFinite(q.scale) || q.scale < 0)) {
@@ -254,22 +275,33 @@ async function buildContent(o: ResolvedOptions): Promise<FixtureContent> {
     u32(`${a}.vocab_size`, nVocab),
     u32(`${a}.context_length`, o.contextLength),
     u32(`${a}.embedding_length`, o.nEmbd),
-    u32(`${a}.block_count`, o.nLayer),
+    u32(`${a}.block_count`, o.nLayer + o.mtpLayers),
     u32(`${a}.feed_forward_length`, o.nFf),
     u32(`${a}.attention.head_count`, o.nHead),
     u32(`${a}.attention.head_count_kv`, o.nHeadKv),
-    f32(`${a}.attention.layer_norm_rms_epsilon`, a === 'qwen3moe' ? 1e-6 : 1e-5),
-    f32(`${a}.rope.freq_base`, a === 'qwen3moe' ? 1_000_000 : 10_000),
+    f32(`${a}.attention.layer_norm_rms_epsilon`, a === 'llama' ? 1e-5 : 1e-6),
+    f32(`${a}.rope.freq_base`, a === 'llama' ? 10_000 : 1_000_000),
     u32(`${a}.rope.dimension_count`, headDim),
   ];
-  if (a === 'qwen3moe' || headDim !== o.nEmbd / o.nHead) {
+  if (a !== 'llama' || headDim !== o.nEmbd / o.nHead) {
     metadata.push(u32(`${a}.attention.key_length`, headDim), u32(`${a}.attention.value_length`, headDim));
   }
-  if (a === 'qwen3moe') {
+  if (a !== 'llama') {
     metadata.push(
       u32(`${a}.expert_count`, o.nExpert),
       u32(`${a}.expert_used_count`, o.nExpertUsed),
       u32(`${a}.expert_feed_forward_length`, o.nFfExp),
+    );
+  }
+  if (a === 'glm4moe') {
+    // GLM-4.5's routing: sigmoid scores plus a selection bias, normalized weights, one shared expert.
+    metadata.push(
+      u32(`${a}.expert_shared_count`, 1),
+      u32(`${a}.leading_dense_block_count`, 0),
+      u32(`${a}.expert_gating_func`, 2),
+      { key: `${a}.expert_weights_norm`, type: 'bool', value: true },
+      f32(`${a}.expert_weights_scale`, 1),
+      u32(`${a}.nextn_predict_layers`, o.mtpLayers),
     );
   }
   for (const [key, value] of vocab.metadata) {
@@ -317,14 +349,14 @@ async function buildContent(o: ResolvedOptions): Promise<FixtureContent> {
   matrix('token_embd.weight', [o.nEmbd, nVocab], wtype, 1);
   ones('output_norm.weight', o.nEmbd);
   if (!o.tieEmbeddings) matrix('output.weight', [o.nEmbd, nVocab]);
-  for (let i = 0; i < o.nLayer; i++) {
+  for (let i = 0; i < o.nLayer + o.mtpLayers; i++) {
     const p = `blk.${i}.`;
     ones(`${p}attn_norm.weight`, o.nEmbd);
     matrix(`${p}attn_q.weight`, [o.nEmbd, headDim * o.nHead]);
     matrix(`${p}attn_k.weight`, [o.nEmbd, nEmbdKv]);
     matrix(`${p}attn_v.weight`, [o.nEmbd, nEmbdKv]);
     matrix(`${p}attn_output.weight`, [headDim * o.nHead, o.nEmbd]);
-    ones(`${p}ffn_norm.weight`, o.nEmbd);
+    ones(a === 'glm4moe' ? `${p}post_attention_norm.weight` : `${p}ffn_norm.weight`, o.nEmbd);
     if (a === 'llama') {
       matrix(`${p}ffn_gate.weight`, [o.nEmbd, o.nFf]);
       matrix(`${p}ffn_up.weight`, [o.nEmbd, o.nFf]);
@@ -337,6 +369,31 @@ async function buildContent(o: ResolvedOptions): Promise<FixtureContent> {
       matrix(`${p}ffn_gate_exps.weight`, [o.nEmbd, o.nFfExp, o.nExpert]);
       matrix(`${p}ffn_up_exps.weight`, [o.nEmbd, o.nFfExp, o.nExpert]);
       matrix(`${p}ffn_down_exps.weight`, [o.nFfExp, o.nEmbd, o.nExpert]);
+    }
+    if (a === 'glm4moe') {
+      tensors.push({ name: `${p}exp_probs_b.bias`, type: GgmlType.F32, shape: [o.nExpert], data: () => uniform(o.seed, `${p}exp_probs_b`, o.nExpert, 0.1) });
+      matrix(`${p}ffn_gate_shexp.weight`, [o.nEmbd, o.nFfExp]);
+      matrix(`${p}ffn_up_shexp.weight`, [o.nEmbd, o.nFfExp]);
+      matrix(`${p}ffn_down_shexp.weight`, [o.nFfExp, o.nEmbd]);
+    }
+    if (i >= o.nLayer) {
+      ones(`${p}nextn.enorm.weight`, o.nEmbd);
+      ones(`${p}nextn.hnorm.weight`, o.nEmbd);
+      // [embedding half | hidden-state half] → nEmbd: identity on the first, random on the second.
+      const quiet = o.quietLayers !== null && i >= o.quietLayers.from ? o.quietLayers.scale : 1;
+      const name = `${p}nextn.eh_proj.weight`;
+      tensors.push({
+        name,
+        type: GgmlType.F32,
+        shape: [2 * o.nEmbd, o.nEmbd],
+        data: () => {
+          const w = uniform(o.seed, name, 2 * o.nEmbd * o.nEmbd, (quiet * o.mtpStateScale) / Math.sqrt(2 * o.nEmbd));
+          for (let r = 0; r < o.nEmbd; r++) {
+            for (let c = 0; c < o.nEmbd; c++) w[r * 2 * o.nEmbd + c] = r === c ? 1 : 0;
+          }
+          return w;
+        },
+      });
     }
   }
   return { metadata, tensors };
@@ -353,9 +410,15 @@ export async function makeSyntheticModel(options: SyntheticModelOptions = {}): P
   const cacheDir = options.cacheDir ?? defaultModelCacheDir();
   const vocabStat = await stat(vocabPath(o.vocab, o.vocabDir)).catch(() => undefined);
   // The vocab file's size stands in for its content so a different llama.cpp checkout gets a new name.
-  const { vocabDir: _vocabDir, quietLayers, ...hashed } = o;
+  const { vocabDir: _vocabDir, quietLayers, mtpLayers, mtpStateScale, ...hashed } = o;
   // Options added later are hashed only when set, so earlier files keep their names.
-  const key = JSON.stringify({ v: GENERATOR_VERSION, ...hashed, vocabBytes: vocabStat?.size ?? null, ...(quietLayers ? { quietLayers } : {}) });
+  const key = JSON.stringify({
+    v: GENERATOR_VERSION,
+    ...hashed,
+    vocabBytes: vocabStat?.size ?? null,
+    ...(quietLayers ? { quietLayers } : {}),
+    ...(mtpLayers ? { mtpLayers, mtpStateScale } : {}),
+  });
   const hash = createHash('sha256').update(key).digest('hex').slice(0, 16);
   const path = join(cacheDir, `${o.arch}-${o.vocab}-${o.type}-${hash}.gguf`);
 
