@@ -305,4 +305,20 @@ describe('speculative decoding benchmark', () => {
     expect(lines.join('\n')).not.toContain('WARNING');
     expect(formatSpeculativeTable(r)).toMatch(/^\| 0 \| 100 % \/ 100 % \|/m);
   });
+
+  it('measures MTP drafting against llama-speculative-simple --spec-type draft-mtp', async () => {
+    const lines: string[] = [];
+    const r = await measureSpeculative({
+      target: { preset: 'tiny-mtp', type: 'f16', layers: 2 }, scales: [0.02, 1], draftTokens: 3, genTokens: 24, threads: 1, gpuLayers: 0, repeat: 1, mtp: true,
+      log: (line) => lines.push(line),
+    });
+    expect(r.mtp).toBe(true);
+    // Nearly silent layers: the MTP block predicts what the model does, in both runtimes.
+    expect(r.rows[0]!.acceptance.ours).toBeGreaterThan(0.8);
+    expect(r.rows[0]!.acceptance.reference).toBeGreaterThan(0.8);
+    expect(r.rows[1]!.acceptance.ours).toBeLessThan(r.rows[0]!.acceptance.ours);
+    for (const row of r.rows) expect(Math.min(row.alone, row.ours, row.reference)).toBeGreaterThan(0);
+    expect(lines.join('\n')).not.toContain('WARNING');
+    expect(formatSpeculativeTable(r)).toContain('its own MTP layer');
+  });
 });

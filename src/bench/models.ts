@@ -54,11 +54,39 @@ export const MODEL_PRESETS = {
       name: 'bench-llama-3-8b-shape',
     },
   },
+  // GLM-4.5-Air: hidden 4096, 96 query / 8 KV heads of 128, 128 experts of FFN 1408 (8 used, sigmoid
+  // routing with a selection bias) plus one shared expert, and one multi-token-prediction block
+  // (46 layers + 1 nextn); its first layer's dense FFN is an MoE here. Qwen vocab (GLM's is close).
+  'glm-4.5-air': {
+    description: 'GLM-4.5-Air-shaped MoE with an MTP block (4096 hidden, 128 experts × 1408, 8 active + 1 shared, 96/8 heads × 128, Qwen vocab)',
+    realLayers: 46,
+    options: {
+      arch: 'glm4moe',
+      vocab: 'qwen2',
+      nEmbd: 4096,
+      nHead: 96,
+      nHeadKv: 8,
+      headDim: 128,
+      nFf: 10944,
+      nExpert: 128,
+      nExpertUsed: 8,
+      nFfExp: 1408,
+      mtpLayers: 1,
+      contextLength: 131072,
+      name: 'bench-glm-4.5-air-shape',
+    },
+  },
   // The demo model's shape: seconds to run, for smoke tests of the harness itself.
   tiny: {
     description: 'tiny llama (256 hidden, FFN 512, llama-spm vocab): harness smoke tests',
     realLayers: 4,
     options: { arch: 'llama', vocab: 'llama-spm', nEmbd: 256, nHead: 4, nHeadKv: 4, nFf: 512, name: 'bench-tiny' },
+  },
+  // The same for the MTP path: a tiny glm4moe with one nextn block.
+  'tiny-mtp': {
+    description: 'tiny GLM-4.5-shaped MoE with an MTP block (256 hidden, 8 experts × 128, 2 active + 1 shared, Qwen vocab): harness smoke tests',
+    realLayers: 4,
+    options: { arch: 'glm4moe', vocab: 'qwen2', nEmbd: 256, nHead: 4, nHeadKv: 4, nExpert: 8, nExpertUsed: 2, nFfExp: 128, mtpLayers: 1, name: 'bench-tiny-mtp' },
   },
 } satisfies Record<string, ModelPreset>;
 
@@ -75,8 +103,9 @@ export interface BenchModelSpec {
   type: SyntheticWeightType;
   /** Default: the real model's layer count. */
   layers?: number;
-  /** Layers from 1 up scaled by this (see SyntheticModelOptions.quietLayers): for draft agreement. */
+  /** Layers from `quietFrom` (default 1) up scaled by this (SyntheticModelOptions.quietLayers): for draft agreement. */
   quiet?: number;
+  quietFrom?: number;
 }
 
 /** Parses 'qwen3-30b-a3b:q4_0:2' (preset, type, layers; type and layers optional). */
@@ -108,7 +137,7 @@ export async function ensureBenchModel(spec: BenchModelSpec, cacheDir?: string):
     type: spec.type,
     // One layer of random weights is generated; the others reuse its bytes (see the option).
     shareLayerWeights: true,
-    ...(spec.quiet !== undefined ? { quietLayers: { from: 1, scale: spec.quiet } } : {}),
+    ...(spec.quiet !== undefined ? { quietLayers: { from: spec.quietFrom ?? 1, scale: spec.quiet } } : {}),
     ...(cacheDir ? { cacheDir } : {}),
   });
 }

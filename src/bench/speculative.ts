@@ -8,6 +8,11 @@
  * first layer (same seed: the same embeddings, layer 0 and output). The target still computes every
  * layer; the larger `scale`, the more its later layers change its choice and the less the draft
  * agrees (random-weight models of different depths agree about 1 % of the time otherwise).
+ *
+ * With `mtp` the drafts come from the target's own multi-token-prediction block instead (a preset
+ * with one, such as glm-4.5-air), against `llama-speculative-simple --spec-type draft-mtp`. The
+ * synthetic MTP block predicts what the trunk would predict for the next token from its embedding
+ * (SyntheticModelOptions.mtpLayers), so here every layer is scaled by `scale`, from layer 0 up.
  */
 import { ensureReferenceTool } from '../../scripts/llama.mjs';
 import { loadModel } from '../model.js';
@@ -22,6 +27,8 @@ export interface SpeculativeOptions {
   threads: number;
   gpuLayers: number;
   repeat: number;
+  /** Draft with the target's MTP layers instead of a 1-layer draft model. */
+  mtp?: boolean;
   modelCacheDir?: string;
   log: (line: string) => void;
 }
@@ -39,6 +46,8 @@ export interface SpeculativeRow {
 export interface SpeculativeResult {
   target: string;
   draft: string;
+  /** Drafted by the target's own MTP layers (else by the draft model `draft`). */
+  mtp: boolean;
   draftTokens: number;
   genTokens: number;
   rows: SpeculativeRow[];
@@ -56,9 +65,10 @@ export function parseSpeculativeSimple(text: string): { tokensPerSecond: number;
 }
 
 export async function measureSpeculative(o: SpeculativeOptions): Promise<SpeculativeResult> {
+  const mtp = o.mtp ?? false;
   const draftSpec: BenchModelSpec = { preset: o.target.preset, type: o.target.type, layers: 1 };
-  o.log(`preparing the draft ${specLabel(draftSpec)} (generated once, then cached)`);
-  const draftPath = await ensureBenchModel(draftSpec, o.modelCacheDir);
+  if (!mtp) o.log(`preparing the draft ${specLabel(draftSpec)} (generated once, then cached)`);
+  const draftPath = mtp ? '' : await ensureBenchModel(draftSpec, o.modelCacheDir);
   const tool = ensureReferenceTool('llama-speculative-simple');
   const context = 64 + o.genTokens + o.draftTokens + 8;
   const load = { contextSize: context, maxSequences: 1, batchSize: 512, threads: o.threads, gpuLayers: o.gpuLayers };
@@ -67,14 +77,15 @@ export async function measureSpeculative(o: SpeculativeOptions): Promise<Specula
   let step = 0;
   const steps = o.scales.length * o.repeat;
   for (const scale of o.scales) {
-    const spec: BenchModelSpec = { ...o.target, quiet: scale };
-    o.log(`[${++step}/${steps}] scale ${scale}: preparing ${specLabel(spec)} with layers 1+ scaled by ${scale}`);
+    const spec: BenchModelSpec = { ...o.target, quiet: scale, quietFrom: mtp ? 0 : 1 };
+    o.log(`[${++step}/${steps}] scale ${scale}: preparing ${specLabel(spec)} with layers ${mtp ? 0 : 1}+ scaled by ${scale}`);
     const targetPath = await ensureBenchModel(spec, o.modelCacheDir);
     const row: SpeculativeRow = { scale, acceptance: { ours: 0, reference: 0 }, alone: 0, ours: 0, reference: 0 };
     for (let round = 0; round < o.repeat; round++) {
       if (round > 0) o.log(`[${++step}/${steps}] scale ${scale}: round ${round + 1}`);
       const args = [
-        '-m', targetPath, '-md', draftPath, '-p', PROMPT, '-n', String(o.genTokens), '--spec-type', 'draft-simple', '--spec-draft-n-max', String(o.draftTokens), '--spec-draft-n-min', '0',
+        '-m', targetPath, ...(mtp ? [] : ['-md', draftPath]), '-p', PROMPT, '-n', String(o.genTokens),
+        '--spec-type', mtp ? 'draft-mtp' : 'draft-simple', '--spec-draft-n-max', String(o.draftTokens), '--spec-draft-n-min', '0',
         '--spec-draft-p-min', '0', '--temp', '0', '--ignore-eos', '-c', String(context), '-t', String(o.threads), '-ngl', String(o.gpuLayers),
         '-ngld', String(o.gpuLayers), '-s', '1',
       ];
@@ -83,8 +94,11 @@ export async function measureSpeculative(o: SpeculativeOptions): Promise<Specula
       row.reference = Math.max(row.reference, ref.tokensPerSecond);
       row.acceptance.reference = ref.drafted > 0 ? ref.accepted / ref.drafted : 0;
 
-      const draft = await loadModel(draftPath, load);
-      const target = await loadModel(targetPath, { ...load, draft: { model: draft, maxTokens: o.draftTokens } });
+      const draft = mtp ? undefined : await loadModel(draftPath, load);
+      const target = await loadModel(targetPath, {
+        ...load,
+        draft: draft ? { model: draft, maxTokens: o.draftTokens } : { mtp: true, maxTokens: o.draftTokens },
+      });
       try {
         await target.complete(PROMPT, { ...greedy, maxTokens: 4 }); // warm-up: graphs and pages
         const alone = await target.complete(PROMPT, { ...greedy, draft: false });
@@ -95,7 +109,7 @@ export async function measureSpeculative(o: SpeculativeOptions): Promise<Specula
         row.acceptance.ours = drafted.speculative?.acceptanceRate ?? 0;
       } finally {
         await target.dispose();
-        await draft.dispose();
+        await draft?.dispose();
       }
     }
     o.log(
@@ -104,12 +118,12 @@ export async function measureSpeculative(o: SpeculativeOptions): Promise<Specula
     );
     rows.push(row);
   }
-  return { target: specLabel(o.target), draft: specLabel(draftSpec), draftTokens: o.draftTokens, genTokens: o.genTokens, rows };
+  return { target: specLabel(o.target), draft: mtp ? 'its own MTP layer' : specLabel(draftSpec), mtp, draftTokens: o.draftTokens, genTokens: o.genTokens, rows };
 }
 
 export function formatSpeculativeTable(r: SpeculativeResult): string {
   const lines = [
-    `target ${r.target} (layers 1+ scaled), draft ${r.draft}, ${r.draftTokens} drafted per step, ${r.genTokens} tokens, greedy`,
+    `target ${r.target} (layers ${r.mtp ? 0 : 1}+ scaled), draft ${r.draft}, ${r.draftTokens} drafted per step, ${r.genTokens} tokens, greedy`,
     '',
     '| scale | acceptance (ours / llama.cpp) | target alone t/s | with draft t/s | speed-up | llama-speculative-simple t/s | ratio to reference |',
     '|--:|--:|--:|--:|--:|--:|--:|',

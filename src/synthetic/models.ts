@@ -330,7 +330,7 @@ async function buildContent(o: ResolvedOptions): Promise<FixtureContent> {
     // quiet layers), the last layer frees it.
     const source = name.replace(layer[0], 'blk.0.');
     const key = quiet === 1 ? source : `${source}@${quiet}`;
-    const last = layer[0] === `blk.${o.nLayer - 1}.`;
+    const last = layer[0] === `blk.${o.nLayer + o.mtpLayers - 1}.`;
     tensors.push({
       name,
       type,
