@@ -117,7 +117,10 @@ Engine::Engine(llama_model* model, const EngineOptions& options, Notify notify)
     }
     // The draft's own context: same sequences, context and batch as the target's, same threads.
     auto draft_params = params;
-    draft_params.n_rs_seq = 0;
+    const bool draft_recurrent = options.draft_model != nullptr && (llama_model_is_recurrent(options.draft_model) || llama_model_is_hybrid(options.draft_model));
+    // A recurrent draft is rolled back over rejected drafts too where llama.cpp can; elsewhere its
+    // sequence is fed again from the start (see draft()).
+    draft_params.n_rs_seq = !options.mtp && draft_recurrent ? options.draft_max : 0;
     if (options.mtp) {
       draft_params.ctx_type = LLAMA_CONTEXT_TYPE_MTP;
       if (llama_model_n_layer_nextn(model) <= 0) undo("the model has no multi-token-prediction (nextn) layers");
@@ -617,7 +620,10 @@ void Engine::mtp_draft(const std::vector<size_t>& which, const std::vector<uint3
     if (pending) from = std::min(from, s.mtp_pos);
     from = std::min(from, end);
     if (static_cast<llama_pos>(s.draft_kv.size()) > from) {
-      llama_memory_seq_rm(mem, s.seq, from, -1);
+      if (!llama_memory_seq_rm(mem, s.seq, from, -1)) {
+        llama_memory_seq_rm(mem, s.seq, -1, -1);  // cannot cut back here: from the start
+        from = 0;
+      }
       s.draft_kv.resize(static_cast<size_t>(from));
     }
     for (llama_pos p = from; p < end; ++p) {
@@ -666,8 +672,12 @@ void Engine::mtp_draft(const std::vector<size_t>& which, const std::vector<uint3
   for (size_t i : which) {
     Slot& s = slots_[i];
     if (static_cast<llama_pos>(s.draft_kv.size()) > s.n_past) {
-      llama_memory_seq_rm(mem, s.seq, s.n_past, -1);
-      s.draft_kv.resize(static_cast<size_t>(s.n_past));
+      if (llama_memory_seq_rm(mem, s.seq, s.n_past, -1)) {
+        s.draft_kv.resize(static_cast<size_t>(s.n_past));
+      } else {
+        llama_memory_seq_rm(mem, s.seq, -1, -1);
+        s.draft_kv.clear();
+      }
     }
   }
 }
@@ -711,7 +721,10 @@ void Engine::draft(const std::vector<size_t>& which, const std::vector<uint32_t>
     want.push_back(s.last);
     size_t lcp = common_prefix(s.draft_kv, want);
     if (lcp == want.size()) --lcp;  // the last token is decoded again for its logits
-    llama_memory_seq_rm(mem, s.seq, static_cast<llama_pos>(lcp), -1);
+    if (!llama_memory_seq_rm(mem, s.seq, static_cast<llama_pos>(lcp), -1)) {
+      llama_memory_seq_rm(mem, s.seq, -1, -1);  // a recurrent draft that cannot roll back: from the start
+      lcp = 0;
+    }
     s.draft_kv.resize(lcp);
     for (size_t p = lcp; p < want.size(); ++p) {
       if (draft_batch_.n_tokens == static_cast<int32_t>(n_batch_) && !run()) return failed(which);
@@ -773,8 +786,12 @@ void Engine::verify(Slot& s) {
   }
   s.kv_tokens.resize(static_cast<size_t>(s.n_past));
   if (s.draft_kv.size() > static_cast<size_t>(s.n_past)) {
-    llama_memory_seq_rm(llama_get_memory(draft_ctx_), s.seq, s.n_past, -1);
-    s.draft_kv.resize(static_cast<size_t>(s.n_past));
+    if (llama_memory_seq_rm(llama_get_memory(draft_ctx_), s.seq, s.n_past, -1)) {
+      s.draft_kv.resize(static_cast<size_t>(s.n_past));
+    } else {
+      llama_memory_seq_rm(llama_get_memory(draft_ctx_), s.seq, -1, -1);
+      s.draft_kv.clear();
+    }
   }
   s.draft_tokens += static_cast<int32_t>(drafts.size());
   s.draft_accepted += static_cast<int32_t>(accepted);

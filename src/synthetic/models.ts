@@ -20,7 +20,7 @@ import type { GgufMetadataEntry, GgufTensorInput } from '../gguf/index.js';
 /** Bump when the generator changes so stale cached files are not reused. */
 const GENERATOR_VERSION = 1;
 
-export type SyntheticArch = 'llama' | 'qwen3moe' | 'glm4moe';
+export type SyntheticArch = 'llama' | 'qwen3moe' | 'glm4moe' | 'qwen35';
 export type SyntheticWeightType = 'f32' | 'f16' | 'q8_0' | 'q4_0';
 /** Any `ggml-vocab-<name>.gguf` in the vocab directory; these are the ones llama.cpp ships. */
 export type SyntheticVocab =
@@ -44,7 +44,7 @@ export type SyntheticVocab =
 
 export interface SyntheticModelOptions {
   arch?: SyntheticArch;
-  /** Default: 'llama-spm' for llama, 'qwen2' for qwen3moe and glm4moe. */
+  /** Default: 'llama-spm' for llama, 'qwen35' for qwen35, 'qwen2' for qwen3moe and glm4moe. */
   vocab?: SyntheticVocab;
   /** Directory holding ggml-vocab-*.gguf. Default: `defaultVocabDir()`. */
   vocabDir?: string;
@@ -93,8 +93,9 @@ export interface SyntheticModelOptions {
    */
   quietLayers?: { from: number; scale: number } | null;
   /**
-   * glm4moe only: multi-token-prediction (nextn) blocks after the `nLayer` trunk layers, as GLM-4.5
-   * ships one (`glm4moe.nextn_predict_layers`). Each is a full MoE decoder block plus `eh_proj`, which
+   * glm4moe and qwen35: multi-token-prediction (nextn) blocks after the `nLayer` trunk layers, as
+   * GLM-4.5 and Qwen3.5 ship one (`<arch>.nextn_predict_layers`). Each is a full decoder block (MoE,
+   * or attention and dense FFN) plus `eh_proj`, which
    * maps [norm(embedding of the token), norm(hidden state before it)] to the block's input; here its
    * embedding half is the identity, so with quiet blocks (`quietLayers`) the MTP predicts what the
    * trunk would predict for the next token, and drafts are accepted as often as the trunk's layers
@@ -152,7 +153,7 @@ export function vocabPath(vocab: string, vocabDir = defaultVocabDir()): string {
 
 function resolve(options: SyntheticModelOptions): ResolvedOptions {
   const arch = options.arch ?? 'llama';
-  const vocab = options.vocab ?? (arch === 'llama' ? 'llama-spm' : 'qwen2');
+  const vocab = options.vocab ?? (arch === 'llama' ? 'llama-spm' : arch === 'qwen35' ? 'qwen35' : 'qwen2');
   const type = options.type ?? 'q8_0';
   const r: ResolvedOptions = {
     arch,
@@ -190,8 +191,8 @@ function validate(o: ResolvedOptions): void {
   if (o.nHead % o.nHeadKv !== 0) throw new RangeError(`nHead (${o.nHead}) must be divisible by nHeadKv (${o.nHeadKv})`);
   if (o.headDim % 2 !== 0) throw new RangeError(`head size (headDim, default nEmbd/nHead) must be even for RoPE, got ${o.headDim}`);
   if (!Number.isFinite(o.mtpStateScale) || o.mtpStateScale < 0) throw new RangeError(`mtpStateScale must be a number ≥ 0, got ${o.mtpStateScale}`);
-  if (!Number.isInteger(o.mtpLayers) || o.mtpLayers < 0 || (o.mtpLayers > 0 && o.arch !== 'glm4moe')) {
-    throw new RangeError(`mtpLayers must be an integer ≥ 0, and > 0 only with arch 'glm4moe', got ${o.mtpLayers} (${o.arch})`);
+  if (!Number.isInteger(o.mtpLayers) || o.mtpLayers < 0 || (o.mtpLayers > 0 && o.arch !== 'glm4moe' && o.arch !== 'qwen35')) {
+    throw new RangeError(`mtpLayers must be an integer ≥ 0, and > 0 only with arch 'glm4moe' or 'qwen35', got ${o.mtpLayers} (${o.arch})`);
   }
   if (o.nExpertUsed > o.nExpert) throw new RangeError(`nExpertUsed (${o.nExpertUsed}) must not exceed nExpert (${o.nExpert})`);
   const q = o.quietLayers;
@@ -200,7 +201,7 @@ function validate(o: ResolvedOptions): void {
   }
   if (o.type === 'q8_0' || o.type === 'q4_0') {
     // Every quantized matrix has one of these as its contiguous dimension (ne0).
-    const rows = o.arch === 'llama' ? { nEmbd: o.nEmbd, nFf: o.nFf, 'headDim*nHead': o.headDim * o.nHead } : { nEmbd: o.nEmbd, nFfExp: o.nFfExp, 'headDim*nHead': o.headDim * o.nHead };
+    const rows = o.arch === 'llama' || o.arch === 'qwen35' ? { nEmbd: o.nEmbd, nFf: o.nFf, 'headDim*nHead': o.headDim * o.nHead } : { nEmbd: o.nEmbd, nFfExp: o.nFfExp, 'headDim*nHead': o.headDim * o.nHead };
     for (const [k, v] of Object.entries(rows)) {
       if (v % 32 !== 0) throw new RangeError(`type ${o.type} needs ${k} to be a multiple of 32, got ${v}`);
     }
@@ -286,7 +287,23 @@ async function buildContent(o: ResolvedOptions): Promise<FixtureContent> {
   if (a !== 'llama' || headDim !== o.nEmbd / o.nHead) {
     metadata.push(u32(`${a}.attention.key_length`, headDim), u32(`${a}.attention.value_length`, headDim));
   }
-  if (a !== 'llama') {
+  if (a === 'qwen35' && o.mtpLayers > 0) metadata.push(u32(`${a}.nextn_predict_layers`, o.mtpLayers));
+  if (a === 'qwen35') {
+    // Qwen3.5's hybrid: three Gated DeltaNet layers, then one gated-attention layer, repeating.
+    // DeltaNet heads here: 2 key heads and 4 value heads of headDim; mRoPE sections for half the
+    // rotary pairs, as the real model rotates a quarter of each head.
+    const pairs = headDim / 2;
+    metadata.push(
+      u32(`${a}.full_attention_interval`, 4),
+      u32(`${a}.ssm.conv_kernel`, 4),
+      u32(`${a}.ssm.state_size`, headDim),
+      u32(`${a}.ssm.group_count`, 2),
+      u32(`${a}.ssm.time_step_rank`, 4),
+      u32(`${a}.ssm.inner_size`, 4 * headDim),
+      { key: `${a}.rope.dimension_sections`, type: 'array', itemType: 'i32', value: [Math.ceil(pairs / 3), Math.ceil(pairs / 3), pairs - 2 * Math.ceil(pairs / 3), 0] },
+    );
+  }
+  if (a !== 'llama' && a !== 'qwen35') {
     metadata.push(
       u32(`${a}.expert_count`, o.nExpert),
       u32(`${a}.expert_used_count`, o.nExpertUsed),
@@ -352,12 +369,33 @@ async function buildContent(o: ResolvedOptions): Promise<FixtureContent> {
   for (let i = 0; i < o.nLayer + o.mtpLayers; i++) {
     const p = `blk.${i}.`;
     ones(`${p}attn_norm.weight`, o.nEmbd);
-    matrix(`${p}attn_q.weight`, [o.nEmbd, headDim * o.nHead]);
-    matrix(`${p}attn_k.weight`, [o.nEmbd, nEmbdKv]);
-    matrix(`${p}attn_v.weight`, [o.nEmbd, nEmbdKv]);
-    matrix(`${p}attn_output.weight`, [headDim * o.nHead, o.nEmbd]);
-    ones(a === 'glm4moe' ? `${p}post_attention_norm.weight` : `${p}ffn_norm.weight`, o.nEmbd);
-    if (a === 'llama') {
+    if (a === 'qwen35' && i < o.nLayer && (i + 1) % 4 !== 0) {
+      // Gated DeltaNet (linear attention): 2 key heads, 4 value heads, all of headDim.
+      const keyDim = 2 * headDim;
+      const valueDim = 4 * headDim;
+      matrix(`${p}attn_qkv.weight`, [o.nEmbd, 2 * keyDim + valueDim]);
+      matrix(`${p}attn_gate.weight`, [o.nEmbd, valueDim]);
+      matrix(`${p}ssm_conv1d.weight`, [4, 2 * keyDim + valueDim], GgmlType.F32);
+      tensors.push({ name: `${p}ssm_dt.bias`, type: GgmlType.F32, shape: [4], data: () => new Float32Array(4).fill(0) });
+      // A = -exp(A_log) < 0: each step keeps a share of the state.
+      tensors.push({ name: `${p}ssm_a`, type: GgmlType.F32, shape: [4], data: () => new Float32Array(4).fill(-1) });
+      matrix(`${p}ssm_beta.weight`, [o.nEmbd, 4], GgmlType.F32);
+      matrix(`${p}ssm_alpha.weight`, [o.nEmbd, 4], GgmlType.F32);
+      ones(`${p}ssm_norm.weight`, headDim);
+      matrix(`${p}ssm_out.weight`, [valueDim, o.nEmbd]);
+    } else {
+      // Qwen3.5's attention projects a gate with each query head.
+      matrix(`${p}attn_q.weight`, [o.nEmbd, headDim * o.nHead * (a === 'qwen35' ? 2 : 1)]);
+      matrix(`${p}attn_k.weight`, [o.nEmbd, nEmbdKv]);
+      matrix(`${p}attn_v.weight`, [o.nEmbd, nEmbdKv]);
+      matrix(`${p}attn_output.weight`, [headDim * o.nHead, o.nEmbd]);
+      if (a === 'qwen35') {
+        ones(`${p}attn_q_norm.weight`, headDim);
+        ones(`${p}attn_k_norm.weight`, headDim);
+      }
+    }
+    ones(a === 'glm4moe' || a === 'qwen35' ? `${p}post_attention_norm.weight` : `${p}ffn_norm.weight`, o.nEmbd);
+    if (a === 'llama' || a === 'qwen35') {
       matrix(`${p}ffn_gate.weight`, [o.nEmbd, o.nFf]);
       matrix(`${p}ffn_up.weight`, [o.nEmbd, o.nFf]);
       matrix(`${p}ffn_down.weight`, [o.nFf, o.nEmbd]);
