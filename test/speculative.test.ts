@@ -5,7 +5,7 @@
  */
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 
-import { GenesisError, InvalidOptionError, loadModel, type Model } from '../src/index.js';
+import { estimateMemory, GenesisError, InvalidOptionError, loadModel, type Model } from '../src/index.js';
 import { serve } from '../src/server/serve.js';
 import { formatSpeculativeTable, measureSpeculative, parseSpeculativeSimple } from '../src/bench/speculative.js';
 import { makeFixtureModel } from './fixtures/models.js';
@@ -257,6 +257,17 @@ describe('speculative decoding with the model’s own MTP layers', () => {
     const r = await mtp.complete(longer, greedy);
     expect(mtp.stats().cachedPromptTokens).toBeGreaterThan(before);
     expect(r.tokens).toEqual((await plain.complete(longer, greedy)).tokens);
+  });
+
+  it('counts the MTP layers, their KV cache and compute buffers: in estimateMemory and in the loaded model’s placement', async () => {
+    const without = await estimateMemory(path, options);
+    const withMtp = await estimateMemory(path, { ...options, draft: { mtp: true } });
+    const [a, b] = [without.devices[0]!, withMtp.devices[0]!];
+    expect(b.weights).toBeGreaterThan(a.weights); // the nextn block is loaded only for drafting
+    expect(b.kvCache).toBeGreaterThan(a.kvCache);
+    expect(b.compute).toBeGreaterThan(a.compute);
+    const loaded = mtp.info.placement!.devices[0]!;
+    expect({ weights: loaded.weights, kvCache: loaded.kvCache, compute: loaded.compute }).toEqual({ weights: b.weights, kvCache: b.kvCache, compute: b.compute });
   });
 
   it('refuses MTP drafting for a model without nextn layers, and malformed draft options', async () => {

@@ -230,7 +230,7 @@ class LoadWorker : public Napi::AsyncWorker {
           if (auto h = weak.lock()) NativeModel::Deliver(env, fn, *h);
         });
       });
-      host_->placement = device_placement(host_->model, host_->engine->context());
+      host_->placement = device_placement(host_->model, host_->engine->context(), host_->engine->draft_context());
       const std::string lost_now = rpc_failure(baton_.offload.rpc_servers);
       if (!lost_now.empty()) {
         code_ = "RPC_DISCONNECTED";

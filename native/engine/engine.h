@@ -133,6 +133,7 @@ class Engine {
   uint32_t max_queue() const { return max_queue_; }
   uint32_t total_context() const;
   const llama_context* context() const { return ctx_; }
+  const llama_context* draft_context() const { return draft_ctx_; }
 
   void submit(Request request);
   void cancel(uint64_t id);

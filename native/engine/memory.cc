@@ -142,8 +142,20 @@ MemoryEstimate estimate_memory(const std::string& path, const OffloadOptions& of
   mparams.get().load_mode = LLAMA_LOAD_MODE_NONE;
   std::unique_ptr<llama_model, decltype(&llama_model_free)> model(llama_model_load_from_file(path.c_str(), mparams.get()), llama_model_free);
   if (!model) throw std::runtime_error("llama.cpp could not read " + path);
-  std::unique_ptr<llama_context, decltype(&llama_free)> ctx(llama_init_from_model(model.get(), engine_context_params(engine)), llama_free);
+  auto params = engine_context_params(engine);
+  // As the engine sizes them: recurrent-state snapshots for drafts, and the MTP layers' own context
+  // (a separate draft model's context is counted by the engine that owns it once loaded).
+  const bool mtp = engine.mtp && engine.draft_max > 0 && !engine.deterministic;
+  if (mtp && (llama_model_is_recurrent(model.get()) || llama_model_is_hybrid(model.get()))) params.n_rs_seq = engine.draft_max;
+  std::unique_ptr<llama_context, decltype(&llama_free)> ctx(llama_init_from_model(model.get(), params), llama_free);
   if (!ctx) throw std::runtime_error("llama.cpp could not plan a context for " + path + " (contextSize x maxSequences too large?)");
+  std::unique_ptr<llama_context, decltype(&llama_free)> draft(nullptr, llama_free);
+  if (mtp && llama_model_n_layer_nextn(model.get()) > 0) {
+    auto draft_params = params;
+    draft_params.n_rs_seq = 0;
+    draft_params.ctx_type = LLAMA_CONTEXT_TYPE_MTP;
+    draft.reset(llama_init_from_model(model.get(), draft_params));
+  }
 
   MemoryEstimate est;
   est.n_ctx = llama_n_ctx(ctx.get());
@@ -151,11 +163,11 @@ MemoryEstimate estimate_memory(const std::string& path, const OffloadOptions& of
   est.n_expert = static_cast<uint32_t>(llama_model_n_expert(model.get()));
   est.n_params = llama_model_n_params(model.get());
 
-  est.devices = device_placement(model.get(), ctx.get());
+  est.devices = device_placement(model.get(), ctx.get(), draft.get());
   return est;
 }
 
-std::vector<DeviceMemory> device_placement(const llama_model* model, const llama_context* ctx) {
+std::vector<DeviceMemory> device_placement(const llama_model* model, const llama_context* ctx, const llama_context* draft) {
   DeviceMemory host;
   host.name = "CPU";
   host.kind = "cpu";
@@ -192,6 +204,15 @@ std::vector<DeviceMemory> device_placement(const llama_model* model, const llama
     into->model += mb.model;
     into->context += mb.context;
     into->compute += mb.compute;
+  }
+  if (draft != nullptr) {
+    // The draft's KV cache and compute buffers; its weights are the draft model's (or, for MTP
+    // layers, this model's, already counted).
+    for (const auto& [buft, mb] : llama_get_memory_breakdown(draft)) {
+      DeviceMemory* into = ggml_backend_buft_is_host(buft) ? &host : find(ggml_backend_buft_get_device(buft));
+      into->context += mb.context;
+      into->compute += mb.compute;
+    }
   }
   // Where each layer's weights live (a CPU layer's device is the CPU device: host).
   const int32_t n_layer = llama_model_n_layer(model);

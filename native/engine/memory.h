@@ -100,6 +100,7 @@ MemoryEstimate estimate_memory(const std::string& path, const OffloadOptions& of
 
 // What sits where in a loaded model with its context: host first, then the model's devices in
 // split order, each with its bytes and layers.
-std::vector<DeviceMemory> device_placement(const llama_model* model, const llama_context* ctx);
+// `draft`: the engine's draft context, whose KV cache and compute buffers count too (may be null).
+std::vector<DeviceMemory> device_placement(const llama_model* model, const llama_context* ctx, const llama_context* draft = nullptr);
 
 }  // namespace genesis
