@@ -59,6 +59,14 @@ export class FusedModel {
       if (options[key] !== undefined) throw new InvalidOptionError(key, 'not set: logit fusion samples the fused distribution itself (temperature, topK, topP, minP, seed)', options[key]);
     }
     const first = this.members[0]!.model;
+    if (typeof prompt !== 'string') {
+      // As Model.generate: ids outside the vocabulary never reach the engines.
+      const vocabSize = first.info.vocabSize;
+      if (!Array.isArray(prompt)) throw new InvalidOptionError('prompt', 'a string or an array of token ids', prompt);
+      prompt.forEach((t: unknown, i) => {
+        if (!Number.isInteger(t) || (t as number) < 0 || (t as number) >= vocabSize) throw new InvalidOptionError(`prompt[${i}]`, `a token id (integer in [0, ${vocabSize}))`, t);
+      });
+    }
     const tokens = typeof prompt === 'string' ? Int32Array.from(first.tokenize(prompt, { addSpecial: options.addSpecial ?? true })) : Int32Array.from(prompt);
     const sampler = fusedSampler(options, first.info.vocabSize);
     const controller = new AbortController();

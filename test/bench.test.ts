@@ -179,3 +179,54 @@ describe('genesis bench end to end (tiny model, real llama.cpp tools)', () => {
     }
   });
 });
+
+describe('genesis bench --fusion (tiny models)', () => {
+  const cli = new URL('../src/cli/main.ts', import.meta.url).pathname;
+
+  it('measures both members alone, both at the same time and fused, prints the table and writes it into the report', () => {
+    const out = mkdtempSync(join(tmpdir(), 'genesis-bench-fusion-'));
+    try {
+      const r = spawnSync(
+        process.execPath,
+        ['--import', 'tsx', cli, 'bench', '--fusion', '--model', 'tiny:q8_0:2', '--threads', '1', '--repeat', '1', '--concurrency', '1,2', '--tg', '16', '--out', out],
+        { encoding: 'utf8', timeout: 300_000 },
+      );
+      expect(r.status, r.stderr.slice(-3000)).toBe(0);
+      // Progress lines as the other modes print them: 1 preparation + 2 stream counts × 4 variants.
+      expect(r.stderr).toMatch(/\[bench\] \[1\/9 0m\d\ds\] preparing tiny:q8_0:2L with seeds 1 \(A\) and 2 \(B\)/);
+      expect(r.stderr).toMatch(/\[bench\] \[9\/9 \dm\d\ds\] fused A\+B: 2 streams × 16 tokens/);
+      expect(r.stdout).toContain('| streams | A alone t/s | B alone t/s | A and B separately, same time (t/s per model) | fused A+B t/s | overhead (fused / separately) |');
+      expect(r.stdout).toMatch(/^\| 1 \| [\d.]+ \| [\d.]+ \| [\d.]+ \| [\d.]+ \| [\d.]+ \|$/m);
+      expect(r.stdout).toMatch(/^\| 2 \| [\d.]+ \| [\d.]+ \| [\d.]+ \| [\d.]+ \| [\d.]+ \|$/m);
+
+      const report = JSON.parse(readFileSync(join(out, 'report.json'), 'utf8')) as BenchReport;
+      expect(report.runs).toEqual([]);
+      expect(report.settings.concurrency).toEqual([1, 2]);
+      const fusion = report.fusion!;
+      expect(fusion).toMatchObject({ a: 'tiny:q8_0:2L seed 1', b: 'tiny:q8_0:2L seed 2', weights: [0.5, 0.5], genTokens: 16, threads: 1, offload: [] });
+      expect(fusion.rows.map((row) => row.streams)).toEqual([1, 2]);
+      for (const row of fusion.rows) {
+        expect(Math.min(row.a, row.b, row.separately, row.fused)).toBeGreaterThan(0);
+        expect(row.overhead).toBeCloseTo(row.fused / row.separately, 10);
+        // Fusion does the decode work of both models plus lockstep and JS sampling: not faster than both apart, noise aside.
+        expect(row.overhead).toBeLessThan(1.5);
+      }
+      const md = readFileSync(join(out, 'report.md'), 'utf8');
+      expect(md).toContain('## Logit fusion overhead');
+      expect(md).toMatch(/^\| 1 \| [\d.]+ \| [\d.]+ \| [\d.]+ \| [\d.]+ \| [\d.]+ \|$/m);
+      expect(md).not.toContain('## Ratios');
+      expect(readFileSync(join(out, 'report.html'), 'utf8')).toContain('Logit fusion overhead');
+    } finally {
+      rmSync(out, { recursive: true, force: true });
+    }
+  }, 300_000);
+
+  it('needs a preset, and runs alone', () => {
+    const file = spawnSync(process.execPath, ['--import', 'tsx', cli, 'bench', '--fusion', '--model', 'package.json'], { encoding: 'utf8', timeout: 60_000 });
+    expect(file.status, file.stderr).toBe(2);
+    expect(file.stderr).toMatch(/--fusion needs a preset --model/);
+    const both = spawnSync(process.execPath, ['--import', 'tsx', cli, 'bench', '--fusion', '--speculative'], { encoding: 'utf8', timeout: 60_000 });
+    expect(both.status, both.stderr).toBe(2);
+    expect(both.stderr).toMatch(/--fusion, --speculative and --determinism are separate runs/);
+  });
+});

@@ -2,6 +2,8 @@
  * Logit fusion (runtime.fuse / fuse): models sharing a tokenizer step in lockstep, each in its own
  * engine's batches, and one sampler chooses from their weighted log-probabilities.
  */
+import { spawnSync } from 'node:child_process';
+
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 
 import { createRuntime, fuse, InvalidOptionError, loadModel, type Model } from '../src/index.js';
@@ -35,6 +37,25 @@ describe('logit fusion', () => {
     expect(fused.text).toBe(alone.text);
     // b decoded the prompt and every fused token but the last, as a does.
     expect(b.stats().decodedTokens - before).toBe(fused.usage.promptTokens + greedy.maxTokens - 1);
+  });
+
+  it('keeps a process whose only work is a fused generation alive until it ends', async () => {
+    // Each step's logits event must not count as the request ending: the engines would drop their
+    // hold on the event loop and the process would exit (and crash in cleanup) mid-generation.
+    const index = new URL('../src/index.ts', import.meta.url).pathname;
+    const script = `
+      const { fuse, loadModel } = await import(${JSON.stringify(index)});
+      const o = { contextSize: 256, maxSequences: 2, threads: 1 };
+      const a = await loadModel(${JSON.stringify(aPath)}, o);
+      const b = await loadModel(${JSON.stringify(bPath)}, o);
+      const r = await fuse([{ model: a, weight: 1 }, { model: b, weight: 1 }]).complete('Once upon a time', { maxTokens: 32, temperature: 0, ignoreEos: true });
+      console.log('completed', r.usage.completionTokens);
+      await a.dispose();
+      await b.dispose();`;
+    const r = spawnSync(process.execPath, ['--import', 'tsx', '--input-type=module', '-e', script], { encoding: 'utf8', timeout: 120_000 });
+    expect(r.stderr).not.toMatch(/terminate called/);
+    expect(r.stdout).toContain('completed 32');
+    expect(r.status).toBe(0);
   });
 
   it('a model fused with itself gives the model alone (greedy)', async () => {

@@ -270,6 +270,23 @@ describe('speculative decoding with the model’s own MTP layers', () => {
     expect({ weights: loaded.weights, kvCache: loaded.kvCache, compute: loaded.compute }).toEqual({ weights: b.weights, kvCache: b.kvCache, compute: b.compute });
   });
 
+  it('genesis serve --draft mtp: the same completions, and the draft figures in /metrics', async () => {
+    const handle = await serve({ models: [{ name: 'g', path, draft: { mtp: true, maxTokens: 3 } }], load: options, port: 0, handleSignals: false, log: () => {} });
+    try {
+      const r = await fetch(`${handle.url}/v1/completions`, {
+        method: 'POST',
+        headers: { 'content-type': 'application/json' },
+        body: JSON.stringify({ model: 'g', prompt: prompts[0], max_tokens: 16, temperature: 0 }),
+      });
+      const body = (await r.json()) as { choices: Array<{ text: string }> };
+      expect(body.choices[0]!.text).toBe((await plain.complete(prompts[0]!, { maxTokens: 16, temperature: 0 })).text);
+      const metrics = await (await fetch(`${handle.url}/metrics`)).text();
+      expect(Number(/genesis_draft_tokens_total\{model="g"\} (\d+)/.exec(metrics)?.[1])).toBeGreaterThan(0);
+    } finally {
+      await handle.stop();
+    }
+  });
+
   it('refuses MTP drafting for a model without nextn layers, and malformed draft options', async () => {
     const llama = await makeFixtureModel({ arch: 'llama', type: 'f16', nLayer: 1 });
     const error = await loadModel(llama, { ...options, draft: { mtp: true } }).catch((e: unknown) => e);

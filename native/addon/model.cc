@@ -668,7 +668,7 @@ void NativeModel::Deliver(Napi::Env env, Napi::Function on_events, Host& host) {
   if (events.empty()) return;
   uint32_t finished = 0;
   for (const auto& e : events) {
-    if (e.kind != Event::Kind::Tokens) finished++;
+    if (e.kind == Event::Kind::Done || e.kind == Event::Kind::Error) finished++;  // Tokens and Logits: still running
   }
   Napi::Array array = events_to_js(env, events);
   host.active = host.active > finished ? host.active - finished : 0;

@@ -11,7 +11,7 @@ import { readFileSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import { dirname, join } from 'node:path';
 import type { ChartConfiguration } from 'chart.js';
-import type { BenchModelRun, BenchReport, LoadStats, Percentiles, RatioRow } from './types.js';
+import type { BenchModelRun, BenchReport, FusionBenchResult, LoadStats, Percentiles, RatioRow } from './types.js';
 
 // ---------------------------------------------------------------------------------------------
 // Number formatting
@@ -128,7 +128,7 @@ function headerFacts(report: BenchReport): Array<[string, string]> {
         ...(s.split?.mainGpu !== undefined ? [`main device ${s.split.mainGpu}`] : []),
         `best of ${s.repeat} interleaved rounds`,
         `concurrency ${s.concurrency.join(', ')}`,
-        `pp ${s.ppTokens.join(', ')}`,
+        ...(s.ppTokens.length ? [`pp ${s.ppTokens.join(', ')}`] : []),
         `tg ${s.tgTokens}`,
       ].join(' · '),
     ],
@@ -368,12 +368,44 @@ function ratioRows(ratios: RatioRow[]): string[][] {
   });
 }
 
+/** `genesis bench --fusion`: both members alone, both at the same time, fused, and the ratio. */
+function fusionBlocks(r: FusionBenchResult): Block[] {
+  return [
+    { kind: 'heading', level: 2, text: 'Logit fusion overhead', id: 'fusion' },
+    {
+      kind: 'facts',
+      items: [
+        ['Members', `A ${r.a}, B ${r.b} (same tokenizer, ${count(r.vocabSize)} tokens)`],
+        ['Weights', r.weights.join(' / ')],
+        ['Generation', `${r.genTokens} tokens per stream, greedy, ${r.threads} thread${r.threads === 1 ? '' : 's'} per model`],
+        ['Offload', r.offload.length ? `${r.offload.join(', ')} (${r.gpuLayers} GPU layers)` : 'none: CPU only'],
+      ],
+    },
+    {
+      kind: 'note',
+      text:
+        'Generated tokens/s, submit to last token, best of the rounds. "Separately" runs the streams on A and on B at the same time ' +
+        '(the decode work of fusion) and counts per model; overhead = fused / separately (1: fusion costs nothing beyond running both models).',
+    },
+    {
+      kind: 'table',
+      table: table(
+        [['streams', 'right'], ['A alone t/s', 'right'], ['B alone t/s', 'right'], ['A and B separately t/s (per model)', 'right'], ['fused A+B t/s', 'right'], ['overhead', 'right']],
+        r.rows.map((row) => [String(row.streams), tps(row.a), tps(row.b), tps(row.separately), tps(row.fused), ratio(row.overhead)]),
+      ),
+    },
+  ];
+}
+
 function documentBlocks(report: BenchReport, withCharts: boolean): Block[] {
   const blocks: Block[] = [
     { kind: 'heading', level: 1, text: `Genesis Runtime benchmark — ${report.date}` },
     { kind: 'facts', items: headerFacts(report) },
   ];
   report.runs.forEach((run, i) => blocks.push(...modelBlocks(run, i, withCharts ? modelCharts(report, run, i) : [])));
+  if (report.fusion) blocks.push(...fusionBlocks(report.fusion));
+  // A report of one separate measurement (--fusion) has no runs against references, so no ratios.
+  if (report.runs.length === 0 && report.ratios.length === 0) return blocks;
   blocks.push({ kind: 'heading', level: 2, text: 'Ratios', id: 'ratios' });
   blocks.push({
     kind: 'note',

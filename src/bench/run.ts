@@ -367,24 +367,37 @@ export async function runBench(o: BenchOptions): Promise<BenchOutcome> {
     quick: o.quick, threads: o.threads, batchSize: o.batchSize, gpuLayers: o.gpuLayers, split: o.split, repeat: o.repeat, concurrency: o.concurrency, ppTokens: o.ppTokens, tgTokens: o.tgTokens,
   };
   const report: BenchReport = {
-    version: 1,
-    date: new Date().toISOString(),
-    durationSeconds: (performance.now() - started) / 1000,
-    machine: { host: hostname(), os: `${type()} ${release()}`, cpu: cpus()[0]?.model.trim() ?? 'unknown', cores: availableParallelism(), memoryBytes: totalmem() },
-    device: { variant: info.variant, name: deviceName, ...(bandwidth ? { bandwidthBytesPerSecond: bandwidth } : {}) },
-    commit: gitCommit(),
-    llamaCommit: LLAMA_COMMIT,
-    settings,
+    ...reportHeader({ started, settings, device: { variant: info.variant, name: deviceName, ...(bandwidth ? { bandwidthBytesPerSecond: bandwidth } : {}) } }),
     runs,
     ratios: ratioRows(runs),
   };
-  mkdirSync(o.outDir, { recursive: true });
-  const files = { json: join(o.outDir, 'report.json'), markdown: join(o.outDir, 'report.md'), html: join(o.outDir, 'report.html') };
+  const files = writeReport(report, o.outDir);
+  o.log(`done in ${progress.elapsed()}`);
+  return { report, files };
+}
+
+/** What every report opens with: date, duration since `started` (performance.now()), machine, device, commits, settings. */
+export function reportHeader(o: { started: number; settings: BenchSettings; device: BenchReport['device'] }): Omit<BenchReport, 'runs' | 'ratios'> {
+  return {
+    version: 1,
+    date: new Date().toISOString(),
+    durationSeconds: (performance.now() - o.started) / 1000,
+    machine: { host: hostname(), os: `${type()} ${release()}`, cpu: cpus()[0]?.model.trim() ?? 'unknown', cores: availableParallelism(), memoryBytes: totalmem() },
+    device: o.device,
+    commit: gitCommit(),
+    llamaCommit: LLAMA_COMMIT,
+    settings: o.settings,
+  };
+}
+
+/** Writes report.json, report.md and report.html into `outDir` (created if needed). */
+export function writeReport(report: BenchReport, outDir: string): BenchOutcome['files'] {
+  mkdirSync(outDir, { recursive: true });
+  const files = { json: join(outDir, 'report.json'), markdown: join(outDir, 'report.md'), html: join(outDir, 'report.html') };
   writeFileSync(files.json, `${JSON.stringify(report, null, 2)}\n`);
   writeFileSync(files.markdown, renderMarkdown(report));
   writeFileSync(files.html, renderHtml(report));
-  o.log(`done in ${progress.elapsed()}`);
-  return { report, files };
+  return files;
 }
 
 export { formatRatioTable };

@@ -168,6 +168,34 @@ export interface BenchSettings {
   tgTokens: number;
 }
 
+/** `genesis bench --fusion`: one number of concurrent streams (all figures generated tokens/s). */
+export interface FusionBenchRow {
+  streams: number;
+  /** Member A alone, member B alone: all streams together. */
+  a: number;
+  b: number;
+  /** A and B each running `streams` generations at the same time: per model (half of both together). */
+  separately: number;
+  /** `streams` fused A+B generations. */
+  fused: number;
+  /** fused / separately: 1 = fusion costs nothing beyond running both models. */
+  overhead: number;
+}
+
+export interface FusionBenchResult {
+  /** The members: one preset, random weights of seeds 1 and 2. */
+  a: string;
+  b: string;
+  weights: [number, number];
+  genTokens: number;
+  threads: number;
+  gpuLayers: number;
+  vocabSize: number;
+  /** Devices holding layers besides the host (e.g. CUDA0); empty on a CPU-only run. */
+  offload: string[];
+  rows: FusionBenchRow[];
+}
+
 export interface BenchReport {
   version: 1;
   date: string;
@@ -188,4 +216,6 @@ export interface BenchReport {
   settings: BenchSettings;
   runs: BenchModelRun[];
   ratios: RatioRow[];
+  /** `genesis bench --fusion`: logit fusion overhead (such a report has no runs or ratios). */
+  fusion?: FusionBenchResult;
 }

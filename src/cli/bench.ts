@@ -1,12 +1,15 @@
 /** `genesis bench` (also `npm run bench -- ...`): the benchmark harness from the command line. */
 import { existsSync } from 'node:fs';
+import { availableParallelism, cpus } from 'node:os';
 import { join, resolve } from 'node:path';
 import { parseArgs } from 'node:util';
 
 import { measureDeterminism } from '../bench/determinism.js';
+import { formatFusionTable, measureFusion } from '../bench/fusion.js';
 import { formatSpeculativeTable, measureSpeculative } from '../bench/speculative.js';
-import { ensureBenchModel, isPresetName, MODEL_PRESETS, parseModelSpec, specLabel, type BenchModelSpec } from '../bench/models.js';
-import { defaultBenchOptions, formatRatioTable, runBench, WORKLOADS, type Workload } from '../bench/run.js';
+import { ensureBenchModel, isPresetName, MODEL_PRESETS, parseModelSpec, specLabel, type BenchModelSpec, type ModelPreset } from '../bench/models.js';
+import { defaultBenchOptions, formatRatioTable, reportHeader, runBench, writeReport, WORKLOADS, type Workload } from '../bench/run.js';
+import { systemInfo } from '../system.js';
 import { repoRoot } from '../synthetic/models.js';
 import type { SyntheticWeightType } from '../synthetic/models.js';
 import type { SplitSettings } from '../bench/types.js';
@@ -34,7 +37,13 @@ export const BENCH_USAGE = `bench options (figures printed next to llama.cpp's o
   --speculative         instead: speculative decoding against llama-speculative-simple at several
                         acceptance rates (--scales 0.2,0.5,0.8: how much the target's layers 1+
                         are scaled; draft = its first layer), --draft-max N (4), --tg N (64);
-                        first --model as target (default llama-3-8b:q4_0:4)
+                        first --model as target (default llama-3-8b:q4_0:4).
+                        With --mtp the target's own MTP layer drafts, against --spec-type draft-mtp
+                        (every layer scaled; default glm-4.5-air:q4_0:1)
+  --fusion              instead: logit fusion overhead: two models of the first --model's preset (seeds
+                        1 and 2, same tokenizer; default llama-3-8b:q4_0:2) alone, both at the same
+                        time, and fused, at --concurrency 1,4 streams, --tg N (64) tokens each;
+                        written into the report
   --out DIR             where report.json, report.md and report.html go
                         (default benchmarks/out/<date>)
 `;
@@ -99,8 +108,10 @@ export async function benchCommand(argv: string[]): Promise<number> {
       'no-roofline': { type: 'boolean' },
       determinism: { type: 'string' },
       speculative: { type: 'boolean' },
+      mtp: { type: 'boolean' },
       scales: { type: 'string' },
       'draft-max': { type: 'string' },
+      fusion: { type: 'boolean' },
       out: { type: 'string' },
       help: { type: 'boolean', short: 'h' },
     },
@@ -109,6 +120,7 @@ export async function benchCommand(argv: string[]): Promise<number> {
     process.stdout.write(BENCH_USAGE);
     return 0;
   }
+  if (values.fusion && (values.speculative || values.determinism !== undefined)) throw new UsageError('--fusion, --speculative and --determinism are separate runs: give one');
   const quick = values.quick ?? false;
   const o = defaultBenchOptions(quick);
   const type = (values.type ?? 'q4_0') as SyntheticWeightType;
@@ -162,20 +174,52 @@ export async function benchCommand(argv: string[]): Promise<number> {
     if (d && det) process.stdout.write(`\ndeterministic throughput: ${(det.tokensPerSecond / d.tokensPerSecond).toFixed(2)} × default\n`);
     return r.modes.every((m) => m.mode !== 'deterministic' || m.equal === m.requests) ? 0 : 1;
   }
+  if (values.mtp && !values.speculative) throw new UsageError('--mtp goes with --speculative');
   if (values.speculative) {
     const first = values.model ? o.models[0] : undefined;
     if (typeof first === 'string') throw new UsageError('--speculative needs a preset --model (its draft is generated from it), not a file');
-    const target: BenchModelSpec = first ?? { preset: 'llama-3-8b', type: (values.type ?? 'q4_0') as SyntheticWeightType, layers: layers ?? 4 };
+    const mtp = values.mtp ?? false;
+    const target: BenchModelSpec = first ?? { preset: mtp ? 'glm-4.5-air' : 'llama-3-8b', type: (values.type ?? 'q4_0') as SyntheticWeightType, layers: layers ?? (mtp ? 1 : 4) };
+    const withMtp = Object.entries(MODEL_PRESETS as Record<string, ModelPreset>).filter(([, p]) => p.options.mtpLayers).map(([n]) => n);
+    if (mtp && !withMtp.includes(target.preset)) throw new UsageError(`--mtp needs a preset with an MTP layer (${withMtp.join(', ')}), not ${target.preset}`);
     const scales = values.scales?.split(',').map(Number) ?? [0.2, 0.5, 0.8];
     if (scales.some((x) => !Number.isFinite(x) || x < 0)) throw new UsageError(`--scales expects numbers ≥ 0, got ${JSON.stringify(values.scales)}`);
     const r = await measureSpeculative({
       target, scales, draftTokens: positive('draft-max', values['draft-max']) ?? 4, genTokens: positive('tg', values.tg, 2) ?? 64,
-      threads: o.threads, gpuLayers: o.gpuLayers, repeat: positive('repeat', values.repeat) ?? 1, log: (line) => process.stderr.write(`[bench] ${line}\n`),
+      threads: o.threads, gpuLayers: o.gpuLayers, repeat: positive('repeat', values.repeat) ?? 1, mtp, log: (line) => process.stderr.write(`[bench] ${line}\n`),
     });
     process.stdout.write(`\n${formatSpeculativeTable(r)}\n`);
     return 0;
   }
   const outDir = resolve(values.out ?? join(repoRoot(), 'benchmarks', 'out', new Date().toISOString().replace(/[:.]/g, '-')));
+  if (values.fusion) {
+    const first = values.model ? o.models[0] : undefined;
+    if (typeof first === 'string') throw new UsageError('--fusion needs a preset --model (its two members are generated from it), not a file');
+    const model: BenchModelSpec = first ?? { preset: 'llama-3-8b', type: (values.type ?? 'q4_0') as SyntheticWeightType, layers: layers ?? 2 };
+    const started = performance.now();
+    const streams = list('concurrency', values.concurrency) ?? [1, 4];
+    const repeat = positive('repeat', values.repeat) ?? (quick ? 1 : 2);
+    const r = await measureFusion({
+      model, streams, genTokens: positive('tg', values.tg, 2) ?? 64, threads: o.threads, batchSize: o.batchSize, gpuLayers: o.gpuLayers, repeat,
+      log: (line) => process.stderr.write(`[bench] ${line}\n`),
+    });
+    const cpu = `${cpus()[0]?.model.trim() ?? 'CPU'} ×${availableParallelism()}`;
+    const files = writeReport(
+      {
+        ...reportHeader({
+          started,
+          settings: { quick, threads: o.threads, batchSize: o.batchSize, gpuLayers: o.gpuLayers, split: {}, repeat, concurrency: streams, ppTokens: [], tgTokens: r.genTokens },
+          device: { variant: systemInfo().variant, name: r.offload.length ? r.offload.join(', ') : cpu },
+        }),
+        runs: [],
+        ratios: [],
+        fusion: r,
+      },
+      outDir,
+    );
+    process.stdout.write(`\nreport: ${files.html}\n        ${files.markdown}\n        ${files.json}\n\n${formatFusionTable(r)}\n`);
+    return 0;
+  }
 
   const { report, files } = await runBench({ ...o, outDir, log: (line) => process.stderr.write(`[bench] ${line}\n`) });
   process.stdout.write(`\nreport: ${files.html}\n        ${files.markdown}\n        ${files.json}\n\n`);

@@ -21,6 +21,7 @@ import { isLoopback, startRpcServer } from '../rpc.js';
 import { loadModel, type Model } from '../model.js';
 import type { GenerateOptions, LoadModelOptions } from '../options.js';
 import { ServerConfigError } from '../server/app.js';
+import type { FusedModelSpec } from '../server/fused.js';
 import { serve, type ServeModelSpec } from '../server/serve.js';
 import { ensureDefaultModel } from '../synthetic/default-model.js';
 import { benchCommand, BENCH_USAGE, splitSettings } from './bench.js';
@@ -83,8 +84,12 @@ serve options (OpenAI-compatible API, chat page at /; no --model: the built-in d
                         start, the others on first request; idle ones are unloaded for room
   --keep-alive S        with --memory-budget: unload a model idle for S seconds
   --draft [name=]FILE   speculative decoding: a smaller model with the same tokenizer drafts
-                        tokens for the model named (default: the first); output unchanged
+                        tokens for the model named (default: the first); output unchanged.
+                        FILE 'mtp': the model's own multi-token-prediction layers draft
   --draft-max N         tokens drafted per step (default 4)
+  --fuse NAME=A:W,B:W   logit fusion: a virtual model NAME whose tokens the served models A, B, ...
+                        (same tokenizer; A's chat template) choose together, their log-probabilities
+                        weighted by W (repeatable; e.g. --fuse duo=chat:0.7,other:0.3)
 ${BENCH_USAGE}${FINGERPRINT_USAGE}`;
 
 const modelOptions = {
@@ -337,6 +342,20 @@ function modelSpec(value: string): ServeModelSpec {
   return { name: base.replace(/\.gguf$/i, ''), path: value };
 }
 
+/** `--fuse NAME=MODEL:WEIGHT,MODEL:WEIGHT` → { name, members }; a model name may itself contain ':'. */
+function fuseSpec(value: string): FusedModelSpec {
+  const usage = `--fuse ${JSON.stringify(value)}: expected NAME=MODEL:WEIGHT,MODEL:WEIGHT (e.g. duo=chat:0.7,other:0.3)`;
+  const eq = value.indexOf('=');
+  if (eq <= 0 || eq === value.length - 1) throw new UsageError(usage);
+  const members = value.slice(eq + 1).split(',').map((part) => {
+    const colon = part.lastIndexOf(':');
+    const weight = part.slice(colon + 1).trim();
+    if (colon <= 0 || weight === '' || !Number.isFinite(Number(weight))) throw new UsageError(`${usage}; ${JSON.stringify(part)} is not MODEL:WEIGHT`);
+    return { model: part.slice(0, colon), weight: Number(weight) };
+  });
+  return { name: value.slice(0, eq), members };
+}
+
 async function serveCommand(argv: string[]): Promise<void> {
   const { values } = parseArgs({
     args: argv,
@@ -356,9 +375,11 @@ async function serveCommand(argv: string[]): Promise<void> {
       'keep-alive': { type: 'string' },
       draft: { type: 'string', multiple: true },
       'draft-max': { type: 'string' },
+      fuse: { type: 'string', multiple: true },
     },
   });
   if (values.help) return void process.stdout.write(USAGE);
+  const fused = (values.fuse ?? []).map(fuseSpec);
   const memoryBudget = bytes('memory-budget', values['memory-budget']);
   const keepAlive = int('keep-alive', values['keep-alive']);
   if (keepAlive !== undefined && memoryBudget === undefined) throw new UsageError('--keep-alive needs --memory-budget (models stay loaded without one)');
@@ -374,13 +395,15 @@ async function serveCommand(argv: string[]): Promise<void> {
     const { name, path } = namedPath('--draft', value);
     const target = name !== undefined ? specs.find((s) => s.name === name) : specs[0];
     if (!target) throw new UsageError(`--draft ${JSON.stringify(value)}: no --model is named ${JSON.stringify(name)}`);
-    target.draft = { path, maxTokens: int('draft-max', values['draft-max']) };
+    const maxTokens = int('draft-max', values['draft-max']);
+    target.draft = path === 'mtp' ? { mtp: true, maxTokens } : { path, maxTokens };
   }
   const { onProgress: _unused, ...load } = loadOptions(values);
   const port = int('port', values.port) ?? 8080;
   const drainTimeout = int('drain-timeout', values['drain-timeout']);
   const handle = await serve({
     models: specs,
+    fused,
     load: { ...load, maxQueue: int('max-queue', values['max-queue']) },
     host: values.host ?? '127.0.0.1',
     port,

@@ -12,8 +12,9 @@
 import Fastify, { type FastifyInstance, type FastifyServerOptions } from 'fastify';
 import { bearerAuth, isLoopbackHost } from './auth.js';
 import type { RouteContext } from './context.js';
-import { ApiError, toApiError } from './errors.js';
+import { ApiError, ServerConfigError, toApiError } from './errors.js';
 import { ServerMetrics } from './metrics.js';
+import type { FusedModelSpec } from './fused.js';
 import { ModelRegistry, type ModelsOption } from './models.js';
 import { CHAT_PAGE, CHAT_PAGE_CSP } from './page.js';
 import { chatRoutes } from './routes/chat.js';
@@ -23,9 +24,17 @@ import { modelRoutes } from './routes/models.js';
 import { receiptRoutes } from '../verify/server.js';
 import { statusRoutes } from './routes/status.js';
 
+export { ServerConfigError };
+
 export interface ServerOptions {
   /** Models by name: a Map, or [{ name, model, randomWeights? }]. The request's `model` picks one. */
   models: ModelsOption;
+  /**
+   * Fused virtual models (logit fusion): each a name of its own that generates with served models
+   * of the same tokenizer choosing each token together, weighted. Checked here: a name taken, a
+   * member not served, a bad weight or another tokenizer is a ServerConfigError.
+   */
+  fused?: readonly FusedModelSpec[];
   /**
    * Bearer key(s) for /v1/* and /metrics. Required when `host` is not a loopback address; without
    * one, the server also refuses any request that did not arrive on a loopback address.
@@ -61,10 +70,6 @@ export interface GenesisServerExtras {
 
 export type GenesisServer = FastifyInstance & GenesisServerExtras;
 
-export class ServerConfigError extends Error {
-  override name = 'ServerConfigError';
-}
-
 function positiveInt(name: string, value: number | undefined, fallback: number): number {
   if (value === undefined) return fallback;
   if (!Number.isInteger(value) || value < 1) throw new ServerConfigError(`${name} must be a positive integer, got ${value}`);
@@ -89,7 +94,7 @@ export function buildServer(options: ServerOptions): GenesisServer {
     maxChoices: positiveInt('maxChoices', options.maxChoices, 8),
   };
   const defaultDrainTimeout = options.drainTimeoutMs ?? 30_000;
-  const models = new ModelRegistry(options.models);
+  const models = new ModelRegistry(options.models, options.fused);
   const authorize = keys.length > 0 ? bearerAuth(keys) : undefined;
 
   let inFlight = 0;
@@ -101,6 +106,7 @@ export function buildServer(options: ServerOptions): GenesisServer {
   const metrics = new ServerMetrics(() => models.list(), {
     processMetrics: options.processMetrics,
     inFlight: () => inFlight,
+    fused: () => models.fused(),
     ...(runtime ? { memory: () => runtime.usage() } : {}),
   });
 

@@ -4,6 +4,7 @@ import type { FastifyReply, FastifyRequest } from 'fastify';
 import { ApiError, toApiError } from './errors.js';
 import type { ServerMetrics } from './metrics.js';
 import type { Model } from '../model.js';
+import { isFused, refuseUnfusable, type FusedGenerator, type FusedServedModel } from './fused.js';
 import type { ModelRegistry, ServedModel } from './models.js';
 import type { Limits } from './params.js';
 
@@ -31,6 +32,27 @@ export async function holdModel(served: ServedModel, reply: FastifyReply): Promi
   }
   reply.raw.once('close', lease.release);
   return lease.model;
+}
+
+/**
+ * The model or fused model a generating request names (404 if none). A fused one refuses, with a
+ * 400 naming the parameter, what logit fusion cannot apply (penalties, logit_bias, grammar...).
+ */
+export function generatingModel(ctx: RouteContext, body: Record<string, unknown>, name: string): ServedModel | FusedServedModel {
+  const served = ctx.models.lookup(name);
+  if (isFused(served)) refuseUnfusable(served, body);
+  return served;
+}
+
+/**
+ * holdModel() for the generating routes: a fused model holds every member the same way (each
+ * loaded if needed, released when the response ends) and generates over them.
+ */
+export async function holdGenerator(served: ServedModel | FusedServedModel, reply: FastifyReply): Promise<Model | FusedGenerator> {
+  if (!isFused(served)) return holdModel(served, reply);
+  const models: Model[] = [];
+  for (const m of served.members) models.push(await holdModel(m.served, reply));
+  return served.generator(models);
 }
 
 export function newId(prefix: string): string {

@@ -46,6 +46,11 @@ export class ApiError extends Error {
   }
 }
 
+/** A server set up wrongly (no API key off loopback, a bad --fuse, ...): refused before it serves. */
+export class ServerConfigError extends Error {
+  override name = 'ServerConfigError';
+}
+
 export function invalidRequest(param: string | null, message: string, code: string | null = 'invalid_value'): ApiError {
   return new ApiError(400, 'invalid_request_error', message, { param, code });
 }

@@ -6,3 +6,4 @@ export { isLoopbackHost } from './auth.js';
 export type { ModelsOption, RuntimeModels, ServedModel, ServedModelInput } from './models.js';
 export { serve } from './serve.js';
 export type { ServeHandle, ServeModelSpec, ServeOptions } from './serve.js';
+export type { FusedModelSpec, FusedServedModel } from './fused.js';

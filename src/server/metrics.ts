@@ -6,6 +6,7 @@
 import { collectDefaultMetrics, Counter, Gauge, Histogram, Registry } from 'prom-client';
 import type { GenerationResult } from '../generation.js';
 import type { Model } from '../model.js';
+import type { FusedServedModel } from './fused.js';
 import type { ServedModel } from './models.js';
 
 const LATENCY_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60];
@@ -23,7 +24,13 @@ export class ServerMetrics {
 
   constructor(
     models: () => readonly ServedModel[],
-    options: { processMetrics?: boolean; inFlight?: () => number; memory?: () => Array<{ device: string; used: number; budget: number }> } = {},
+    options: {
+      processMetrics?: boolean;
+      inFlight?: () => number;
+      memory?: () => Array<{ device: string; used: number; budget: number }>;
+      /** Fused models: their requests count under their own name; their members' engines count the work. */
+      fused?: () => readonly FusedServedModel[];
+    } = {},
   ) {
     const registers = [this.registry];
     this.requests = new Counter({
@@ -163,6 +170,20 @@ export class ServerMetrics {
         });
       budgetGauge('genesis_memory_budget_bytes', "The runtime's memory budget per device.", (u) => u.budget);
       budgetGauge('genesis_memory_used_bytes', 'Memory held by loaded models per device (estimates).', (u) => u.used);
+    }
+    if (options.fused) {
+      const fused = options.fused;
+      new Gauge({
+        name: 'genesis_fused_member_weight',
+        help: "A fused model's members and their weights (its requests count under model=\"<fused name>\"; its members' engine metrics include its steps).",
+        labelNames: ['model', 'member'],
+        registers,
+        collect() {
+          this.reset();
+          // One series per member; a model fused with itself adds its weights.
+          for (const f of fused()) for (const m of f.members) this.inc({ model: f.name, member: m.served.name }, m.weight);
+        },
+      });
     }
     if (options.inFlight) {
       const inFlight = options.inFlight;

@@ -1,7 +1,8 @@
-/** The models a server routes to, by the request's `model` field. */
+/** The models a server routes to, by the request's `model` field, and the fused models over them. */
 import type { Model, ModelInfo } from '../model.js';
 import type { ModelLease, Runtime } from '../runtime.js';
-import { modelNotFound } from './errors.js';
+import { invalidRequest, modelNotFound } from './errors.js';
+import { checkFusedSpecs, checkFusedTokenizers, isFused, makeFusedServedModel, type FusedModelSpec, type FusedServedModel } from './fused.js';
 
 export interface ServedModelInput {
   name: string;
@@ -39,12 +40,23 @@ export class ModelRegistry {
   readonly runtime: Runtime | undefined;
   /** The last info seen of each model, so /v1/models can describe one the runtime unloaded. */
   readonly #info = new Map<string, ModelInfo>();
+  readonly #fused = new Map<string, FusedServedModel>();
 
-  constructor(models: ModelsOption) {
+  constructor(models: ModelsOption, fused: readonly FusedModelSpec[] = []) {
     const created = Math.floor(Date.now() / 1000);
+    this.runtime = 'runtime' in models ? models.runtime : undefined;
+    this.#addModels(models, created);
+    checkFusedSpecs(fused, this.names());
+    for (const spec of fused) {
+      // Models loaded now are compared here; serve() compares a runtime's others from their files.
+      checkFusedTokenizers(spec, (name) => this.#byName.get(name)!.current()?.vocabDigest());
+      this.#fused.set(spec.name, makeFusedServedModel(spec, (name) => this.#byName.get(name)!, created));
+    }
+  }
+
+  #addModels(models: ModelsOption, created: number): void {
     if ('runtime' in models) {
       const runtime = models.runtime;
-      this.runtime = runtime;
       const random = new Set(models.randomWeights ?? []);
       for (const name of runtime.names()) {
         this.#byName.set(name, {
@@ -96,14 +108,39 @@ export class ModelRegistry {
     return [...this.#byName.keys()];
   }
 
-  /** The model named `name`; 404 model_not_found otherwise. */
-  get(name: string): ServedModel {
-    const served = this.#byName.get(name);
-    if (!served) throw modelNotFound(name, this.names());
-    return served;
+  /** The fused models, in declaration order. */
+  fused(): FusedServedModel[] {
+    return [...this.#fused.values()];
   }
 
-  describe(served: ServedModel): Record<string, unknown> {
+  /**
+   * The model named `name`, for what needs one model (embeddings, receipts): 400 for a fused
+   * model's name, 404 model_not_found for an unknown one.
+   */
+  get(name: string): ServedModel {
+    const served = this.#byName.get(name);
+    if (served) return served;
+    const fused = this.#fused.get(name);
+    if (fused) {
+      throw invalidRequest(
+        'model',
+        `${JSON.stringify(name)} is a fused model (${fused.members.map((m) => m.served.name).join(', ')}): it only generates text ` +
+          '(/v1/completions, /v1/chat/completions); name one of its members here.',
+        'unsupported_model',
+      );
+    }
+    throw modelNotFound(name, [...this.names(), ...this.#fused.keys()]);
+  }
+
+  /** The model or fused model named `name` (what generates text); 404 model_not_found otherwise. */
+  lookup(name: string): ServedModel | FusedServedModel {
+    const found = this.#byName.get(name) ?? this.#fused.get(name);
+    if (!found) throw modelNotFound(name, [...this.names(), ...this.#fused.keys()]);
+    return found;
+  }
+
+  describe(served: ServedModel | FusedServedModel): Record<string, unknown> {
+    if (isFused(served)) return this.#describeFused(served);
     const info = served.current()?.info ?? this.#info.get(served.name);
     const status = served.status();
     return {
@@ -126,6 +163,26 @@ export class ModelRegistry {
         random_weights: served.randomWeights,
         state: status.state,
         ...(status.memory ? { memory_bytes: status.memory, loads: status.loads, unloads: status.unloads } : {}),
+      },
+    };
+  }
+
+  /** A fused model: its members and weights, and what its first member gives it (vocabulary, chat template). */
+  #describeFused(fused: FusedServedModel): Record<string, unknown> {
+    const first = fused.members[0]!.served;
+    const info = first.current()?.info ?? this.#info.get(first.name);
+    const states = fused.members.map((m) => m.served.status().state);
+    return {
+      id: fused.name,
+      object: 'model',
+      created: fused.created,
+      owned_by: 'genesis',
+      meta: {
+        fusion: { members: fused.members.map((m) => ({ model: m.served.name, weight: m.weight })) },
+        ...(info ? { vocab_size: info.vocabSize, chat_template: info.chatTemplate !== null } : {}),
+        random_weights: fused.randomWeights,
+        // Ready when every member is; otherwise the first member state that is not.
+        state: states.find((s) => s !== 'ready') ?? 'ready',
       },
     };
   }

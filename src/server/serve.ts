@@ -9,14 +9,15 @@ import { createRuntime, type Runtime } from '../runtime.js';
 import type { LoadModelOptions } from '../options.js';
 import { buildServer, ServerConfigError, type GenesisServer, type ServerOptions } from './app.js';
 import { isLoopbackHost } from './auth.js';
+import { checkFusedSpecs, checkFusedTokenizers, ggufTokenizerDigest } from './fused.js';
 
 export interface ServeModelSpec {
   name: string;
   path: string;
   /** The built-in demo model: said loudly at start-up and on the chat page. */
   randomWeights?: boolean;
-  /** Speculative decoding: a draft model (same tokenizer) loaded for this one. */
-  draft?: { path: string; maxTokens?: number };
+  /** Speculative decoding: a draft model (same tokenizer) loaded for this one, or its own MTP layers. */
+  draft?: { path: string; maxTokens?: number } | { mtp: true; maxTokens?: number };
 }
 
 export interface ServeOptions extends Omit<ServerOptions, 'models' | 'logger'> {
@@ -73,8 +74,11 @@ export async function serve(options: ServeOptions): Promise<ServeHandle> {
     names.add(spec.name);
   }
 
-  if (options.memoryBudget !== undefined && options.models.some((s) => s.draft)) {
-    throw new ServerConfigError('--draft is not available with --memory-budget yet: the runtime does not count or unload draft models');
+  const fused = options.fused ?? [];
+  checkFusedSpecs(fused, [...names]);
+
+  if (options.memoryBudget !== undefined && options.models.some((s) => s.draft && 'path' in s.draft)) {
+    throw new ServerConfigError('--draft FILE is not available with --memory-budget yet: the runtime does not count or unload draft models (--draft mtp is)');
   }
 
   const models: Model[] = [];
@@ -88,7 +92,15 @@ export async function serve(options: ServeOptions): Promise<ServeHandle> {
   let server: GenesisServer;
   try {
     if (runtime) {
-      for (const spec of options.models) runtime.register(spec.name, spec.path, options.load ?? {});
+      // Fused members the runtime may not load at start: compare their tokenizers from their files.
+      const digests = new Map<string, string>();
+      for (const spec of options.models) {
+        if (fused.some((f) => f.members.some((m) => m.model === spec.name))) digests.set(spec.name, await ggufTokenizerDigest(spec.path));
+      }
+      for (const f of fused) checkFusedTokenizers(f, (name) => digests.get(name));
+      for (const spec of options.models) {
+        runtime.register(spec.name, spec.path, { ...options.load, ...(spec.draft && 'mtp' in spec.draft ? { draft: spec.draft } : {}) });
+      }
       for (const spec of options.models) {
         const started = performance.now();
         const loaded = await runtime.preload(spec.name);
@@ -99,12 +111,25 @@ export async function serve(options: ServeOptions): Promise<ServeHandle> {
           ? `loaded ${spec.name} (${memory}; ${((performance.now() - started) / 1000).toFixed(1)} s)`
           : `${spec.name} (${memory}) does not fit beside the models already loaded: it loads on its first request`);
       }
+      // A fused model's members are held together: they must fit the budget together.
+      for (const f of fused) {
+        const members = [...new Set(f.members.map((m) => m.model))];
+        for (const { device, budget } of runtime.usage()) {
+          const need = members.reduce((n, name) => n + (runtime.statusOf(name).memory[device] ?? 0), 0);
+          if (need > budget) {
+            throw new ServerConfigError(
+              `fused model ${JSON.stringify(f.name)} holds ${members.join(' and ')} loaded together: ${(need / 1024 ** 2).toFixed(0)} MiB on ${device}, ` +
+                `more than the memory budget there (${(budget / 1024 ** 2).toFixed(0)} MiB)`,
+            );
+          }
+        }
+      }
       const usage = runtime.usage().map((u) => `${(u.used / 1024 ** 2).toFixed(0)} of ${(u.budget / 1024 ** 2).toFixed(0)} MiB on ${u.device}`).join(', ');
       log(`memory budget: ${usage}`);
     }
     for (const spec of runtime ? [] : options.models) {
       let draft: Model | undefined;
-      if (spec.draft) {
+      if (spec.draft && 'path' in spec.draft) {
         log(`loading the draft model of ${spec.name} from ${spec.draft.path}`);
         draft = await loadModel(spec.draft.path, { ...options.load, onProgress: options.progress?.(`${spec.name} draft`) });
         drafts.push(draft);
@@ -114,7 +139,7 @@ export async function serve(options: ServeOptions): Promise<ServeHandle> {
       const model = await loadModel(spec.path, {
         ...options.load,
         onProgress: options.progress?.(spec.name),
-        ...(draft ? { draft: { model: draft, maxTokens: spec.draft!.maxTokens } } : {}),
+        ...(draft ? { draft: { model: draft, maxTokens: spec.draft!.maxTokens } } : spec.draft && 'mtp' in spec.draft ? { draft: spec.draft } : {}),
       });
       models.push(model);
       const { context } = model.info;
@@ -141,7 +166,8 @@ export async function serve(options: ServeOptions): Promise<ServeHandle> {
   const address = server.server.address();
   const port = typeof address === 'object' && address ? address.port : options.port;
   const url = `http://${host.includes(':') ? `[${host}]` : host}:${port}`;
-  log(`serving ${options.models.map((m) => m.name).join(', ')} on ${url}`);
+  const fusedNames = fused.map((f) => `${f.name} (fused: ${f.members.map((m) => `${m.model} × ${m.weight}`).join(', ')})`);
+  log(`serving ${[...options.models.map((m) => m.name), ...fusedNames].join(', ')} on ${url}`);
   log(`  chat page ${url}/   OpenAI API ${url}/v1   health ${url}/health   metrics ${url}/metrics`);
   log(keys.some((k) => k.length > 0) ? '  API key required (Authorization: Bearer <key>)' : '  no API key (loopback only)');
 

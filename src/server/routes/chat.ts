@@ -1,8 +1,8 @@
 /** POST /v1/chat/completions: messages through the model's chat template, streamed or whole. */
 import type { FastifyInstance } from 'fastify';
-import type { ChatMessage } from '../../model.js';
+import { Model, type ChatMessage } from '../../model.js';
 import { ChoiceGroup } from '../choices.js';
-import { CLIENT_CLOSED, holdModel, newId, reportable, unixNow, type RouteContext } from '../context.js';
+import { CLIENT_CLOSED, generatingModel, holdGenerator, newId, reportable, unixNow, type RouteContext } from '../context.js';
 import { invalidRequest, toApiError } from '../errors.js';
 import { asBody, choiceSeed, finishReason, parseCommon } from '../params.js';
 import { SSE_DONE, sendSse, sseEvent } from '../sse.js';
@@ -49,8 +49,10 @@ export function chatRoutes(app: FastifyInstance, ctx: RouteContext): void {
     const params = parseCommon(body, ctx.limits);
     const messages = parseMessages(body['messages']);
     const receiptOptions = parseReceiptParam(body, params.n);
-    const served = ctx.models.get(params.model);
-    const loaded = await holdModel(served, reply);
+    const served = generatingModel(ctx, body, params.model);
+    const loaded = await holdGenerator(served, reply);
+    // Receipts name one model file: a fused model refuses them (generatingModel), so with one, loaded is a Model.
+    const receiptModel = loaded instanceof Model ? loaded : undefined;
     const controller = ctx.requestController(request, reply);
     let group: ChoiceGroup;
     // With a receipt the prompt is tokenized here (as chat() does) so that the receipt names its exact ids.
@@ -62,9 +64,9 @@ export function chatRoutes(app: FastifyInstance, ctx: RouteContext): void {
         controller,
         (i, signal) => {
           const options = { ...params.sampling, seed: choiceSeed(params.sampling.seed, i), signal };
-          if (!receiptOptions) return loaded.chat(messages, options);
-          promptTokens = chatPromptTokens(loaded, messages);
-          return loaded.generate(promptTokens, options);
+          if (!receiptOptions || !receiptModel) return loaded.chat(messages, options);
+          promptTokens = chatPromptTokens(receiptModel, messages);
+          return receiptModel.generate(promptTokens, options);
         },
         { metrics: ctx.metrics, model: served.name },
       );
@@ -75,8 +77,8 @@ export function chatRoutes(app: FastifyInstance, ctx: RouteContext): void {
     const created = unixNow();
     const model = served.name;
     const receiptFor = async (result: GenerationResult) =>
-      receiptOptions
-        ? { receipt: await createReceipt(loaded, { promptTokens, options: params.sampling, result, startedAt }, receiptOptions) }
+      receiptOptions && receiptModel
+        ? { receipt: await createReceipt(receiptModel, { promptTokens, options: params.sampling, result, startedAt }, receiptOptions) }
         : {};
 
     if (!params.stream) {

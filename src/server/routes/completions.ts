@@ -1,13 +1,14 @@
 /** POST /v1/completions: raw prompts (text or token ids, one or several), streamed or whole. */
 import type { FastifyInstance } from 'fastify';
 import { ChoiceGroup } from '../choices.js';
-import { CLIENT_CLOSED, holdModel, newId, reportable, unixNow, type RouteContext } from '../context.js';
+import { CLIENT_CLOSED, generatingModel, holdGenerator, newId, reportable, unixNow, type RouteContext } from '../context.js';
 import { invalidRequest, toApiError } from '../errors.js';
 import { asBody, boolean, choiceSeed, finishReason, parseCommon } from '../params.js';
 import { SSE_DONE, sendSse, sseEvent } from '../sse.js';
 import { createReceipt } from '../../verify/receipt.js';
 import { parseReceiptParam } from '../../verify/server.js';
 import type { GenerationResult } from '../../generation.js';
+import { Model } from '../../model.js';
 
 /** Prompts per request (each is generated n times). */
 export const MAX_PROMPTS = 32;
@@ -43,8 +44,10 @@ export function completionRoutes(app: FastifyInstance, ctx: RouteContext): void 
       throw invalidRequest('best_of', "'best_of' other than n is not supported by this server.", 'unsupported_parameter');
     }
     const receiptOptions = parseReceiptParam(body, prompts.length * params.n);
-    const served = ctx.models.get(params.model);
-    const loaded = await holdModel(served, reply);
+    const served = generatingModel(ctx, body, params.model);
+    const loaded = await holdGenerator(served, reply);
+    // Receipts name one model file: a fused model refuses them (generatingModel), so with one, loaded is a Model.
+    const receiptModel = loaded instanceof Model ? loaded : undefined;
     const { n } = params;
     const controller = ctx.requestController(request, reply);
     let group: ChoiceGroup;
@@ -75,8 +78,8 @@ export function completionRoutes(app: FastifyInstance, ctx: RouteContext): void 
     const created = unixNow();
     const model = served.name;
     const receiptFor = async (result: GenerationResult) =>
-      receiptOptions
-        ? { receipt: await createReceipt(loaded, { promptTokens, options: params.sampling, result, startedAt }, receiptOptions) }
+      receiptOptions && receiptModel
+        ? { receipt: await createReceipt(receiptModel, { promptTokens, options: params.sampling, result, startedAt }, receiptOptions) }
         : {};
     const promptOf = (index: number) => Math.floor(index / n);
     const usage = (results: Array<{ usage: { promptTokens: number; completionTokens: number } } | undefined>) => {
