@@ -162,7 +162,7 @@ describe('speculative decoding', () => {
   it('genesis serve refuses --draft with --memory-budget, before loading anything', async () => {
     await expect(
       serve({ models: [{ name: 't', path: targetPath, draft: { path: targetPath } }], memoryBudget: 2 ** 30, port: 0, handleSignals: false, log: () => {} }),
-    ).rejects.toThrow(/--draft is not available with --memory-budget/);
+    ).rejects.toThrow(/--draft FILE is not available with --memory-budget/);
   });
 
 });
