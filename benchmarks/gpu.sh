@@ -4,7 +4,11 @@
 #
 #   here:   npm run build:ts && npm run device:pack          (node, headers, dist + modules, llama.cpp)
 #   there:  device run, carry [".device"], one of
-#             bash benchmarks/gpu.sh build                    CUDA build (sm_90, 16 jobs) + GPU checks
+#             bash benchmarks/gpu.sh build                    CUDA build (sm_90, 16 jobs), bandwidth
+#             bash benchmarks/gpu.sh checks [logits|concurrent|memory]   GPU against CPU, N at once
+#                                                             against solo, memory across reloads
+#             bash benchmarks/gpu.sh profile [SPEC]           decode-step profile at B=1,8,64 (ncu)
+#             bash benchmarks/gpu.sh tests                    the test suite on the GPU
 #             bash benchmarks/gpu.sh bench [bench options]    the suite (same warm machine: the build
 #                                                             lives only while the machine stays warm)
 #             bash benchmarks/gpu.sh determinism              200 requests alone vs together,
@@ -62,7 +66,7 @@ cuda_env() {
   if ! ls "$toolkit"/lib64/libcublas.so "$toolkit"/targets/*/lib/libcublas.so > /dev/null 2>&1; then
     # cuBLAS from the Python nvidia-cublas package: give CMake and the linker unversioned names.
     local cublas
-    cublas="$(python3 -c 'import nvidia.cublas as c, os; print(os.path.dirname(c.__file__))' 2> /dev/null || true)"
+    cublas="$(node -e "import('./scripts/llama.mjs').then((m) => console.log(m.detectCuda().cublas?.python ?? ''))" 2> /dev/null || true)"
     [ -n "$cublas" ] || { say "no cuBLAS in $toolkit and no Python nvidia-cublas package"; exit 2; }
     say "cuBLAS from $cublas"
     mkdir -p /tmp/genesis-cublas/lib
@@ -85,41 +89,40 @@ build() {
   say "building llama.cpp (GENESIS_CUDA=$GENESIS_CUDA, $GENESIS_JOBS jobs) and the addon"
   node scripts/build.mjs --force 2>&1 | tee "$OUT/build.log" | grep -E '^\[genesis build\]|error|FAILED' || true
   test -f build/Release/genesis.node || { say "the build failed: see $OUT/build.log"; tail -40 "$OUT/build.log"; exit 1; }
-  say "checks: CUDA variant, GPU offload, bandwidth, generation on the GPU matches the CPU"
+  say "the addon: variant and GPU memory bandwidth"
   REHEARSE="$REHEARSE" node --input-type=module - << 'EOF' 2>&1 | tee -a "$OUT/checks.log"
-import { estimateMemory, loadModel, measureBandwidth, systemInfo } from './dist/index.js';
-import { ensureDefaultModel } from './dist/synthetic/default-model.js';
+import { measureBandwidth, systemInfo } from './dist/index.js';
 const gpu = process.env.REHEARSE !== '1';
 const info = systemInfo();
 console.log('systemInfo', JSON.stringify(info));
 if (gpu && info.variant !== 'cuda') throw new Error('the addon is not the CUDA build');
 const bw = await measureBandwidth(gpu ? { device: 'gpu', bytes: 1024 ** 3, iterations: 20 } : { device: 'cpu' });
 console.log(`bandwidth ${bw.description}: ${(bw.bestBytesPerSecond / 1e12).toFixed(2)} TB/s best, ${(bw.meanBytesPerSecond / 1e12).toFixed(2)} mean`);
-const path = await ensureDefaultModel();
-const prompt = 'The quick brown fox';
-const texts = [];
-for (const gpuLayers of [0, 'max']) {
-  const model = await loadModel(path, { gpuLayers, contextSize: 512, maxSequences: 4 });
-  const r = await model.complete(prompt, { maxTokens: 32, temperature: 0, ignoreEos: true });
-  texts.push(r.tokens.join(','));
-  console.log(`gpuLayers ${gpuLayers}: ${r.timings.tokensPerSecond.toFixed(1)} t/s, tokens ${r.tokens.slice(0, 8).join(',')}...`);
-  await model.dispose();
-}
-// Greedy tokens may part where two logits are within float rounding of each other; say so, do not hide it.
-const same = texts[0] === texts[1];
-console.log(same ? 'GPU and CPU greedy tokens identical' : 'GPU and CPU greedy tokens differ (check the logits: near-ties or a real error)');
-// Device memory after 20 loads and disposals must be where it started (the CUDA issue, part 5).
-const free = async () => (await estimateMemory(path, { gpuLayers: gpu ? 'max' : 0, contextSize: 512 })).devices.find((d) => !d.host)?.free ?? 0;
-const before = await free();
-for (let i = 0; i < 20; i++) {
-  const model = await loadModel(path, { gpuLayers: gpu ? 'max' : 0, contextSize: 512, maxSequences: 4 });
-  await model.complete(prompt, { maxTokens: 4, temperature: 0 });
-  await model.dispose();
-}
-const after = await free();
-console.log(`device memory free before 20 load/dispose cycles ${(before / 2 ** 20).toFixed(0)} MiB, after ${(after / 2 ** 20).toFixed(0)} MiB, difference ${((before - after) / 2 ** 20).toFixed(1)} MiB`);
-if (gpu && before - after > 64 * 2 ** 20) throw new Error('device memory leaked across load/dispose cycles');
 EOF
+}
+
+# GPU against CPU on the same fixtures (logits, greedy tokens), N concurrent generations against
+# their solo runs, device memory across 20 load/dispose cycles: benchmarks/gpu-checks.mjs.
+checks() {
+  node benchmarks/gpu-checks.mjs "${1:-all}" 2>&1 | grep -v -E '^(llama_|load|print_info|init_tokenizer|graph_|sched_|ggml_|~llama|set_abort|srv|slot)' | tee -a "$OUT/checks.log" || true
+}
+
+# Where a decode step's time goes at batch 1, 8 and 64 (benchmarks/gpu-profile.mjs): engine timings
+# without a profiler, then kernel times from Nsight Compute, one process per batch size.
+profile() {
+  local spec="${1:-qwen3-30b-a3b:q4_0}"
+  node benchmarks/gpu-profile.mjs time "$spec" 2>&1 | grep '^\[profile\]' | tee -a "$OUT/profile.log" || true
+  for b in $(echo "${PROFILE_BATCHES:-1,8,64}" | tr , ' '); do
+    ncu --profile-from-start off --clock-control none --metrics gpu__time_duration.sum --csv --log-file "$OUT/ncu-$b.csv" \
+      node benchmarks/gpu-profile.mjs kernels "$b" "$spec" 2>&1 | grep -E '^\[profile\]|==ERROR==|Error' | tee -a "$OUT/profile.log" || true
+  done
+  node benchmarks/gpu-profile.mjs summarize "$OUT" | tee -a "$OUT/profile.log"
+}
+
+# The whole test suite with the CUDA addon (every model offloaded by default), N workers.
+tests() {
+  [ -d node_modules/vitest ] || tar -xJf "$PACK/tests.tar.xz"
+  node scripts/test.mjs --poolOptions.forks.maxForks="${TEST_WORKERS:-8}" 2>&1 | tee "$OUT/tests.log" | grep -E '(✓|×|FAIL|passed|failed)' | grep -v '^ *✓' | tail -60 || true
 }
 
 bench() {
@@ -145,6 +148,9 @@ case "$cmd" in
   build) build ;;
   bench) bench "$@" ;;
   determinism) determinism ;;
-  all) build && bench "$@" && determinism ;;
-  *) say "usage: bash benchmarks/gpu.sh build|bench|determinism|all [bench options]"; exit 2 ;;
+  checks) checks "$@" ;;
+  profile) profile "$@" ;;
+  tests) tests ;;
+  all) build && checks && bench "$@" && determinism ;;
+  *) say "usage: bash benchmarks/gpu.sh build|checks|profile|tests|bench|determinism|all [options]"; exit 2 ;;
 esac

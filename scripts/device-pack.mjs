@@ -65,6 +65,13 @@ const modules = closure([...Object.keys(pkg.dependencies), 'node-gyp']);
 log(`app: dist/ and ${modules.length} packages`);
 run('tar', ['-cJf', join(out, 'app.tar.xz'), '-C', repoRoot, 'dist', ...modules]);
 
+// The test suite on the GPU (gpu.sh tests): the test runner, type checker and test-only packages,
+// beyond what app.tar.xz holds.
+const inApp = new Set(modules);
+const testModules = closure(['vitest', 'tsx', 'typescript', 'openai', 'playwright-core', '@types/node']).filter((m) => !inApp.has(m));
+log(`tests: ${testModules.length} more packages`);
+run('tar', ['-cJf', join(out, 'tests.tar.xz'), '-C', repoRoot, ...testModules, 'node_modules/.bin'], { env: { ...process.env, XZ_OPT: '-T2 -9' } });
+
 const keepVocab = ['llama-spm', 'llama-bpe', 'qwen2'];
 const tmp = join(out, 'llama-src');
 rmSync(tmp, { recursive: true, force: true });
@@ -81,7 +88,7 @@ writeFileSync(join(tmp, '.genesis-archive.json'), JSON.stringify({ commit: LLAMA
 run('tar', ['-cJf', join(out, 'llama.tar.xz'), '-C', tmp, '.'], { env: { ...process.env, XZ_OPT: '-T2 -6' } });
 rmSync(tmp, { recursive: true, force: true });
 
-const files = ['node.xz', 'node-headers.tar.xz', 'app.tar.xz', 'llama.tar.xz'];
+const files = ['node.xz', 'node-headers.tar.xz', 'app.tar.xz', 'llama.tar.xz', 'tests.tar.xz'];
 let total = 0;
 for (const f of files) {
   total += size(join(out, f));

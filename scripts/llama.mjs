@@ -77,9 +77,12 @@ export function fetchLlama() {
   if (existsSync(archiveFile) && !stamp) {
     // A `git archive` of the pinned commit (scripts/device-pack.mjs, for machines with no registry).
     if (commit !== LLAMA_COMMIT) throw new Error(`deps/llama.cpp is an archive of ${commit}, expected the pinned commit ${LLAMA_COMMIT}`);
+    // No repository of its own: keep git from finding an enclosing one (a copy of our checkout),
+    // in which `git apply` would take the patch's paths from that root and skip them all silently.
+    const env = { ...process.env, GIT_CEILING_DIRECTORIES: dirname(llamaDir) };
     for (const patch of patchFiles()) {
       log(`applying ${patch}`);
-      run('git', ['apply', '--whitespace=nowarn', patch], { cwd: llamaDir });
+      run('git', ['apply', '--whitespace=nowarn', patch], { cwd: llamaDir, env });
     }
     writeFileSync(stampFile, JSON.stringify(wanted, null, 2));
     return;
@@ -136,7 +139,13 @@ function findCuda() {
   const libDirs = [join(toolkit, 'lib64'), join(toolkit, 'lib'), ...globDirs(join(toolkit, 'targets'), 'lib')];
   const toolkitCublas = libDirs.find((dir) => existsSync(join(dir, 'libcublas.so')));
   if (toolkitCublas) return { ok: true, nvcc, toolkit, cublas: { libDir: toolkitCublas } };
-  const py = spawnSync('python3', ['-c', 'import nvidia.cublas as c, os; print(os.path.dirname(c.__file__))'], { encoding: 'utf8' });
+  // CUDA 12 wheels put cuBLAS in nvidia/cublas/{lib,include}; CUDA 13 wheels in nvidia/cu13/.
+  const finder = [
+    'import glob, os, nvidia',
+    'hits = [d for b in nvidia.__path__ for d in (os.path.join(b, "cublas"), os.path.join(b, "cu13")) if glob.glob(os.path.join(d, "lib", "libcublas.so*"))]',
+    'print(hits[0] if hits else "")',
+  ].join('\n');
+  const py = spawnSync('python3', ['-c', finder], { encoding: 'utf8' });
   const pkg = py.status === 0 ? py.stdout.trim() : '';
   if (pkg && existsSync(join(pkg, 'lib'))) return { ok: true, nvcc, toolkit, cublas: { libDir: join(pkg, 'lib'), includeDir: join(pkg, 'include'), python: pkg } };
   return { ok: false, why: `nvcc at ${nvcc}, but no cuBLAS in ${toolkit} and no Python nvidia-cublas package` };

@@ -186,6 +186,8 @@ export interface NativeBinding {
     onEvents: (events: NativeEvent[]) => void,
   ): Promise<NativeModel>;
   systemInfo(): NativeSystemInfo;
+  /** Opens (true) or closes (false) a CUDA profiler range; false on the CPU build or a CUDA error. */
+  cudaProfiler(on: boolean): boolean;
   /** Runs on the libuv pool; rejects with `{ code, message, option?, expected? }`. */
   measureBandwidth(options: BandwidthOptions): Promise<BandwidthResult>;
   estimateMemory(path: string, options: NativeLoadOptions): Promise<NativeMemoryEstimate>;

@@ -19,7 +19,7 @@ export {
   RpcError,
 } from './errors.js';
 export type { GenesisErrorCode, ModelLoadErrorCode } from './errors.js';
-export { measureBandwidth, systemInfo } from './system.js';
+export { cudaProfilerRange, measureBandwidth, systemInfo } from './system.js';
 export { estimateMemory, formatBytes, planMemory } from './memory.js';
 export { createRuntime, Runtime } from './runtime.js';
 export type { ModelLease, RuntimeModelOptions, RuntimeModelState, RuntimeModelStatus, RuntimeOptions } from './runtime.js';

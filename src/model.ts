@@ -58,6 +58,13 @@ export interface EngineStats {
   /** Speculative decoding since load: tokens the draft model proposed, and those kept. */
   draftTokens: number;
   acceptedDraftTokens: number;
+  /**
+   * Where the engine's time went since load, in seconds: whole steps (admission, scheduling,
+   * decoding, sampling, drafting); the llama_decode call (graph build and, on a GPU, kernel
+   * launches); the wait for the device to finish a step; sampling and draft verification.
+   * step − decode − wait − sample is the engine's own bookkeeping and drafting.
+   */
+  seconds: { step: number; decode: number; wait: number; sample: number };
 }
 
 let nextRequestId = 1;

@@ -6,6 +6,15 @@ export function systemInfo(): NativeSystemInfo & { binary: BinaryChoice } {
   return { ...binding().systemInfo(), binary: loadedBinary() };
 }
 
+/**
+ * Opens (`true`) or closes (`false`) the range a CUDA profiler records when started with
+ * `ncu --profile-from-start off` (benchmarks/gpu-profile.mjs uses it to profile decode steps only).
+ * Returns whether it was done: false on the CPU build or when CUDA refuses.
+ */
+export function cudaProfilerRange(on: boolean): boolean {
+  return binding().cudaProfiler(on);
+}
+
 export interface BandwidthOptions {
   /** Which ggml device to measure: 'cpu' (default) or 'gpu'. */
   device?: 'cpu' | 'gpu';

@@ -196,6 +196,19 @@ describe('batching', { timeout: 120_000 }, () => {
     }
   });
 
+  it('stats: engine time by phase grows with work, and its parts fit inside the steps', async () => {
+    const before = llama.stats().seconds;
+    await llama.complete('Time me', { ...GREEDY, maxTokens: 8 });
+    await new Promise((resolve) => setTimeout(resolve, 50)); // the engine closes the step after Done
+    const after = llama.stats().seconds;
+    const d = (k: keyof typeof after) => after[k] - before[k];
+    expect(d('step')).toBeGreaterThan(0);
+    expect(d('decode')).toBeGreaterThan(0);
+    expect(d('sample')).toBeGreaterThan(0);
+    expect(d('wait')).toBeGreaterThanOrEqual(0);
+    expect(d('decode') + d('wait') + d('sample')).toBeLessThanOrEqual(d('step'));
+  });
+
   it('admits the highest priority first, FIFO among equals', async () => {
     const order: string[] = [];
     const track = (name: string, run: Generation) => run.result.then((r) => (order.push(name), r));

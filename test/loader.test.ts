@@ -71,18 +71,25 @@ describe('native binary choice', () => {
 });
 
 describe('build variant', () => {
-  it('is CUDA when nvcc and cuBLAS from the Python nvidia-cublas package are found, with the links and flags the build needs', () => {
+  // CUDA 12 wheels: a regular package nvidia/cublas; CUDA 13 wheels (as on the lent H100): the
+  // namespace package nvidia with cuBLAS in nvidia/cu13, shared with the other CUDA libraries.
+  it.each([
+    { layout: 'cublas', version: 12, init: true },
+    { layout: 'cu13', version: 13, init: false },
+  ])('is CUDA when nvcc and cuBLAS from the Python nvidia-cublas package (nvidia/$layout) are found, with the links and flags the build needs', ({ layout, version, init }) => {
     const root = mkdtempSync(join(tmpdir(), 'genesis-cuda-'));
     roots.push(root);
-    // A fake toolkit (nvcc only) and a fake nvidia-cublas package, as on the lent GPU machine.
+    // A fake toolkit (nvcc only) and a fake nvidia-cublas package.
     mkdirSync(join(root, 'bin'));
     writeFileSync(join(root, 'bin', 'nvcc'), '#!/bin/sh\necho fake\n', { mode: 0o755 });
-    const pkg = join(root, 'py', 'nvidia', 'cublas');
+    const pkg = join(root, 'py', 'nvidia', layout);
     mkdirSync(join(pkg, 'lib'), { recursive: true });
     mkdirSync(join(pkg, 'include'));
-    writeFileSync(join(root, 'py', 'nvidia', '__init__.py'), '');
-    writeFileSync(join(pkg, '__init__.py'), '');
-    for (const lib of ['libcublas.so.12', 'libcublasLt.so.12']) writeFileSync(join(pkg, 'lib', lib), '');
+    if (init) {
+      writeFileSync(join(root, 'py', 'nvidia', '__init__.py'), '');
+      writeFileSync(join(pkg, '__init__.py'), '');
+    }
+    for (const lib of [`libcublas.so.${version}`, `libcublasLt.so.${version}`]) writeFileSync(join(pkg, 'lib', lib), '');
     const script = `
       const m = await import(${JSON.stringify(join(packageRoot, 'scripts', 'llama.mjs'))});
       const env = m.cudaBuildEnv('cuda');

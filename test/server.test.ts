@@ -590,6 +590,11 @@ describe('OpenAI-compatible server', { timeout: 60_000 }, () => {
       expect(metric(after, 'genesis_kv_capacity_tokens', { model: 'tiny' })).toBe(256 * 4);
       expect(metric(after, 'genesis_kv_capacity_tokens', { model: 'single' })).toBe(2048);
       expect(metric(after, 'genesis_active_sequences', { model: 'tiny' })).toBe(0);
+      // Engine time by phase moved with the two generations; decoding and sampling are parts of steps.
+      const seconds = (phase: string) => delta('genesis_engine_seconds_total', { model: 'tiny', phase });
+      for (const phase of ['step', 'decode', 'sample']) expect(seconds(phase)).toBeGreaterThan(0);
+      expect(seconds('wait')).toBeGreaterThanOrEqual(0);
+      expect(seconds('decode') + seconds('sample')).toBeLessThan(seconds('step'));
       expect(metric(after, 'genesis_queue_depth', { model: 'single' })).toBe(0);
       // The disconnect tests above ended generations by abort, and their requests count as 499.
       expect(metric(after, 'genesis_generations_total', { model: 'single', finish_reason: 'abort' })).toBeGreaterThanOrEqual(3);

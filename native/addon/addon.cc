@@ -12,7 +12,30 @@
 #include "ggml-backend.h"
 #include "llama.h"
 
+#if GENESIS_CUDA
+// From cuda_profiler_api.h (cudaError_t is an int-sized enum; 0 is cudaSuccess), declared here so
+// that the addon's sources need no CUDA headers.
+extern "C" int cudaProfilerStart(void);
+extern "C" int cudaProfilerStop(void);
+#endif
+
 namespace genesis {
+
+// cudaProfiler(on): opens or closes the range a profiler started with `ncu --profile-from-start off`
+// records (benchmarks/gpu-profile.mjs). True when done; false on the CPU build or a CUDA error.
+static Napi::Value CudaProfiler(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (info.Length() < 1 || !info[0].IsBoolean()) {
+    Napi::TypeError::New(env, "cudaProfiler(on: boolean)").ThrowAsJavaScriptException();
+    return env.Undefined();
+  }
+#if GENESIS_CUDA
+  const int status = info[0].As<Napi::Boolean>().Value() ? cudaProfilerStart() : cudaProfilerStop();
+  return Napi::Boolean::New(env, status == 0);
+#else
+  return Napi::Boolean::New(env, false);
+#endif
+}
 
 static Napi::Value SystemInfo(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
@@ -134,6 +157,7 @@ static Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("measureBandwidth", Napi::Function::New(env, MeasureBandwidth, "measureBandwidth"));
   exports.Set("startRpcServer", Napi::Function::New(env, StartRpcServer, "startRpcServer"));
   exports.Set("systemInfo", Napi::Function::New(env, SystemInfo, "systemInfo"));
+  exports.Set("cudaProfiler", Napi::Function::New(env, CudaProfiler, "cudaProfiler"));
   exports.Set("NativeModel", NativeModel::Define(env));
   return exports;
 }

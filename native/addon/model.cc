@@ -884,6 +884,12 @@ Napi::Value NativeModel::Stats(const Napi::CallbackInfo& info) {
   out.Set("kvUsedTokens", static_cast<double>(s.kv_used_tokens));
   out.Set("draftTokens", static_cast<double>(s.draft_tokens));
   out.Set("acceptedDraftTokens", static_cast<double>(s.draft_accepted));
+  Napi::Object time = Napi::Object::New(env);
+  time.Set("step", static_cast<double>(s.step_ns) / 1e9);
+  time.Set("decode", static_cast<double>(s.decode_ns) / 1e9);
+  time.Set("wait", static_cast<double>(s.wait_ns) / 1e9);
+  time.Set("sample", static_cast<double>(s.sample_ns) / 1e9);
+  out.Set("seconds", time);
   out.Set("kvCapacityTokens", static_cast<double>(host_->engine->context_size()) * host_->engine->max_sequences());
   return out;
 }

@@ -6,6 +6,7 @@
 #include "llama-ext.h"  // nextn hidden states (MTP drafting)
 
 #include <algorithm>
+#include <chrono>
 #include <cstdlib>
 #include <cstring>
 #include <stdexcept>
@@ -13,6 +14,10 @@
 namespace genesis {
 
 namespace {
+
+uint64_t elapsed_ns(std::chrono::steady_clock::time_point since) {
+  return static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - since).count());
+}
 
 double ms_between(std::chrono::steady_clock::time_point a, std::chrono::steady_clock::time_point b) {
   return std::chrono::duration<double, std::milli>(b - a).count();
@@ -262,8 +267,12 @@ void Engine::loop() {
       fail_waiting("RPC_DISCONNECTED", broken_);
       continue;
     }
+    const auto started = std::chrono::steady_clock::now();
     admit();
     step();
+    const uint64_t took = elapsed_ns(started);
+    std::lock_guard<std::mutex> lock(mu_);
+    stats_.step_ns += took;
   }
 
   // Disposal: nothing in flight is dropped silently; every request learns why it ended.
@@ -492,11 +501,19 @@ void Engine::decode(const std::vector<size_t>& which, const std::vector<uint32_t
   }
   if (batch_.n_tokens == 0) return;
 
+  const auto decode_started = std::chrono::steady_clock::now();
   const int32_t status = llama_decode(ctx_, batch_);
+  const uint64_t decode_ns = elapsed_ns(decode_started);
+  // On a GPU llama_decode returns once the step's work is queued; the wait for it is timed apart.
+  const auto wait_started = std::chrono::steady_clock::now();
+  if (status == 0) llama_synchronize(ctx_);
+  const uint64_t wait_ns = elapsed_ns(wait_started);
   {
     std::lock_guard<std::mutex> lock(mu_);
     stats_.steps++;
     stats_.decoded_tokens += static_cast<uint64_t>(batch_.n_tokens);
+    stats_.decode_ns += decode_ns;
+    stats_.wait_ns += wait_ns;
   }
   if (!rpc_endpoints_.empty() && !(status == 2 && abort_decode_)) {
     // A lost connection zeroes what the server should have sent: the logits are garbage and must
@@ -525,6 +542,7 @@ void Engine::decode(const std::vector<size_t>& which, const std::vector<uint32_t
   }
   // What each slot's stream now holds (for the prompt cache).
   for (int32_t k = 0; k < batch_.n_tokens; ++k) slots_[static_cast<size_t>(batch_.seq_id[k][0])].kv_tokens.push_back(batch_.token[k]);
+  const auto sample_started = std::chrono::steady_clock::now();
   for (size_t i : which) {
     Slot& s = slots_[i];
     if (s.busy && s.batch_index >= 0) {
@@ -537,6 +555,9 @@ void Engine::decode(const std::vector<size_t>& which, const std::vector<uint32_t
     // What the target kept of this slot's rows (verify dropped rejected drafts) feeds the MTP.
     if (mtp_) mtp_collect(s, static_cast<int32_t>(s.n_past - past_before[i]));
   }
+  const uint64_t sample_ns = elapsed_ns(sample_started);
+  std::lock_guard<std::mutex> lock(mu_);
+  stats_.sample_ns += sample_ns;
 }
 
 void Engine::mtp_collect(Slot& s, int32_t kept) {

@@ -114,6 +114,14 @@ struct EngineStats {
   uint64_t kv_used_tokens = 0;  // tokens held in the KV cache by active sequences
   uint64_t draft_tokens = 0;    // speculative decoding: tokens the draft model proposed
   uint64_t draft_accepted = 0;  // and the target kept
+  // Where the engine thread's time goes, in nanoseconds since load: whole steps (admission,
+  // scheduling, decode, sampling, drafting), the llama_decode call itself (graph build and, on a
+  // GPU, kernel launches), the wait for the device to finish the step's work, and sampling
+  // (including draft verification).
+  uint64_t step_ns = 0;
+  uint64_t decode_ns = 0;
+  uint64_t wait_ns = 0;
+  uint64_t sample_ns = 0;
 };
 
 class Engine {

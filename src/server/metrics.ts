@@ -121,6 +121,18 @@ export class ServerMetrics {
     engineCounter('genesis_prompt_cache_tokens_total', 'Prompt tokens reused from a slot\'s prompt cache instead of decoded, since load.', (s) => s.cachedPromptTokens);
     engineCounter('genesis_draft_tokens_total', 'Speculative decoding: tokens the draft model proposed, since load.', (s) => s.draftTokens);
     engineCounter('genesis_draft_accepted_tokens_total', 'Speculative decoding: proposed tokens the model kept (each one a decode step saved), since load.', (s) => s.acceptedDraftTokens);
+    new Counter({
+      name: 'genesis_engine_seconds_total',
+      help: 'Engine thread time since load by phase: step (all of it), decode (the llama_decode call: graph build and kernel launches), wait (for the device to finish a step), sample (sampling and draft verification).',
+      labelNames: ['model', 'phase'],
+      registers,
+      collect() {
+        this.reset();
+        eachLoaded((model, stats) => {
+          for (const [phase, seconds] of Object.entries(stats.seconds)) this.inc({ model, phase }, seconds);
+        });
+      },
+    });
     // Memory per model and device (from the runtime's estimates: what each model takes while
     // loaded, 0 while unloaded), and loads/unloads; only for models served from a runtime.
     new Gauge({

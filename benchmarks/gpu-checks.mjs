@@ -1,0 +1,196 @@
+// GPU correctness on the lent machine (benchmarks/gpu.sh checks), against the CPU on the same
+// fixtures, with the built dist/:
+//   logits      each fixture runs greedily on the CPU (a child process that sees no GPU), and the
+//               GPU is then fed the same tokens: per step, the relative L2 distance of the two logit
+//               vectors, the largest absolute difference, and whether the choices agree; then the
+//               GPU decodes greedily on its own and we say where (if anywhere) it parts from the CPU
+//               and how close the CPU's two best logits were there.
+//   concurrent  N requests at once on the GPU against each run alone, default and deterministic mode
+//   memory      20 load/dispose cycles leave the device's free memory where it was
+// Prints one line per result and writes checks.json to $OUT. Usage:
+//   node benchmarks/gpu-checks.mjs [logits|concurrent|memory|all]
+import { spawnSync } from 'node:child_process';
+import { mkdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+
+import { estimateMemory, loadModel, systemInfo } from '../dist/index.js';
+import { ensureBenchModel, parseModelSpec } from '../dist/bench/models.js';
+import { measureDeterminism } from '../dist/bench/determinism.js';
+import { ensureDefaultModel } from '../dist/synthetic/default-model.js';
+import { makeSyntheticModel } from '../dist/synthetic/models.js';
+
+const OUT = process.env.OUT ?? join(process.cwd(), 'benchmarks', 'out', 'gpu');
+mkdirSync(OUT, { recursive: true });
+const STEPS = Number(process.env.CHECK_STEPS ?? 48);
+const PROMPT = 'The history of the printing press begins';
+
+/** The fixtures: the demo model, small synthetic shapes of each architecture, real-width slices. */
+const FIXTURES = [
+  { name: 'default (tiny llama, f16)', make: () => ensureDefaultModel() },
+  { name: 'qwen3moe f16 2L', make: () => makeSyntheticModel({ arch: 'qwen3moe', vocab: 'qwen2', type: 'f16', nLayer: 2, nEmbd: 256 }) },
+  { name: 'glm4moe f16 2L (sigmoid routing, bias, shared expert)', make: () => makeSyntheticModel({ arch: 'glm4moe', vocab: 'qwen2', type: 'f16', nLayer: 2, nEmbd: 256 }) },
+  {
+    name: 'qwen35 f16 4L (3 Gated DeltaNet + 1 attention)',
+    make: () => makeSyntheticModel({ arch: 'qwen35', vocab: 'qwen2', type: 'f16', nLayer: 4, nEmbd: 256, nHead: 4, nHeadKv: 2, headDim: 64, nFf: 512 }),
+  },
+  { name: 'qwen3-30b-a3b:q4_0:2', make: () => ensureBenchModel(parseModelSpec('qwen3-30b-a3b:q4_0:2', { type: 'q4_0' })) },
+  { name: 'qwen3-30b-a3b:q8_0:2', make: () => ensureBenchModel(parseModelSpec('qwen3-30b-a3b:q8_0:2', { type: 'q8_0' })) },
+  { name: 'llama-3-8b:q4_0:2', make: () => ensureBenchModel(parseModelSpec('llama-3-8b:q4_0:2', { type: 'q4_0' })) },
+];
+
+const say = (line) => console.log(`[checks] ${line}`);
+
+/**
+ * Feeds `forced` tokens (or the argmax of each step when absent) after the prompt and returns every
+ * step's logits and the tokens chosen: the model's own greedy path, or the one it is made to follow.
+ */
+async function trace(model, forced) {
+  const prompt = model.tokenize(PROMPT);
+  const logits = [];
+  const tokens = [];
+  const g = model._generateExternal(Int32Array.from(prompt), { maxTokens: STEPS, ignoreEos: true });
+  g._onLogits = (row) => {
+    const copy = Float32Array.from(row);
+    const token = forced ? forced[logits.length] : argmax(copy);
+    logits.push(copy);
+    tokens.push(token);
+    model._feed(g.id, token);
+  };
+  await g.result;
+  return { logits, tokens };
+}
+
+function argmax(v) {
+  let best = 0;
+  for (let i = 1; i < v.length; i++) if (v[i] > v[best]) best = i;
+  return best;
+}
+
+/** The CPU side: runs in a child process with CUDA_VISIBLE_DEVICES='' so no op goes to the GPU. */
+async function cpuSide(index, file) {
+  const path = await FIXTURES[index].make();
+  const model = await loadModel(path, { gpuLayers: 0, contextSize: 256, maxSequences: 1 });
+  const { logits, tokens } = await trace(model);
+  await model.dispose();
+  const flat = new Float32Array(logits.length * logits[0].length);
+  logits.forEach((row, i) => flat.set(row, i * row.length));
+  writeFileSync(file, Buffer.from(flat.buffer));
+  writeFileSync(`${file}.json`, JSON.stringify({ tokens, vocab: logits[0].length }));
+}
+
+async function logitsCheck() {
+  const results = [];
+  // CHECK_FIXTURES=0,2: only those (a rehearsal on a machine without a GPU).
+  const picked = process.env.CHECK_FIXTURES ? process.env.CHECK_FIXTURES.split(',').map(Number) : FIXTURES.map((_, i) => i);
+  for (const index of picked) {
+    const f = FIXTURES[index];
+    const path = await f.make(); // generated here first, so the child only reads the cache
+    const file = join('/tmp', `genesis-cpu-logits-${index}.f32`);
+    const child = spawnSync(process.execPath, [new URL(import.meta.url).pathname, 'cpu-side', String(index), file], {
+      stdio: ['ignore', 'inherit', 'inherit'],
+      env: { ...process.env, CUDA_VISIBLE_DEVICES: '' },
+    });
+    if (child.status !== 0) throw new Error(`the CPU run of ${f.name} failed (status ${child.status})`);
+    const meta = JSON.parse(readFileSync(`${file}.json`, 'utf8'));
+    const cpu = new Float32Array(readFileSync(file).buffer.slice(0));
+    const model = await loadModel(path, { gpuLayers: 'max', contextSize: 256, maxSequences: 1 });
+    const onGpu = model.info.placement.devices.some((d) => !d.host && d.weights > 0);
+    const forcedRun = await trace(model, meta.tokens);
+    const own = await trace(model);
+    await model.dispose();
+    let worstRel = 0;
+    let worstAbs = 0;
+    let sumRel = 0;
+    let choiceAgree = 0;
+    const n = meta.vocab;
+    forcedRun.logits.forEach((g, step) => {
+      const c = cpu.subarray(step * n, (step + 1) * n);
+      let diff2 = 0;
+      let ref2 = 0;
+      for (let i = 0; i < n; i++) {
+        const d = g[i] - c[i];
+        diff2 += d * d;
+        ref2 += c[i] * c[i];
+        worstAbs = Math.max(worstAbs, Math.abs(d));
+      }
+      const rel = Math.sqrt(diff2 / ref2);
+      worstRel = Math.max(worstRel, rel);
+      sumRel += rel;
+      if (argmax(g) === meta.tokens[step]) choiceAgree++;
+    });
+    const parted = own.tokens.findIndex((t, i) => t !== meta.tokens[i]);
+    let margin;
+    if (parted >= 0) {
+      const c = Array.from(cpu.subarray(parted * n, (parted + 1) * n)).sort((a, b) => b - a);
+      margin = c[0] - c[1];
+    }
+    const r = {
+      fixture: f.name,
+      onGpu,
+      steps: forcedRun.logits.length,
+      meanRelL2: sumRel / forcedRun.logits.length,
+      maxRelL2: worstRel,
+      maxAbs: worstAbs,
+      choicesAgree: choiceAgree,
+      greedyIdenticalTokens: parted < 0 ? STEPS : parted,
+      cpuTop2MarginWhereParted: margin,
+    };
+    results.push(r);
+    say(
+      `logits ${f.name}: ${onGpu ? 'weights on the GPU' : 'NOT ON THE GPU'}; rel L2 mean ${r.meanRelL2.toExponential(2)} max ${r.maxRelL2.toExponential(2)}, ` +
+        `max |diff| ${r.maxAbs.toFixed(4)}; same choice ${choiceAgree}/${r.steps}; greedy ` +
+        (parted < 0 ? `identical for all ${STEPS} tokens` : `parts at token ${parted} (CPU top-2 margin there ${margin.toFixed(4)})`),
+    );
+  }
+  return results;
+}
+
+async function concurrentCheck() {
+  const results = [];
+  const n = Number(process.env.CHECK_CONCURRENT ?? 32);
+  for (const spec of (process.env.CHECK_CONCURRENT_MODELS ?? 'qwen3-30b-a3b:q4_0:4,llama-3-8b:q4_0:4').split(',')) {
+    const path = await ensureBenchModel(parseModelSpec(spec, { type: 'q4_0' }));
+    const r = await measureDeterminism({ model: path, requests: n, concurrency: n, maxTokens: 64, threads: 8, batchSize: 512, gpuLayers: -1, log: (l) => say(`${spec} ${l}`) });
+    for (const m of r.modes) say(`concurrent ${spec}: ${m.mode} mode, ${m.equal}/${m.requests} of ${n} concurrent GPU generations equal their solo run; ${m.tokensPerSecond.toFixed(0)} t/s`);
+    results.push({ model: spec, ...r });
+  }
+  return results;
+}
+
+async function memoryCheck() {
+  const path = await ensureDefaultModel();
+  const free = async () => (await estimateMemory(path, { gpuLayers: 'max', contextSize: 512 })).devices.find((d) => !d.host)?.free ?? 0;
+  const before = await free();
+  for (let i = 0; i < 20; i++) {
+    const model = await loadModel(path, { gpuLayers: 'max', contextSize: 512, maxSequences: 4 });
+    await model.complete('The quick brown fox', { maxTokens: 4, temperature: 0 });
+    await model.dispose();
+  }
+  const after = await free();
+  const r = { freeBeforeMiB: before / 2 ** 20, freeAfterMiB: after / 2 ** 20, leakedMiB: (before - after) / 2 ** 20 };
+  say(`memory: device free before 20 load/dispose cycles ${r.freeBeforeMiB.toFixed(0)} MiB, after ${r.freeAfterMiB.toFixed(0)} MiB, difference ${r.leakedMiB.toFixed(1)} MiB`);
+  return r;
+}
+
+const [what = 'all', ...rest] = process.argv.slice(2);
+if (what === 'cpu-side') {
+  await cpuSide(Number(rest[0]), rest[1]);
+} else {
+  const info = systemInfo();
+  say(`variant ${info.variant}, GPU offload ${info.gpuOffload}, binary ${JSON.stringify(info.binary)}`);
+  const report = { date: new Date().toISOString(), steps: STEPS };
+  const file = join(OUT, `checks-${what}.json`);
+  const save = () => writeFileSync(file, JSON.stringify(report, null, 2));
+  if (what === 'logits' || what === 'all') {
+    report.logits = await logitsCheck();
+    save();
+  }
+  if (what === 'concurrent' || what === 'all') {
+    report.concurrent = await concurrentCheck();
+    save();
+  }
+  if (what === 'memory' || what === 'all') {
+    report.memory = await memoryCheck();
+    save();
+  }
+}
