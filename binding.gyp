@@ -60,6 +60,7 @@
           ]
         }],
         ["OS=='linux'", {
+          "cflags_cc": ["-fopenmp"],
           "libraries": ["-fopenmp", "-lpthread", "-ldl"],
           "ldflags": ["-Wl,--exclude-libs,ALL"]
         }]

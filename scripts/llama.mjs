@@ -239,6 +239,10 @@ function configureLlama(variant) {
     // llama.cpp's RPC backend: remote devices in a model's split (loadModel rpcServers) and the
     // server side of it (genesis rpc-server). native/patches/0001 makes a lost server an error.
     GGML_RPC: 'ON',
+    // Its RDMA transport is switched on when libibverbs is found at configure time, but the addon
+    // does not link libibverbs: on such a machine (the lent H100) the first RPC use ended the
+    // process with "undefined symbol: ibv_get_device_list". TCP is what genesis rpc-server speaks.
+    GGML_RPC_RDMA: 'OFF',
   };
   if (variant === 'cuda') defines.CMAKE_CUDA_ARCHITECTURES = process.env.GENESIS_CUDA_ARCHS ?? '90';
   const generator = spawnSync('ninja', ['--version'], { stdio: 'ignore' }).status === 0 ? 'Ninja' : 'Unix Makefiles';

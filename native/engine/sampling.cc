@@ -1,6 +1,9 @@
 #include "engine/sampling.h"
 
+#include <cstring>
+
 #include <cmath>
+#include <limits>
 #include <stdexcept>
 
 namespace genesis {
@@ -13,12 +16,63 @@ bool is_plain_greedy(const SamplingParams& p) {
   return p.temperature <= 0.0f && p.logit_bias.empty() && p.grammar.empty() && !uses_penalties(p);
 }
 
-llama_token argmax(const float* logits, int32_t n) {
+namespace {
+
+llama_token argmax_scalar(const float* logits, int32_t n) {
   int32_t best = 0;
   for (int32_t i = 1; i < n; ++i) {
     if (logits[i] > logits[best]) best = i;
   }
   return best;
+}
+
+}  // namespace
+
+llama_token argmax(const float* logits, int32_t n) {
+  // One pass in 4-wide vectors (GCC/Clang vector extensions: SSE2 on any x86-64, NEON on Arm),
+  // two accumulators, each lane keeping its largest value and where it first saw it; then the lanes
+  // are merged, ties going to the lowest id as in the scalar loop. The scalar loop's dependence on
+  // logits[best] kept it at one element per cycle: about 0.1 ms over a 150k vocabulary, per
+  // sequence and step.
+  typedef float f32x4 __attribute__((vector_size(16)));
+  typedef int32_t i32x4 __attribute__((vector_size(16)));
+  constexpr int32_t kLanes = 4;
+  // The scalar loop's answers at the edges: NaN is never greater, so a NaN at 0 wins and other
+  // NaNs are skipped; all -inf gives 0.
+  if (n < 4 * kLanes || logits[0] != logits[0]) return argmax_scalar(logits, n);
+  const float lowest = -std::numeric_limits<float>::infinity();
+  f32x4 m0 = {lowest, lowest, lowest, lowest};
+  f32x4 m1 = m0;
+  i32x4 at0 = {0, 1, 2, 3};
+  i32x4 at1 = at0 + kLanes;
+  i32x4 cur0 = at0;
+  i32x4 cur1 = at1;
+  int32_t i = 0;
+  for (; i + 2 * kLanes <= n; i += 2 * kLanes) {
+    f32x4 x0, x1;
+    std::memcpy(&x0, logits + i, sizeof x0);
+    std::memcpy(&x1, logits + i + kLanes, sizeof x1);
+    const i32x4 up0 = x0 > m0;
+    const i32x4 up1 = x1 > m1;
+    m0 = up0 ? x0 : m0;
+    m1 = up1 ? x1 : m1;
+    at0 = up0 ? cur0 : at0;
+    at1 = up1 ? cur1 : at1;
+    cur0 += 2 * kLanes;
+    cur1 += 2 * kLanes;
+  }
+  float best = m0[0];
+  int32_t where = at0[0];
+  auto take = [&](float v, int32_t k) {
+    if (v > best || (v == best && k < where)) {
+      best = v;
+      where = k;
+    }
+  };
+  for (int32_t j = 1; j < kLanes; ++j) take(m0[j], at0[j]);
+  for (int32_t j = 0; j < kLanes; ++j) take(m1[j], at1[j]);
+  for (; i < n; ++i) take(logits[i], i);
+  return where;
 }
 
 SamplerPtr make_sampler_chain(const llama_vocab* vocab, const SamplingParams& p) {
