@@ -150,7 +150,7 @@ async function concurrentCheck() {
   const n = Number(process.env.CHECK_CONCURRENT ?? 32);
   for (const spec of (process.env.CHECK_CONCURRENT_MODELS ?? 'qwen3-30b-a3b:q4_0:4,llama-3-8b:q4_0:4').split(',')) {
     const path = await ensureBenchModel(parseModelSpec(spec, { type: 'q4_0' }));
-    const r = await measureDeterminism({ model: path, requests: n, concurrency: n, maxTokens: 64, threads: 8, batchSize: 512, gpuLayers: -1, log: (l) => say(`${spec} ${l}`) });
+    const r = await measureDeterminism({ model: path, requests: n, concurrency: n, maxTokens: 64, threads: 8, batchSize: 512, gpuLayers: 999, log: (l) => say(`${spec} ${l}`) });
     for (const m of r.modes) say(`concurrent ${spec}: ${m.mode} mode, ${m.equal}/${m.requests} of ${n} concurrent GPU generations equal their solo run; ${m.tokensPerSecond.toFixed(0)} t/s`);
     results.push({ model: spec, ...r });
   }

@@ -17,6 +17,18 @@
 #
 # Results land in $OUT (the device tool brings them back): report.json, report.md, report.html,
 # build.log and checks.log. Copy the table into benchmarks/RESULTS.md with device, date and commit.
+# The device tool brings back at most 8 files per call: point OUT at a folder of the machine
+# (OUT=/tmp/res/N bash benchmarks/gpu.sh ...) and end the call with
+# `tar -C /tmp/res -cJf "$DEVICE_OUT/N.tar.xz" N` (DEVICE_OUT: the tool's own $OUT, saved first).
+#
+# One 30-minute lease, as the first went (2026-11-22, H100). The machine is given back 30 s after a
+# call, and its build with it, so each call follows the last at once:
+#   1. build, checks logits, checks memory                                   7 min (build 4.5)
+#   2. profile, checks concurrent                                            5 min
+#   3. bench --model qwen3-30b-a3b:q4_0 --repeat 1 --concurrency 1,8,32,64   5 min
+#   4. tests                                                                 1 min
+#   5. bench --model llama-3-8b:q4_0 --repeat 1 --concurrency 1,8,32,64      3.5 min
+#   6. determinism (DETERMINISM_REQUESTS=128)                                1 min
 # Default bench options: both real shapes at Q4_0 with every layer, all weights on the GPU.
 #
 # GPU_SH_REHEARSE=1 runs the same offline steps with the CPU build on a machine without a GPU (a

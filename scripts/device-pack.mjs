@@ -72,7 +72,7 @@ const testModules = closure(['vitest', 'tsx', 'typescript', 'openai', 'playwrigh
 log(`tests: ${testModules.length} more packages`);
 run('tar', ['-cJf', join(out, 'tests.tar.xz'), '-C', repoRoot, ...testModules, 'node_modules/.bin'], { env: { ...process.env, XZ_OPT: '-T2 -9' } });
 
-const keepVocab = ['llama-spm', 'llama-bpe', 'qwen2'];
+const keepVocab = ['llama-spm', 'llama-bpe', 'qwen2', 'qwen35'];
 const tmp = join(out, 'llama-src');
 rmSync(tmp, { recursive: true, force: true });
 mkdirSync(tmp, { recursive: true });

@@ -1,6 +1,7 @@
 import { spawnSync } from 'node:child_process';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { loadModel, type Model } from '../src/index.js';
+import { GPU } from './fixtures/gpu.js';
 import { makeFixtureModel } from './fixtures/models.js';
 
 const cli = new URL('../src/cli/main.ts', import.meta.url).pathname;
@@ -29,24 +30,25 @@ describe('genesis CLI', () => {
   });
 
   it('plan prints memory per device, fits a budget, and names the shortfall when nothing fits', () => {
-    const r = genesis('plan', path, '--context-size', '1024', '--max-sequences', '2', '--threads', '1');
+    // The host layout (--gpu-layers 0; a CUDA build would otherwise put the layers on the GPU).
+    const r = genesis('plan', path, '--context-size', '1024', '--max-sequences', '2', '--threads', '1', '--gpu-layers', '0');
     expect(r.status, r.stderr).toBe(0);
     expect(r.stdout).toMatch(/contextSize 1024 × 2 sequences, KV [\d.]+ KiB per token\n {2}CPU +[\d.]+ MiB {2}layers 0-1 \+ output; weights [\d.]+ MiB, KV cache [\d.]+ MiB, compute [\d.]+ MiB/);
-    const json = JSON.parse(genesis('plan', path, '--context-size', '1024', '--max-sequences', '2', '--threads', '1', '--json').stdout);
-    const fitted = genesis('plan', path, '--context-size', '1024', '--max-sequences', '2', '--threads', '1', '--memory-budget', String(json.total - json.devices[0].kvCache / 2));
+    const json = JSON.parse(genesis('plan', path, '--context-size', '1024', '--max-sequences', '2', '--threads', '1', '--gpu-layers', '0', '--json').stdout);
+    const fitted = genesis('plan', path, '--context-size', '1024', '--max-sequences', '2', '--threads', '1', '--gpu-layers', '0', '--memory-budget', String(json.total - json.devices[0].kvCache / 2));
     expect(fitted.status, fitted.stderr).toBe(0);
     expect(fitted.stdout).toMatch(/plan: contextSize 512, gpuLayers 0/);
-    const none = genesis('plan', path, '--memory-budget', '1M', '--threads', '1');
+    const none = genesis('plan', path, '--memory-budget', '1M', '--threads', '1', '--gpu-layers', '0');
     expect(none.status).toBe(1);
     expect(none.stderr).toMatch(/^genesis: MEMORY_BUDGET: .* over the 1\.0 MiB budget by/);
   });
 
   it('info describes the model', () => {
-    const r = genesis('info', path);
+    const r = genesis('info', path, '--gpu-layers', '0');
     expect(r.status, r.stderr).toBe(0);
     expect(r.stdout).toMatch(/architecture\s+llama/);
     expect(r.stdout).toMatch(/vocab\s+32000/);
-    const json = genesis('info', path, '--json');
+    const json = genesis('info', path, '--json', '--gpu-layers', '0');
     const info = JSON.parse(json.stdout);
     expect(info.architecture).toBe('llama');
     expect(info.layers).toBe(2);
@@ -55,6 +57,10 @@ describe('genesis CLI', () => {
     expect(r.stdout).toMatch(/placement\n {2}CPU +[\d.]+ MiB {2}layers 0-1 \+ output; weights/);
     expect(info.placement.splitMode).toBe('layer');
     expect(info.placement.devices[0]).toMatchObject({ device: 'CPU', kind: 'cpu', host: true, layers: [0, 1], output: true });
+    if (GPU) {
+      // By default a CUDA build puts every layer and the output on the GPU.
+      expect(genesis('info', path).stdout).toMatch(/\n {2}CUDA0 +[\d.]+ MiB {2}layers 0-1 \+ output; weights/);
+    }
   });
 
   it('bad input gives a clear message and a non-zero exit, never a crash', () => {

@@ -10,6 +10,7 @@ import { keySetSha256 } from '../src/verify/fingerprint.js';
 import { decodeReceipt } from '../src/verify/receipt.js';
 import { loadOrCreateReceiptKey } from '../src/verify/keys.js';
 import { makeFixtureModel } from './fixtures/models.js';
+import { BATCH_INVARIANT } from './fixtures/gpu.js';
 
 describe('OML fingerprint checks', () => {
   let dir: string;
@@ -27,8 +28,9 @@ describe('OML fingerprint checks', () => {
     const [a, b] = await Promise.all([1, 7].map((seed) => makeFixtureModel({ arch: 'llama', type: 'q8_0', seed })));
     ownedPath = a!;
     otherPath = b!;
-    owned = await loadModel(ownedPath, { contextSize: 256, maxSequences: 4, threads: 1 });
-    other = await loadModel(otherPath, { contextSize: 256, maxSequences: 4, threads: 1 });
+    // Checks must read the same under concurrent load as alone: CPU (fixtures/gpu.ts).
+    owned = await loadModel(ownedPath, { contextSize: 256, maxSequences: 4, threads: 1, ...BATCH_INVARIANT });
+    other = await loadModel(otherPath, { contextSize: 256, maxSequences: 4, threads: 1, ...BATCH_INVARIANT });
     const random = mulberry32(42);
     const keys = Array.from({ length: 8 }, (_, i) => `secret-key-${i}-${Math.floor(random() * 1e9).toString(36)}`);
     pairs = await makeFingerprints(owned, keys, { maxTokens: 8 });

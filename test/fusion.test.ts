@@ -8,13 +8,15 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 
 import { createRuntime, fuse, InvalidOptionError, loadModel, type Model } from '../src/index.js';
 import { makeFixtureModel } from './fixtures/models.js';
+import { BATCH_INVARIANT } from './fixtures/gpu.js';
 
 describe('logit fusion', () => {
   let a: Model;
   let b: Model;
   let aPath: string;
   let bPath: string;
-  const options = { contextSize: 256, maxSequences: 4, batchSize: 64, threads: 1 };
+  // Fused runs are compared with and without ordinary requests beside them: CPU (fixtures/gpu.ts).
+  const options = { contextSize: 256, maxSequences: 4, batchSize: 64, threads: 1, ...BATCH_INVARIANT };
   const greedy = { maxTokens: 24, temperature: 0, ignoreEos: true };
   const prompt = 'Once upon a time';
 

@@ -4,7 +4,6 @@
  */
 import { execFileSync } from 'node:child_process';
 import { existsSync } from 'node:fs';
-import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import {
   ContextOverflowError,
@@ -15,8 +14,10 @@ import {
   type GenerationChunk,
   type GenerationResult,
   type Model,
+  systemInfo,
 } from '../src/index.js';
-import { makeFixtureModel, repoRoot } from './fixtures/models.js';
+import { referenceTool } from '../scripts/llama.mjs';
+import { makeFixtureModel } from './fixtures/models.js';
 
 /**
  * One decode thread per model: ggml's CPU threads spin-wait at every barrier, so on this shared
@@ -26,7 +27,9 @@ import { makeFixtureModel, repoRoot } from './fixtures/models.js';
  */
 const THREADS = 1;
 
-const LLAMA_SIMPLE = join(repoRoot(), 'deps', 'llama.cpp', 'build-cpu', 'bin', 'llama-simple');
+// Built from the same source with the same flags as the addon: the CUDA build's on a GPU machine
+// (llama-simple offloads every layer by default, as our models do there).
+const LLAMA_SIMPLE = referenceTool('llama-simple', systemInfo().variant);
 
 interface Collected {
   chunks: GenerationChunk[];

@@ -11,6 +11,7 @@ import { afterEach, describe, expect, it } from 'vitest';
 
 import { chooseBinary, packageRoot } from '../src/binding.js';
 import { systemInfo } from '../src/index.js';
+import { GPU } from './fixtures/gpu.js';
 
 const addon = join(packageRoot, 'build', 'Release', 'genesis.node');
 const roots: string[] = [];
@@ -41,7 +42,8 @@ afterEach(() => {
 
 describe('native binary choice', () => {
   it('reports the source build this process loaded', () => {
-    expect(systemInfo().binary).toMatchObject({ variant: 'cpu', file: addon, reason: expect.stringContaining('built from source') });
+    // The variant the loader reports is the one the addon itself was built as (cpu or cuda).
+    expect(systemInfo().binary).toMatchObject({ variant: systemInfo().variant, file: addon, reason: expect.stringContaining('built from source') });
   });
 
   it('falls back to the CPU prebuild when the CUDA one crashes its probe process, and this process lives on', () => {
@@ -53,9 +55,21 @@ describe('native binary choice', () => {
 
   it('falls back when the CUDA prebuild does not load, or loads and finds no GPU', () => {
     expect(chooseBinary(fakePackage({ cpu: 'addon', cuda: 'garbage' }), {}).reason).toMatch(/^CPU prebuild: the CUDA one did not load \(.*\)/);
-    // This machine has no GPU: a binary that loads but sees none is not chosen.
-    const noGpu = chooseBinary(fakePackage({ cpu: 'addon', cuda: 'addon' }), {});
-    expect(noGpu).toMatchObject({ variant: 'cpu', reason: 'CPU prebuild: the CUDA one loaded but found no GPU' });
+    // A binary that loads but sees no GPU is not chosen. The probe child inherits the environment:
+    // with CUDA_VISIBLE_DEVICES empty it sees none, on a GPU machine too.
+    const visible = process.env['CUDA_VISIBLE_DEVICES'];
+    process.env['CUDA_VISIBLE_DEVICES'] = '';
+    try {
+      const noGpu = chooseBinary(fakePackage({ cpu: 'addon', cuda: 'addon' }), {});
+      expect(noGpu).toMatchObject({ variant: 'cpu', reason: 'CPU prebuild: the CUDA one loaded but found no GPU' });
+    } finally {
+      if (visible === undefined) delete process.env['CUDA_VISIBLE_DEVICES'];
+      else process.env['CUDA_VISIBLE_DEVICES'] = visible;
+    }
+    if (GPU) {
+      // The CUDA build on a GPU machine: the probe finds the GPU and the CUDA prebuild is taken.
+      expect(chooseBinary(fakePackage({ cpu: 'addon', cuda: 'addon' }), {})).toMatchObject({ variant: 'cuda', reason: expect.stringContaining('found a GPU') });
+    }
   });
 
   it('takes the CPU prebuild without probing when asked, or when there is no CUDA one', () => {

@@ -12,7 +12,8 @@ describe('estimateMemory', () => {
   it('is within 10% of what loading really takes (RSS growth, weights read, compute buffer used)', async () => {
     // ~120 MiB of Q8_0 weights, so that Node's own RSS noise stays small next to it.
     const path = await makeFixtureModel({ arch: 'llama', nEmbd: 1024, nHead: 8, nHeadKv: 8, nFf: 2816, nLayer: 4, type: 'q8_0' });
-    const options = { contextSize: 1024, maxSequences: 4, batchSize: 128, threads: 1, useMmap: false };
+    // Host memory (gpuLayers 0): RSS is what is measured, and the CUDA build would offload the weights.
+    const options = { contextSize: 1024, maxSequences: 4, batchSize: 128, threads: 1, useMmap: false, gpuLayers: 0 };
     const probe = new URL('./fixtures/rss-probe.ts', import.meta.url).pathname;
     const r = spawnSync(process.execPath, ['--import', 'tsx', probe, path, JSON.stringify(options)], { encoding: 'utf8', timeout: 120_000 });
     expect(r.status, r.stderr).toBe(0);
@@ -42,11 +43,11 @@ describe('planMemory and loadModel({ memoryBudget })', () => {
   let full: MemoryEstimate;
   beforeAll(async () => {
     path = await makeFixtureModel({ arch: 'llama', type: 'q8_0' });
-    full = await estimateMemory(path, { contextSize: 4096, maxSequences: 4, threads: 1 });
+    full = await estimateMemory(path, { contextSize: 4096, maxSequences: 4, threads: 1, gpuLayers: 0 });
   });
 
   it('keeps the asked context when it fits, and says so', async () => {
-    const plan = await planMemory(path, { contextSize: 4096, maxSequences: 4, threads: 1, memoryBudget: full.total + MiB });
+    const plan = await planMemory(path, { contextSize: 4096, maxSequences: 4, threads: 1, gpuLayers: 0, memoryBudget: full.total + MiB });
     expect(plan.options.contextSize).toBe(4096);
     expect(plan.explanation.join('\n')).toMatch(/contextSize 4096 × 4 sequences as asked/);
     expect(plan.estimate.total).toBe(full.total);
@@ -54,11 +55,11 @@ describe('planMemory and loadModel({ memoryBudget })', () => {
 
   it('halves the context until it fits a smaller budget, and loads with the plan', async () => {
     const budget = full.total - full.devices[0]!.kvCache / 2; // room for at most half the KV cache
-    const plan = await planMemory(path, { contextSize: 4096, maxSequences: 4, threads: 1, memoryBudget: budget });
+    const plan = await planMemory(path, { contextSize: 4096, maxSequences: 4, threads: 1, gpuLayers: 0, memoryBudget: budget });
     expect(plan.options.contextSize).toBe(2048);
     expect(plan.estimate.total).toBeLessThanOrEqual(budget);
     expect(plan.explanation[0]).toMatch(/contextSize 2048 instead of the 4096 asked for/);
-    const model = await loadModel(path, { contextSize: 4096, maxSequences: 4, threads: 1, memoryBudget: budget });
+    const model = await loadModel(path, { contextSize: 4096, maxSequences: 4, threads: 1, gpuLayers: 0, memoryBudget: budget });
     try {
       expect(model.info.context.contextSize).toBe(2048);
       expect(model.plan?.options.contextSize).toBe(2048);
@@ -69,7 +70,7 @@ describe('planMemory and loadModel({ memoryBudget })', () => {
   });
 
   it('names the device and the shortfall when nothing fits', async () => {
-    const error = await planMemory(path, { contextSize: 4096, threads: 1, memoryBudget: 4 * MiB }).catch((e: unknown) => e);
+    const error = await planMemory(path, { contextSize: 4096, threads: 1, gpuLayers: 0, memoryBudget: 4 * MiB }).catch((e: unknown) => e);
     expect(error).toBeInstanceOf(MemoryBudgetError);
     const e = error as MemoryBudgetError;
     expect(e.code).toBe('MEMORY_BUDGET');
@@ -83,7 +84,8 @@ describe('planMemory and loadModel({ memoryBudget })', () => {
 });
 
 describe('runtime: several models under one budget', () => {
-  const load = { contextSize: 512, maxSequences: 2, threads: 1 };
+  // Budgets of host memory: every layer on the CPU, on the CUDA build too.
+  const load = { contextSize: 512, maxSequences: 2, threads: 1, gpuLayers: 0 };
   let paths: string[];
   let sizes: number[];
   beforeAll(async () => {

@@ -7,13 +7,20 @@ import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
 
 import { createRuntime, InvalidOptionError, loadModel, planMemory, RpcError, type Model } from '../src/index.js';
 import { toApiError } from '../src/server/errors.js';
 import { makeFixtureModel, repoRoot } from './fixtures/models.js';
 
 const cli = join(repoRoot(), 'src', 'cli', 'main.ts');
+
+// These tests lend CPUs: the local side and both servers (children inherit the environment) see no
+// GPU, on a CUDA machine too, so the split is the one the assertions describe. Set before the addon
+// loads (vi.hoisted runs ahead of the imports).
+vi.hoisted(() => {
+  process.env['CUDA_VISIBLE_DEVICES'] = '';
+});
 
 /** A port nothing listens on right now. */
 function freePort(): Promise<number> {

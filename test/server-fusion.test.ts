@@ -12,8 +12,10 @@ import { estimateMemory, loadModel, type Model } from '../src/index.js';
 import { buildServer, ServerConfigError, type GenesisServer } from '../src/server/index.js';
 import { serve } from '../src/server/serve.js';
 import { makeFixtureModel } from './fixtures/models.js';
+import { BATCH_INVARIANT } from './fixtures/gpu.js';
 
-const load = { contextSize: 256, maxSequences: 4, batchSize: 64, threads: 1 };
+// Seeded fused sampling is compared across requests run in different batches: CPU (fixtures/gpu.ts).
+const load = { contextSize: 256, maxSequences: 4, batchSize: 64, threads: 1, ...BATCH_INVARIANT };
 const FUSED = [
   // Weights (1, 0): the first member alone, token for token.
   { name: 'first', members: [{ model: 'a', weight: 1 }, { model: 'b', weight: 0 }] },
@@ -214,7 +216,7 @@ describe('fused models over a runtime (--memory-budget)', { timeout: 120_000 }, 
     const aPath = await makeFixtureModel({ arch: 'llama', type: 'q8_0', nLayer: 2 });
     const bPath = await makeFixtureModel({ arch: 'llama', type: 'q8_0', nLayer: 2, seed: 9 });
     const otherPath = await makeFixtureModel({ arch: 'qwen3moe' });
-    const runtimeLoad = { contextSize: 256, maxSequences: 2, threads: 1 };
+    const runtimeLoad = { contextSize: 256, maxSequences: 2, threads: 1, gpuLayers: 0 }; // host-memory budgets
     const size = (await estimateMemory(aPath, runtimeLoad)).total;
     const lines: string[] = [];
     const options = { load: runtimeLoad, port: 0, handleSignals: false, log: (line: string) => lines.push(line) };

@@ -12,6 +12,7 @@ import { loadModel, type Model } from '../src/index.js';
 import { buildServer, type GenesisServer } from '../src/server/index.js';
 import { mulberry32 } from '../src/synthetic/models.js';
 import { makeFixtureModel } from './fixtures/models.js';
+import { BATCH_INVARIANT } from './fixtures/gpu.js';
 
 const REQUESTS = 300;
 /** A first round of the same size allocates what 300 concurrent sockets need (buffers, pools, JIT). */
@@ -65,7 +66,8 @@ describe('server under load', { timeout: 120_000 }, () => {
   const expected = new Map<string, string>();
 
   beforeAll(async () => {
-    model = await loadModel(await makeFixtureModel({ arch: 'llama', type: 'q8_0' }), { contextSize: 2048, maxSequences: 8, threads: 1 });
+    // Each response is compared with the same prompt run alone: CPU (fixtures/gpu.ts).
+    model = await loadModel(await makeFixtureModel({ arch: 'llama', type: 'q8_0' }), { contextSize: 2048, maxSequences: 8, threads: 1, ...BATCH_INVARIANT });
     app = buildServer({ models: [{ name: 'm', model }], maxTokensLimit: LONG, processMetrics: false });
     await app.listen({ host: '127.0.0.1', port: 0 });
     base = `http://127.0.0.1:${(app.server.address() as { port: number }).port}`;

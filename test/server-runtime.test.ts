@@ -9,7 +9,8 @@ const MiB = 1024 ** 2;
 describe('server over a runtime (--memory-budget): three models, room for two', () => {
   let handle: ServeHandle;
   const lines: string[] = [];
-  const load = { contextSize: 512, maxSequences: 2, threads: 1 };
+  // A budget of host memory: every layer on the CPU, on the CUDA build too.
+  const load = { contextSize: 512, maxSequences: 2, threads: 1, gpuLayers: 0 };
 
   beforeAll(async () => {
     const paths = await Promise.all([1, 2, 3].map((seed) => makeFixtureModel({ arch: 'llama', type: 'q8_0', seed })));

@@ -8,6 +8,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { loadModel, type Model } from '../src/index.js';
 import { buildServer, type GenesisServer } from '../src/server/index.js';
 import { makeFixtureModel } from './fixtures/models.js';
+import { BATCH_INVARIANT } from './fixtures/gpu.js';
 
 /** One decode thread: this is a shared 2-core machine and vitest runs two files at once. */
 const THREADS = 1;
@@ -57,8 +58,9 @@ describe('OpenAI-compatible server', { timeout: 60_000 }, () => {
 
   beforeAll(async () => {
     const path = await makeFixtureModel({ arch: 'llama', type: 'q8_0' });
-    tiny = await loadModel(path, { contextSize: 256, maxSequences: 4, threads: THREADS });
-    single = await loadModel(path, { contextSize: 2048, maxSequences: 1, maxQueue: 1, threads: THREADS });
+    // Seeded replies are compared across requests that ran in different batches: CPU (fixtures/gpu.ts).
+    tiny = await loadModel(path, { contextSize: 256, maxSequences: 4, threads: THREADS, ...BATCH_INVARIANT });
+    single = await loadModel(path, { contextSize: 2048, maxSequences: 1, maxQueue: 1, threads: THREADS, ...BATCH_INVARIANT });
     const models = [
       { name: 'tiny', model: tiny },
       { name: 'single', model: single, randomWeights: true },

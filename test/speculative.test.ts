@@ -9,6 +9,7 @@ import { estimateMemory, GenesisError, InvalidOptionError, loadModel, type Model
 import { serve } from '../src/server/serve.js';
 import { formatSpeculativeTable, measureSpeculative, parseSpeculativeSimple } from '../src/bench/speculative.js';
 import { makeFixtureModel } from './fixtures/models.js';
+import { BATCH_INVARIANT } from './fixtures/gpu.js';
 
 describe('speculative decoding', () => {
   let targetPath: string;
@@ -17,7 +18,9 @@ describe('speculative decoding', () => {
   let small: Model; // a different, smaller model with the same tokenizer: it agrees now and then
   let withSame: Model;
   let withSmall: Model;
-  const options = { contextSize: 512, maxSequences: 4, batchSize: 128, threads: 1 };
+  // "Exactly the target's own output" compares runs whose batches differ (drafts verified together,
+  // sequences alone and in a batch), bit for bit: CPU (fixtures/gpu.ts).
+  const options = { contextSize: 512, maxSequences: 4, batchSize: 128, threads: 1, ...BATCH_INVARIANT };
   const prompts = ['Once upon a time', 'The quick brown fox', 'In the beginning', 'Hello there'];
 
   beforeAll(async () => {
@@ -175,7 +178,9 @@ describe('speculative decoding with the model’s own MTP layers', () => {
   let path: string;
   let plain: Model;
   let mtp: Model;
-  const options = { contextSize: 512, maxSequences: 4, batchSize: 128, threads: 1 };
+  // "Exactly the target's own output" compares runs whose batches differ (drafts verified together,
+  // sequences alone and in a batch), bit for bit: CPU (fixtures/gpu.ts).
+  const options = { contextSize: 512, maxSequences: 4, batchSize: 128, threads: 1, ...BATCH_INVARIANT };
   const greedy = { maxTokens: 32, temperature: 0, ignoreEos: true };
   // Different lengths: with one KV stream per sequence llama.cpp regroups such a batch's tokens.
   const prompts = ['Once upon a time there was a', 'The quick brown fox', 'In the beginning God created the heaven and the earth.', 'Hi'];
