@@ -14,13 +14,15 @@
         "native/addon/convert.cc",
         "native/addon/log.cc",
         "native/addon/model.cc",
+        "native/addon/moe.cc",
         "native/addon/rpc.cc",
         "native/engine/bandwidth.cc",
         "native/engine/embedder.cc",
         "native/engine/engine.cc",
         "native/engine/memory.cc",
         "native/engine/sampling.cc",
-        "native/engine/text.cc"
+        "native/engine/text.cc",
+        "native/moe/route.cc"
       ],
       "include_dirs": [
         "<!@(node -p \"require('node-addon-api').include\")",
@@ -48,6 +50,7 @@
         ["genesis_cuda==1", {
           "libraries": [
             "<(module_root_dir)/<(llama_build)/ggml/src/ggml-cuda/libggml-cuda.a",
+            "<(module_root_dir)/<(llama_build)/genesis-moe/libgenesis-moe-cuda.a",
             "<(module_root_dir)/<(llama_build)/ggml/src/libggml-cpu.a",
             "<(module_root_dir)/<(llama_build)/ggml/src/libggml-base.a",
             "<@(cuda_lib_dirs)",

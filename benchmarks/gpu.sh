@@ -9,6 +9,7 @@
 #                                                             against solo, memory across reloads
 #             bash benchmarks/gpu.sh profile [SPEC]           decode-step profile at B=1,8,64 (ncu)
 #             bash benchmarks/gpu.sh tests                    the test suite on the GPU
+#             bash benchmarks/gpu.sh moe [iterations]         MoE routing: upstream's chain vs fused
 #             bash benchmarks/gpu.sh bench [bench options]    the suite (same warm machine: the build
 #                                                             lives only while the machine stays warm)
 #             bash benchmarks/gpu.sh determinism              200 requests alone vs together,
@@ -131,6 +132,11 @@ profile() {
   node benchmarks/gpu-profile.mjs summarize "$OUT" | tee -a "$OUT/profile.log"
 }
 
+# MoE routing step: llama.cpp's op chain against the fused kernel (benchmarks/moe-route.mjs).
+moe() {
+  node benchmarks/moe-route.mjs "${1:-200}" 2>&1 | tee "$OUT/moe-route.log" || true
+}
+
 # The whole test suite with the CUDA addon (every model offloaded by default), N workers.
 tests() {
   [ -d node_modules/vitest ] || tar -xJf "$PACK/tests.tar.xz"
@@ -163,6 +169,7 @@ case "$cmd" in
   checks) checks "$@" ;;
   profile) profile "$@" ;;
   tests) tests ;;
+  moe) moe "$@" ;;
   all) build && checks && bench "$@" && determinism ;;
-  *) say "usage: bash benchmarks/gpu.sh build|checks|profile|tests|bench|determinism|all [options]"; exit 2 ;;
+  *) say "usage: bash benchmarks/gpu.sh build|checks|profile|tests|moe|bench|determinism|all [options]"; exit 2 ;;
 esac

@@ -206,7 +206,7 @@ export function buildDir(variant = buildVariant()) {
 export function staticLibs(variant = buildVariant()) {
   const dir = buildDir(variant);
   const libs = [join(dir, 'src', 'libllama.a'), join(dir, 'ggml', 'src', 'libggml.a')];
-  if (variant === 'cuda') libs.push(join(dir, 'ggml', 'src', 'ggml-cuda', 'libggml-cuda.a'));
+  if (variant === 'cuda') libs.push(join(dir, 'ggml', 'src', 'ggml-cuda', 'libggml-cuda.a'), join(dir, 'genesis-moe', 'libgenesis-moe-cuda.a'));
   libs.push(join(dir, 'ggml', 'src', 'ggml-rpc', 'libggml-rpc.a'));
   libs.push(join(dir, 'ggml', 'src', 'libggml-cpu.a'), join(dir, 'ggml', 'src', 'libggml-base.a'));
   return libs;
@@ -266,10 +266,22 @@ export function cmakeBuildLlama(variant = buildVariant()) {
   log(`building llama.cpp static libraries (${variant}) with ${jobs()} jobs`);
   const targets = ['llama', 'ggml', ...REFERENCE_TOOLS];
   run('cmake', ['--build', dir, '--parallel', jobs(), '--target', ...targets]);
+  if (variant === 'cuda') buildOwnCuda(dir);
   for (const lib of staticLibs(variant)) {
     if (!existsSync(lib)) throw new Error(`the llama.cpp build did not produce ${lib}`);
   }
   return dir;
+}
+
+/** Our own CUDA sources (native/moe: the fused MoE routing kernel), for the same architectures. */
+function buildOwnCuda(dir) {
+  const out = join(dir, 'genesis-moe');
+  const generator = spawnSync('ninja', ['--version'], { stdio: 'ignore' }).status === 0 ? 'Ninja' : 'Unix Makefiles';
+  // Configured every time (seconds): the architectures may have changed since the last build.
+  run('cmake', ['-S', join(repoRoot, 'native', 'moe'), '-B', out, '-G', generator, '-DCMAKE_BUILD_TYPE=Release', `-DCMAKE_CUDA_ARCHITECTURES=${process.env.GENESIS_CUDA_ARCHS ?? '90'}`], {
+    stdio: ['ignore', 'ignore', 'inherit'],
+  });
+  run('cmake', ['--build', out, '--parallel', jobs()]);
 }
 
 /** Path of a reference tool (llama-simple, ...) built from the same source. */

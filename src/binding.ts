@@ -178,6 +178,14 @@ export interface NativeRpcServer {
   stopped: Promise<never>;
 }
 
+export interface NativeMoeRoute {
+  ids: Int32Array;
+  weights: Float32Array;
+  device: string;
+  secondsPerCall: number;
+  counts?: Uint32Array;
+}
+
 export interface NativeBinding {
   loadModel(
     path: string,
@@ -188,6 +196,8 @@ export interface NativeBinding {
   systemInfo(): NativeSystemInfo;
   /** Opens (true) or closes (false) a CUDA profiler range; false on the CPU build or a CUDA error. */
   cudaProfiler(on: boolean): boolean;
+  /** MoE routing three ways (src/moe.ts); throws `{ code, message, option?, expected? }`. */
+  moeRoute(kind: string, logits: Float32Array, nTokens: number, params: object, options?: object): NativeMoeRoute;
   /** Runs on the libuv pool; rejects with `{ code, message, option?, expected? }`. */
   measureBandwidth(options: BandwidthOptions): Promise<BandwidthResult>;
   estimateMemory(path: string, options: NativeLoadOptions): Promise<NativeMemoryEstimate>;

@@ -20,6 +20,8 @@ export {
 } from './errors.js';
 export type { GenesisErrorCode, ModelLoadErrorCode } from './errors.js';
 export { cudaProfilerRange, measureBandwidth, systemInfo } from './system.js';
+export { MOE_ROUTING_SHAPES, moeRoute } from './moe.js';
+export type { MoeRoutingParams, MoeRoutingResult } from './moe.js';
 export { estimateMemory, formatBytes, planMemory } from './memory.js';
 export { createRuntime, Runtime } from './runtime.js';
 export type { ModelLease, RuntimeModelOptions, RuntimeModelState, RuntimeModelStatus, RuntimeOptions } from './runtime.js';

@@ -7,6 +7,7 @@
 #include "addon/convert.h"
 #include "addon/log.h"
 #include "addon/model.h"
+#include "addon/moe.h"
 #include "addon/rpc.h"
 #include "engine/bandwidth.h"
 #include "ggml-backend.h"
@@ -158,6 +159,7 @@ static Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("startRpcServer", Napi::Function::New(env, StartRpcServer, "startRpcServer"));
   exports.Set("systemInfo", Napi::Function::New(env, SystemInfo, "systemInfo"));
   exports.Set("cudaProfiler", Napi::Function::New(env, CudaProfiler, "cudaProfiler"));
+  exports.Set("moeRoute", Napi::Function::New(env, MoeRoute, "moeRoute"));
   exports.Set("NativeModel", NativeModel::Define(env));
   return exports;
 }
