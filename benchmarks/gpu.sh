@@ -10,6 +10,7 @@
 #             bash benchmarks/gpu.sh profile [SPEC]           decode-step profile at B=1,8,64 (ncu)
 #             bash benchmarks/gpu.sh tests                    the test suite on the GPU
 #             bash benchmarks/gpu.sh moe [iterations]         MoE routing: upstream's chain vs fused
+#             bash benchmarks/gpu.sh prebuild                 the CUDA prebuild, loaded back by the loader
 #             bash benchmarks/gpu.sh bench [bench options]    the suite (same warm machine: the build
 #                                                             lives only while the machine stays warm)
 #             bash benchmarks/gpu.sh determinism              200 requests alone vs together,
@@ -137,6 +138,24 @@ moe() {
   node benchmarks/moe-route.mjs "${1:-200}" 2>&1 | tee "$OUT/moe-route.log" || true
 }
 
+# The CUDA prebuild (prebuildify; portable CPU code, so llama.cpp builds again: about 4.5 min), then
+# the loader choosing it in a fresh process, and the binary packed in 15 MiB parts for the device tool
+# (join them here: cat cuda-prebuild.xz.part-* | xz -d > genesis-runtime.napi.cuda.node).
+prebuild() {
+  GENESIS_CUDA=1 node scripts/prebuild.mjs > "$OUT/prebuild.log" 2>&1 || { tail -30 "$OUT/prebuild.log"; return 1; }
+  local file=prebuilds/linux-x64/genesis-runtime.napi.cuda.node
+  ls -la "$file"
+  rm -rf /tmp/genesis-prebuilt && mkdir -p /tmp/genesis-prebuilt && cp -r prebuilds /tmp/genesis-prebuilt/
+  node --input-type=module -e "
+    import { chooseBinary } from './dist/binding.js';
+    import { createRequire } from 'node:module';
+    const choice = chooseBinary('/tmp/genesis-prebuilt', {});
+    console.log('loader:', JSON.stringify(choice));
+    console.log('systemInfo:', JSON.stringify(createRequire(import.meta.url)(choice.file).systemInfo()));" 2>&1 | tee -a "$OUT/prebuild.log"
+  xz -T0 -6 -c "$file" | split -b 15M - "$OUT/cuda-prebuild.xz.part-"
+  ls -la "$OUT"
+}
+
 # The whole test suite with the CUDA addon (every model offloaded by default), N workers.
 tests() {
   [ -d node_modules/vitest ] || tar -xJf "$PACK/tests.tar.xz"
@@ -170,6 +189,7 @@ case "$cmd" in
   profile) profile "$@" ;;
   tests) tests ;;
   moe) moe "$@" ;;
+  prebuild) prebuild ;;
   all) build && checks && bench "$@" && determinism ;;
-  *) say "usage: bash benchmarks/gpu.sh build|checks|profile|tests|moe|bench|determinism|all [options]"; exit 2 ;;
+  *) say "usage: bash benchmarks/gpu.sh build|checks|profile|tests|moe|prebuild|bench|determinism|all [options]"; exit 2 ;;
 esac

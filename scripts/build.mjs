@@ -10,7 +10,7 @@ import { spawnSync } from 'node:child_process';
 import { existsSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import { dirname, join, relative } from 'node:path';
-import { buildDir, buildVariant, cmakeBuildLlama, cudaBuildEnv, detectCuda, fetchLlama, repoRoot } from './llama.mjs';
+import { buildDir, buildVariant, cmakeBuildLlama, cudaLinkFlags, detectCuda, fetchLlama, repoRoot } from './llama.mjs';
 
 function log(message) {
   process.stderr.write(`[genesis build] ${message}\n`);
@@ -38,16 +38,6 @@ function nodeDirArgs() {
   return existsSync(join(prefix, 'include', 'node', 'node_api.h')) ? [`--nodedir=${prefix}`] : [];
 }
 
-/** -L (and -rpath) flags for the CUDA runtime and cuBLAS the CUDA variant links against. */
-function cudaLibDirs(variant) {
-  const roots = [process.env.CUDA_HOME, process.env.CUDA_PATH, '/usr/local/cuda'].filter(Boolean);
-  const dirs = roots.flatMap((root) => [join(root, 'lib64'), join(root, 'lib')]).filter((dir) => existsSync(dir));
-  const found = cudaBuildEnv(variant);
-  dirs.unshift(...found.libDirs);
-  if (process.env.GENESIS_CUDA_LIB_DIRS) dirs.unshift(...process.env.GENESIS_CUDA_LIB_DIRS.split(':'));
-  return [...dirs.map((dir) => `-L${dir}`), ...found.rpath.map((dir) => `-Wl,-rpath,${dir}`)].join(' ');
-}
-
 function main() {
   const force = process.argv.includes('--force') || process.env.GENESIS_BUILD_FROM_SOURCE === '1';
   if (!force && hasPrebuild()) {
@@ -72,7 +62,7 @@ function main() {
     ...nodeDirArgs(),
     `--llama_build=${relative(repoRoot, buildDir(variant))}`,
     `--genesis_cuda=${variant === 'cuda' ? 1 : 0}`,
-    ...(variant === 'cuda' ? [`--cuda_lib_dirs=${cudaLibDirs(variant)}`] : []),
+    ...(variant === 'cuda' ? [`--cuda_lib_dirs=${cudaLinkFlags(variant)}`] : []),
   ];
   const result = spawnSync(process.execPath, args, { cwd: repoRoot, stdio: 'inherit' });
   if (result.status !== 0) throw new Error(`node-gyp exited with status ${result.status}`);

@@ -18,3 +18,4 @@ export type CudaToolchain =
   | { ok: false; why: string };
 export function detectCuda(): CudaToolchain;
 export function cudaBuildEnv(variant?: 'cpu' | 'cuda'): { cmakeArgs: string[]; libDirs: string[]; rpath: string[] };
+export function cudaLinkFlags(variant?: 'cpu' | 'cuda'): string;

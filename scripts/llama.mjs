@@ -273,6 +273,16 @@ export function cmakeBuildLlama(variant = buildVariant()) {
   return dir;
 }
 
+/** -L (and -rpath) flags for the CUDA runtime and cuBLAS the CUDA variant links against. */
+export function cudaLinkFlags(variant = buildVariant()) {
+  const roots = [process.env.CUDA_HOME, process.env.CUDA_PATH, '/usr/local/cuda'].filter(Boolean);
+  const dirs = roots.flatMap((root) => [join(root, 'lib64'), join(root, 'lib')]).filter((dir) => existsSync(dir));
+  const found = cudaBuildEnv(variant);
+  dirs.unshift(...found.libDirs);
+  if (process.env.GENESIS_CUDA_LIB_DIRS) dirs.unshift(...process.env.GENESIS_CUDA_LIB_DIRS.split(':'));
+  return [...dirs.map((dir) => `-L${dir}`), ...found.rpath.map((dir) => `-Wl,-rpath,${dir}`)].join(' ');
+}
+
 /** Our own CUDA sources (native/moe: the fused MoE routing kernel), for the same architectures. */
 function buildOwnCuda(dir) {
   const out = join(dir, 'genesis-moe');

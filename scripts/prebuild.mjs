@@ -8,7 +8,7 @@ import { spawnSync } from 'node:child_process';
 import { existsSync, readdirSync, renameSync, statSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import { join, relative } from 'node:path';
-import { buildDir, buildVariant, cmakeBuildLlama, fetchLlama, repoRoot } from './llama.mjs';
+import { buildDir, buildVariant, cmakeBuildLlama, cudaLinkFlags, fetchLlama, repoRoot } from './llama.mjs';
 
 process.env.GENESIS_NATIVE = '0';
 const variant = buildVariant();
@@ -20,6 +20,8 @@ const env = {
   ...process.env,
   npm_config_llama_build: relative(repoRoot, buildDir(variant)),
   npm_config_genesis_cuda: variant === 'cuda' ? '1' : '0',
+  // Where cudart and cuBLAS are (outside the linker's default paths on CUDA machines), as build.mjs.
+  ...(variant === 'cuda' ? { npm_config_cuda_lib_dirs: cudaLinkFlags(variant) } : {}),
 };
 const started = Date.now();
 const r = spawnSync(process.execPath, [prebuildify, '--napi', '--strip'], { cwd: repoRoot, stdio: 'inherit', env });

@@ -880,17 +880,17 @@ void Engine::sample_slot(Slot& s) {
 
 void Engine::choose_all(const std::vector<size_t>& which) {
   std::vector<Slot*> todo;
-  std::vector<const float*> rows;
   for (size_t i : which) {
     Slot& s = slots_[i];
-    if (!s.busy || s.batch_index < 0 || !s.drafts.empty() || s.request.external_sampling) continue;
-    todo.push_back(&s);
-    // llama_get_logits_ith reorders the output rows on first use: call it here, on this thread.
-    rows.push_back(llama_get_logits_ith(ctx_, s.batch_index));
+    if (s.busy && s.batch_index >= 0 && s.drafts.empty() && !s.request.external_sampling) todo.push_back(&s);
   }
-  // One sequence: no threads to start. Sampling is 0.1-0.3 ms per sequence over a 150k vocabulary,
-  // which at 64 sequences was a third of a GPU decode step when done one after another.
+  // One sequence: no threads to start (sample_slot chooses). Sampling is 0.1-0.3 ms per sequence
+  // over a 150k vocabulary, which at 64 sequences was a third of a GPU decode step when done one
+  // after another.
   if (todo.size() < 2 || threads_ < 2) return;
+  // llama_get_logits_ith reorders the output rows on first use: call it here, on this thread.
+  std::vector<const float*> rows;
+  for (Slot* s : todo) rows.push_back(llama_get_logits_ith(ctx_, s->batch_index));
   const int32_t n_vocab = llama_vocab_n_tokens(vocab_);
   const int n = static_cast<int>(todo.size());
 #ifdef _OPENMP
@@ -905,6 +905,7 @@ void Engine::choose_all(const std::vector<size_t>& which) {
 #endif
     s.preselect_error.clear();
     try {
+      if (rows[static_cast<size_t>(k)] == nullptr) throw std::runtime_error("llama.cpp has no logits for this sequence's row");
       s.preselected_token = is_plain_greedy(s.request.sampling) ? argmax(rows[static_cast<size_t>(k)], n_vocab)
                                                                  : sample_token(s.sampler.get(), rows[static_cast<size_t>(k)], n_vocab, scratch);
     } catch (const std::exception& e) {
