@@ -59,6 +59,12 @@ export interface EngineStats {
   draftTokens: number;
   acceptedDraftTokens: number;
   /**
+   * Prompts that started from another sequence's KV cache (a shared system prompt, the earlier turns
+   * of a chat served in another slot), copied instead of computed again; their tokens count in
+   * cachedPromptTokens.
+   */
+  sharedPrefixCopies: number;
+  /**
    * Where the engine's time went since load, in seconds: whole steps (admission, scheduling,
    * decoding, sampling, drafting); the llama_decode call (graph build and, on a GPU, kernel
    * launches); the wait for the device to finish a step; sampling and draft verification.

@@ -67,3 +67,54 @@ describe('prompt cache', () => {
     }
   });
 });
+
+describe('prefix sharing across sequences', () => {
+  let path: string;
+  let shared: Model;
+  let cold: Model;
+  const options = { contextSize: 512, maxSequences: 4, batchSize: 512, threads: 1 };
+  const greedy = { maxTokens: 8, temperature: 0, ignoreEos: true };
+  const random = mulberry32(17);
+  const tokens = (n: number) => Array.from({ length: n }, () => 1 + Math.floor(random() * 31000));
+
+  beforeAll(async () => {
+    path = await makeFixtureModel({ arch: 'llama', type: 'q8_0' });
+    shared = await loadModel(path, options);
+    cold = await loadModel(path, { ...options, promptCache: false });
+  });
+  afterAll(async () => {
+    await shared?.dispose();
+    await cold?.dispose();
+  });
+
+  it('starts a prompt from the KV of a busy sequence that holds its prefix, with the output of a cold run', async () => {
+    const system = tokens(300);
+    const first = [...system, ...tokens(8)];
+    const second = [...system, ...tokens(6)];
+    // The first request holds its slot (and the 300-token prefix) while the second arrives.
+    const long = shared.generate(first, { maxTokens: 48, temperature: 0, ignoreEos: true });
+    const iterator = long[Symbol.asyncIterator]();
+    await iterator.next(); // its prompt is decoded: the prefix is in its stream
+    const before = shared.stats();
+    const r = await shared.complete(second, greedy);
+    const after = shared.stats();
+    expect(after.sharedPrefixCopies - before.sharedPrefixCopies).toBe(1);
+    expect(after.cachedPromptTokens - before.cachedPromptTokens).toBe(300);
+    expect(r.tokens).toEqual((await cold.complete(second, greedy)).tokens);
+    const rest = await long.result;
+    expect(rest.tokens).toEqual((await cold.complete(first, { maxTokens: 48, temperature: 0, ignoreEos: true })).tokens);
+  });
+
+  it('requests arriving together compute their shared prefix once, each with its cold-run output', async () => {
+    const system = tokens(400);
+    const prompts = [0, 1, 2, 3].map(() => [...system, ...tokens(10)]);
+    const before = shared.stats();
+    const results = await Promise.all(prompts.map((p) => shared.complete(p, greedy)));
+    const after = shared.stats();
+    // One computes the 400 shared tokens; the other three copy them and compute their own 10.
+    const decodedPrompt = after.decodedTokens - before.decodedTokens - 4 * (greedy.maxTokens - 1);
+    expect(decodedPrompt).toBe(410 + 3 * 10);
+    expect(after.sharedPrefixCopies - before.sharedPrefixCopies).toBe(3);
+    for (const [i, p] of prompts.entries()) expect(results[i]!.tokens).toEqual((await cold.complete(p, greedy)).tokens);
+  });
+});

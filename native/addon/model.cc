@@ -884,6 +884,7 @@ Napi::Value NativeModel::Stats(const Napi::CallbackInfo& info) {
   out.Set("kvUsedTokens", static_cast<double>(s.kv_used_tokens));
   out.Set("draftTokens", static_cast<double>(s.draft_tokens));
   out.Set("acceptedDraftTokens", static_cast<double>(s.draft_accepted));
+  out.Set("sharedPrefixCopies", static_cast<double>(s.shared_prefix_copies));
   Napi::Object time = Napi::Object::New(env);
   time.Set("step", static_cast<double>(s.step_ns) / 1e9);
   time.Set("decode", static_cast<double>(s.decode_ns) / 1e9);

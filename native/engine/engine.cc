@@ -109,6 +109,8 @@ Engine::Engine(llama_model* model, const EngineOptions& options, Notify notify)
   deterministic_ = options.deterministic;
   rpc_endpoints_ = options.rpc_endpoints;
   prompt_cache_ = options.prompt_cache && !options.kv_unified && !options.deterministic;
+  // A recurrent or hybrid state is not a prefix of KV cells, and the MTP context holds no copy.
+  share_prefix_ = prompt_cache_ && !recurrent && !(options.mtp && drafting);
   batch_ = llama_batch_init(static_cast<int32_t>(n_batch_), 0, 1);
   if (drafting) {
     auto undo = [&](const std::string& why) {
@@ -342,76 +344,118 @@ void Engine::apply_cancels(const std::unordered_set<uint64_t>& ids) {
 }
 
 void Engine::admit() {
-  for (;;) {
-    if (waiting_.empty()) return;
-    // Highest priority first, then arrival order.
-    auto best = std::min_element(waiting_.begin(), waiting_.end(), [](const Pending& a, const Pending& b) {
-      if (a.request.priority != b.request.priority) return a.request.priority > b.request.priority;
-      return a.order < b.order;
-    });
+  // Highest priority first, then arrival order; a request whose prompt prefix another sequence is
+  // computing right now waits for it (deferred) while later ones go ahead.
+  std::vector<size_t> order(waiting_.size());
+  for (size_t i = 0; i < order.size(); ++i) order[i] = i;
+  std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) {
+    if (waiting_[a].request.priority != waiting_[b].request.priority) return waiting_[a].request.priority > waiting_[b].request.priority;
+    return waiting_[a].order < waiting_[b].order;
+  });
+  std::vector<size_t> admitted;
+  for (size_t w : order) {
+    const auto& prompt = waiting_[w].request.prompt;
     // The free slot whose cached tokens share the longest prefix with this prompt; among equals the
     // least recently used (an unused slot first), so a cache another prompt may want survives longest.
     Slot* chosen = nullptr;
     size_t chosen_lcp = 0;
     for (auto& slot : slots_) {
       if (slot.busy) continue;
-      const size_t lcp = prompt_cache_ ? common_prefix(slot.kv_tokens, best->request.prompt) : 0;
+      const size_t lcp = prompt_cache_ ? common_prefix(slot.kv_tokens, prompt) : 0;
       if (chosen == nullptr || lcp > chosen_lcp || (lcp == chosen_lcp && slot.released_at < chosen->released_at)) {
         chosen = &slot;
         chosen_lcp = lcp;
       }
     }
-    if (chosen == nullptr) return;
-    Slot& slot = *chosen;
-    Pending p = std::move(*best);
-    waiting_.erase(best);
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      stats_.queued--;
-      stats_.active++;
+    if (chosen == nullptr) break;
+    // Another sequence's stream may hold more of this prompt (a shared system prompt, another turn of
+    // the same chat): its KV is copied rather than computed again. One still computing a longer
+    // shared prefix is waited for.
+    Slot* donor = nullptr;
+    size_t donor_lcp = 0;
+    if (share_prefix_) {
+      size_t pending = 0;
+      for (auto& other : slots_) {
+        if (&other == chosen) continue;
+        const size_t held = common_prefix(other.kv_tokens, prompt);
+        if (held > donor_lcp) {
+          donor = &other;
+          donor_lcp = held;
+        }
+        if (other.busy && other.prefilled < other.request.prompt.size()) pending = std::max(pending, common_prefix(other.request.prompt, prompt));
+      }
+      if (pending >= kSharedPrefixMin && pending > std::max(chosen_lcp, donor_lcp) + kSharedPrefixMin) continue;  // deferred
+      if (donor_lcp < chosen_lcp + kSharedPrefixMin) donor = nullptr;
     }
-
-    slot.busy = true;
-    slot.request = std::move(p.request);
-    slot.sampler = make_sampler_chain(vocab_, slot.request.sampling);
-    if (!slot.sampler) {
-      // Grammars are parsed at submit already; this only guards against a mismatch.
-      fail(slot, "INVALID_OPTION", "invalid option grammar: llama.cpp could not parse it");
-      continue;
-    }
-    if (uses_penalties(slot.request.sampling)) {
-      // Penalties look at the prompt too, as in Hugging Face's generate.
-      for (llama_token t : slot.request.prompt) llama_sampler_accept(slot.sampler.get(), t);
-    }
-    slot.text = TextStream(slot.request.stop);
-    // Reuse the cached prefix, leaving at least the last prompt token to decode for its logits.
-    size_t keep = slot.request.prompt.empty() ? 0 : std::min(chosen_lcp, slot.request.prompt.size() - 1);
-    if (!llama_memory_seq_rm(llama_get_memory(ctx_), slot.seq, static_cast<llama_pos>(keep), -1)) {
-      // A recurrent state cannot be cut back to an arbitrary position: start the sequence afresh.
-      llama_memory_seq_rm(llama_get_memory(ctx_), slot.seq, -1, -1);
-      keep = 0;
-    }
-    slot.kv_tokens.resize(keep);
-    // MTP rows still queued from the slot's previous request are good for the reused prefix only.
-    if (slot.mtp_pos + static_cast<llama_pos>(slot.mtp_tokens.size()) > static_cast<llama_pos>(keep)) {
-      const size_t rows = static_cast<size_t>(std::max<llama_pos>(0, static_cast<llama_pos>(keep) - slot.mtp_pos));
-      slot.mtp_tokens.resize(rows);
-      slot.mtp_h.resize(rows * static_cast<size_t>(n_embd_));
-    }
-    if (keep > 0) {
-      std::lock_guard<std::mutex> lock(mu_);
-      stats_.cached_prompt_tokens += keep;
-    }
-    slot.prefilled = keep;
-    slot.n_past = static_cast<llama_pos>(keep);
-    slot.generated = 0;
-    slot.batch_index = -1;
-    slot.unsent.clear();
-    slot.admitted_order = next_admit_++;
-    slot.submitted = p.submitted;
-    slot.admitted = Clock::now();
-    slot.has_first_token = false;
+    admitted.push_back(w);
+    start(*chosen, std::move(waiting_[w]), chosen_lcp, donor, donor_lcp);
   }
+  // Erase the admitted from the back, so the indices stay valid.
+  std::sort(admitted.begin(), admitted.end());
+  for (auto it = admitted.rbegin(); it != admitted.rend(); ++it) waiting_.erase(waiting_.begin() + static_cast<std::ptrdiff_t>(*it));
+}
+
+void Engine::start(Slot& slot, Pending p, size_t cached, Slot* donor, size_t donor_tokens) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    stats_.queued--;
+    stats_.active++;
+  }
+  slot.busy = true;
+  slot.request = std::move(p.request);
+  slot.sampler = make_sampler_chain(vocab_, slot.request.sampling);
+  if (!slot.sampler) {
+    // Grammars are parsed at submit already; this only guards against a mismatch.
+    fail(slot, "INVALID_OPTION", "invalid option grammar: llama.cpp could not parse it");
+    return;
+  }
+  if (uses_penalties(slot.request.sampling)) {
+    // Penalties look at the prompt too, as in Hugging Face's generate.
+    for (llama_token t : slot.request.prompt) llama_sampler_accept(slot.sampler.get(), t);
+  }
+  slot.text = TextStream(slot.request.stop);
+  llama_memory_t mem = llama_get_memory(ctx_);
+  size_t lcp = cached;
+  if (donor != nullptr) {
+    // The whole donor stream is copied (llama.cpp copies streams whole, at the next decode), then
+    // cut to the shared prefix. The donor's cells below it do not change meanwhile: a sequence only
+    // appends.
+    llama_memory_seq_rm(mem, slot.seq, -1, -1);
+    llama_memory_seq_cp(mem, donor->seq, slot.seq, -1, -1);
+    slot.kv_tokens.assign(donor->kv_tokens.begin(), donor->kv_tokens.begin() + static_cast<std::ptrdiff_t>(donor_tokens));
+    slot.mtp_tokens.clear();
+    slot.mtp_h.clear();
+    lcp = donor_tokens;
+    std::lock_guard<std::mutex> lock(mu_);
+    stats_.shared_prefix_copies++;
+  }
+  // Reuse the cached prefix, leaving at least the last prompt token to decode for its logits.
+  size_t keep = slot.request.prompt.empty() ? 0 : std::min(lcp, slot.request.prompt.size() - 1);
+  if (!llama_memory_seq_rm(mem, slot.seq, static_cast<llama_pos>(keep), -1)) {
+    // A recurrent state cannot be cut back to an arbitrary position: start the sequence afresh.
+    llama_memory_seq_rm(mem, slot.seq, -1, -1);
+    keep = 0;
+  }
+  slot.kv_tokens.resize(keep);
+  // MTP rows still queued from the slot's previous request are good for the reused prefix only.
+  if (slot.mtp_pos + static_cast<llama_pos>(slot.mtp_tokens.size()) > static_cast<llama_pos>(keep)) {
+    const size_t rows = static_cast<size_t>(std::max<llama_pos>(0, static_cast<llama_pos>(keep) - slot.mtp_pos));
+    slot.mtp_tokens.resize(rows);
+    slot.mtp_h.resize(rows * static_cast<size_t>(n_embd_));
+  }
+  if (keep > 0) {
+    std::lock_guard<std::mutex> lock(mu_);
+    stats_.cached_prompt_tokens += keep;
+  }
+  slot.prefilled = keep;
+  slot.n_past = static_cast<llama_pos>(keep);
+  slot.generated = 0;
+  slot.batch_index = -1;
+  slot.unsent.clear();
+  slot.admitted_order = next_admit_++;
+  slot.submitted = p.submitted;
+  slot.admitted = Clock::now();
+  slot.has_first_token = false;
 }
 
 void Engine::step() {

@@ -114,6 +114,7 @@ struct EngineStats {
   uint64_t kv_used_tokens = 0;  // tokens held in the KV cache by active sequences
   uint64_t draft_tokens = 0;    // speculative decoding: tokens the draft model proposed
   uint64_t draft_accepted = 0;  // and the target kept
+  uint64_t shared_prefix_copies = 0;  // prompts started from another sequence's KV (copied)
   // Where the engine thread's time goes, in nanoseconds since load: whole steps (admission,
   // scheduling, decode, sampling, drafting), the llama_decode call itself (graph build and, on a
   // GPU, kernel launches), the wait for the device to finish the step's work, and sampling
@@ -207,6 +208,11 @@ class Engine {
 
   void loop();
   void admit();
+  // Puts a waiting request into a free slot: `cached` of its prompt tokens are in the slot already,
+  // or `donor_tokens` are copied from the donor's stream.
+  void start(Slot& slot, Pending p, size_t cached, Slot* donor, size_t donor_tokens);
+  // Shorter shared prefixes are computed again rather than copied or waited for.
+  static constexpr size_t kSharedPrefixMin = 32;
   void apply_cancels(const std::unordered_set<uint64_t>& ids);
   void apply_feeds(const std::vector<std::pair<uint64_t, llama_token>>& feeds);
   void step();
@@ -262,6 +268,9 @@ class Engine {
   uint32_t max_queue_ = 0;
   bool deterministic_ = false;
   bool prompt_cache_ = false;
+  // Prefix sharing across slots (KV copied from another sequence's stream): off with the prompt
+  // cache, for recurrent or hybrid models (a state is not a prefix of cells), and with MTP drafts.
+  bool share_prefix_ = false;
   uint64_t releases_ = 0;
   std::vector<llama_token_data> scratch_;  // candidates for sampling (engine thread)
   std::vector<std::vector<llama_token_data>> thread_scratch_;  // the same per choose_all thread
