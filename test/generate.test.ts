@@ -61,22 +61,56 @@ function isEog(model: Model, token: number): boolean {
   return token === eos || token === eot;
 }
 
+/** DeepSeek-V3's shape in small: MLA, 16 experts in 4 groups of which 2 are kept, top 4, scale 2.5. */
+const DEEPSEEK = {
+  arch: 'deepseek2',
+  type: 'q8_0',
+  nLayer: 2,
+  nEmbd: 256,
+  nHead: 4,
+  headDim: 96,
+  nExpert: 16,
+  nExpertUsed: 4,
+  nFfExp: 64,
+  mla: { kvLoraRank: 64, qLoraRank: 128 },
+  expertGroups: { count: 4, used: 2 },
+  expertWeightsScale: 2.5,
+} as const;
+
 describe('generate', { timeout: 60_000 }, () => {
   let llamaPath: string;
   let qwenPath: string;
+  let deepseekPath: string;
   let llama: Model;
   let qwen: Model;
+  let deepseek: Model;
 
   beforeAll(async () => {
     llamaPath = await makeFixtureModel({ arch: 'llama', vocab: 'llama-spm', type: 'f32', nLayer: 2, nEmbd: 64 });
     qwenPath = await makeFixtureModel({ arch: 'qwen3moe', vocab: 'qwen2', type: 'f16', nLayer: 2, nEmbd: 64 });
+    deepseekPath = await makeFixtureModel(DEEPSEEK);
     llama = await loadModel(llamaPath, { contextSize: 256, maxSequences: 4, threads: THREADS });
     qwen = await loadModel(qwenPath, { contextSize: 512, maxSequences: 4, threads: THREADS });
+    deepseek = await loadModel(deepseekPath, { contextSize: 256, maxSequences: 2, threads: THREADS });
   }, 120_000);
 
   afterAll(async () => {
     await llama?.dispose();
     await qwen?.dispose();
+    await deepseek?.dispose();
+  });
+
+  it('deepseek2 fixtures route as written: without the group limit the same weights compute something else', async () => {
+    const ungrouped = await loadModel(await makeFixtureModel({ ...DEEPSEEK, expertGroups: { count: 1, used: 1 } }), { contextSize: 256, maxSequences: 1, threads: THREADS });
+    try {
+      const greedy = { maxTokens: 16, temperature: 0, ignoreEos: true };
+      const prompts = ['Once upon a time', 'The experts are chosen', 'Hello world'];
+      const grouped = await Promise.all(prompts.map((p) => deepseek.complete(p, greedy)));
+      const plain = await Promise.all(prompts.map((p) => ungrouped.complete(p, greedy)));
+      expect(grouped.map((r) => r.tokens.join(','))).not.toEqual(plain.map((r) => r.tokens.join(',')));
+    } finally {
+      await ungrouped.dispose();
+    }
   });
 
   describe('greedy output equals llama.cpp llama-simple', () => {
@@ -84,6 +118,7 @@ describe('generate', { timeout: 60_000 }, () => {
     const cases = [
       { name: 'llama f32 (SPM vocab)', model: () => llama, path: () => llamaPath },
       { name: 'qwen3moe f16 (qwen2 byte-level BPE vocab)', model: () => qwen, path: () => qwenPath },
+      { name: 'deepseek2 q8_0 (latent attention, group-limited sigmoid routing with bias, shared expert)', model: () => deepseek, path: () => deepseekPath },
     ];
     for (const c of cases) {
       it(c.name, async () => {

@@ -76,6 +76,32 @@ export const MODEL_PRESETS = {
       name: 'bench-glm-4.5-air-shape',
     },
   },
+  // DeepSeek-V3: hidden 7168, 128 heads with latent attention (query/key heads 192 = 128 + 64 RoPE,
+  // values 128, latent 512, query rank 1536), 256 experts of FFN 2048 in 8 groups (4 kept), 8 used,
+  // sigmoid routing with a selection bias, weights scaled by 2.5, one shared expert. Its 3 leading
+  // dense layers are MoE here. Qwen vocab (DeepSeek's has 129k tokens). One layer is ~6.5 GB at
+  // Q4_0: generating it takes minutes, so benchmark slices have a few layers.
+  'deepseek-v3': {
+    description: 'DeepSeek-V3-shaped MoE (7168 hidden, MLA 128 heads, 256 experts × 2048 in 8 groups of which 4 kept, 8 active + 1 shared, Qwen vocab)',
+    realLayers: 61,
+    options: {
+      arch: 'deepseek2',
+      vocab: 'qwen2',
+      nEmbd: 7168,
+      nHead: 128,
+      nHeadKv: 1,
+      headDim: 192,
+      nFf: 18432,
+      nExpert: 256,
+      nExpertUsed: 8,
+      nFfExp: 2048,
+      mla: { ropeDim: 64, vHeadDim: 128, kvLoraRank: 512, qLoraRank: 1536 },
+      expertGroups: { count: 8, used: 4 },
+      expertWeightsScale: 2.5,
+      contextLength: 163840,
+      name: 'bench-deepseek-v3-shape',
+    },
+  },
   // The demo model's shape: seconds to run, for smoke tests of the harness itself.
   tiny: {
     description: 'tiny llama (256 hidden, FFN 512, llama-spm vocab): harness smoke tests',

@@ -20,7 +20,7 @@ import type { GgufMetadataEntry, GgufTensorInput } from '../gguf/index.js';
 /** Bump when the generator changes so stale cached files are not reused. */
 const GENERATOR_VERSION = 1;
 
-export type SyntheticArch = 'llama' | 'qwen3moe' | 'glm4moe' | 'qwen35';
+export type SyntheticArch = 'llama' | 'qwen3moe' | 'glm4moe' | 'qwen35' | 'deepseek2';
 export type SyntheticWeightType = 'f32' | 'f16' | 'q8_0' | 'q4_0';
 /** Any `ggml-vocab-<name>.gguf` in the vocab directory; these are the ones llama.cpp ships. */
 export type SyntheticVocab =
@@ -108,12 +108,24 @@ export interface SyntheticModelOptions {
    * and agree with it less often. Default 1.
    */
   mtpStateScale?: number;
+  /**
+   * deepseek2 (DeepSeek-V3 shape): multi-head latent attention. headDim is the query/key head size
+   * (no-RoPE part + RoPE part, 192 in DeepSeek-V3). Defaults from headDim as in DeepSeek-V3: ropeDim
+   * headDim/3 (64), vHeadDim the rest (128), kvLoraRank 4 × vHeadDim (512), qLoraRank 3 × kvLoraRank
+   * (1536). nHeadKv is not used: MLA caches one latent head.
+   */
+  mla?: { qLoraRank?: number; kvLoraRank?: number; ropeDim?: number; vHeadDim?: number };
+  /** deepseek2: group-limited routing, experts in `count` groups of which `used` are kept. Default none. */
+  expertGroups?: { count: number; used: number };
+  /** deepseek2: routed_scaling_factor (2.5 in DeepSeek-V3). Default 1. */
+  expertWeightsScale?: number;
   /** Default: `defaultModelCacheDir()`. */
   cacheDir?: string;
 }
 
-type ResolvedOptions = Required<Omit<SyntheticModelOptions, 'cacheDir' | 'chatTemplate'>> & {
+type ResolvedOptions = Required<Omit<SyntheticModelOptions, 'cacheDir' | 'chatTemplate' | 'mla'>> & {
   chatTemplate: string | null;
+  mla: Required<NonNullable<SyntheticModelOptions['mla']>>;
 };
 
 export const CHATML_TEMPLATE =
@@ -178,9 +190,20 @@ function resolve(options: SyntheticModelOptions): ResolvedOptions {
     quietLayers: options.quietLayers ?? null,
     mtpLayers: options.mtpLayers ?? 0,
     mtpStateScale: options.mtpStateScale ?? 1,
+    mla: resolveMla(options),
+    expertGroups: options.expertGroups ?? { count: 1, used: 1 },
+    expertWeightsScale: options.expertWeightsScale ?? 1,
   };
   validate(r);
   return r;
+}
+
+function resolveMla(options: SyntheticModelOptions): ResolvedOptions['mla'] {
+  const headDim = options.headDim ?? Math.floor((options.nEmbd ?? 64) / (options.nHead ?? 4));
+  const ropeDim = options.mla?.ropeDim ?? 2 * Math.floor(headDim / 6);
+  const vHeadDim = options.mla?.vHeadDim ?? headDim - ropeDim;
+  const kvLoraRank = options.mla?.kvLoraRank ?? 4 * vHeadDim;
+  return { ropeDim, vHeadDim, kvLoraRank, qLoraRank: options.mla?.qLoraRank ?? 3 * kvLoraRank };
 }
 
 function validate(o: ResolvedOptions): void {
@@ -199,9 +222,27 @@ function validate(o: ResolvedOptions): void {
   if (q !== null && (!Number.isInteger(q.from) || q.from < 0 || !Number.isFinite(q.scale) || q.scale < 0)) {
     throw new RangeError(`quietLayers needs an integer from ≥ 0 and a scale ≥ 0, got ${JSON.stringify(q)}`);
   }
+  const g = o.expertGroups;
+  if (!Number.isInteger(g.count) || !Number.isInteger(g.used) || g.count < 1 || g.used < 1 || g.used > g.count || o.nExpert % g.count !== 0 || (g.count > 1 && o.arch !== 'deepseek2')) {
+    throw new RangeError(`expertGroups needs count dividing nExpert (${o.nExpert}) and 1 ≤ used ≤ count, and count > 1 only with arch 'deepseek2'; got ${JSON.stringify(g)}`);
+  }
+  if (g.used * (o.nExpert / g.count) < o.nExpertUsed) throw new RangeError(`expertGroups.used (${g.used}) groups cannot hold nExpertUsed (${o.nExpertUsed}) experts`);
+  if (!Number.isFinite(o.expertWeightsScale) || o.expertWeightsScale <= 0) throw new RangeError(`expertWeightsScale must be a number > 0, got ${o.expertWeightsScale}`);
+  const m = o.mla;
+  if (o.arch === 'deepseek2') {
+    for (const [k, v] of Object.entries(m)) {
+      if (!Number.isInteger(v) || v <= 0) throw new RangeError(`mla.${k} must be a positive integer, got ${v}`);
+    }
+    if (m.ropeDim % 2 !== 0 || m.ropeDim >= o.headDim) throw new RangeError(`mla.ropeDim must be even and smaller than headDim (${o.headDim}), got ${m.ropeDim}`);
+  }
   if (o.type === 'q8_0' || o.type === 'q4_0') {
     // Every quantized matrix has one of these as its contiguous dimension (ne0).
-    const rows = o.arch === 'llama' || o.arch === 'qwen35' ? { nEmbd: o.nEmbd, nFf: o.nFf, 'headDim*nHead': o.headDim * o.nHead } : { nEmbd: o.nEmbd, nFfExp: o.nFfExp, 'headDim*nHead': o.headDim * o.nHead };
+    const rows =
+      o.arch === 'llama' || o.arch === 'qwen35'
+        ? { nEmbd: o.nEmbd, nFf: o.nFf, 'headDim*nHead': o.headDim * o.nHead }
+        : o.arch === 'deepseek2'
+          ? { nEmbd: o.nEmbd, nFfExp: o.nFfExp, 'mla.qLoraRank': m.qLoraRank, 'mla.kvLoraRank': m.kvLoraRank, 'headDim-mla.ropeDim': o.headDim - m.ropeDim, 'mla.vHeadDim*nHead': m.vHeadDim * o.nHead }
+          : { nEmbd: o.nEmbd, nFfExp: o.nFfExp, 'headDim*nHead': o.headDim * o.nHead };
     for (const [k, v] of Object.entries(rows)) {
       if (v % 32 !== 0) throw new RangeError(`type ${o.type} needs ${k} to be a multiple of 32, got ${v}`);
     }
@@ -279,12 +320,23 @@ async function buildContent(o: ResolvedOptions): Promise<FixtureContent> {
     u32(`${a}.block_count`, o.nLayer + o.mtpLayers),
     u32(`${a}.feed_forward_length`, o.nFf),
     u32(`${a}.attention.head_count`, o.nHead),
-    u32(`${a}.attention.head_count_kv`, o.nHeadKv),
+    // MLA caches one latent head per token.
+    u32(`${a}.attention.head_count_kv`, a === 'deepseek2' ? 1 : o.nHeadKv),
     f32(`${a}.attention.layer_norm_rms_epsilon`, a === 'llama' ? 1e-5 : 1e-6),
     f32(`${a}.rope.freq_base`, a === 'llama' ? 10_000 : 1_000_000),
-    u32(`${a}.rope.dimension_count`, headDim),
+    u32(`${a}.rope.dimension_count`, a === 'deepseek2' ? o.mla.ropeDim : headDim),
   ];
-  if (a !== 'llama' || headDim !== o.nEmbd / o.nHead) {
+  if (a === 'deepseek2') {
+    // MLA as llama.cpp's converter writes it: the cache holds [latent | RoPE part] per token.
+    metadata.push(
+      u32(`${a}.attention.key_length`, o.mla.kvLoraRank + o.mla.ropeDim),
+      u32(`${a}.attention.value_length`, o.mla.kvLoraRank),
+      u32(`${a}.attention.key_length_mla`, headDim),
+      u32(`${a}.attention.value_length_mla`, o.mla.vHeadDim),
+      u32(`${a}.attention.q_lora_rank`, o.mla.qLoraRank),
+      u32(`${a}.attention.kv_lora_rank`, o.mla.kvLoraRank),
+    );
+  } else if (a !== 'llama' || headDim !== o.nEmbd / o.nHead) {
     metadata.push(u32(`${a}.attention.key_length`, headDim), u32(`${a}.attention.value_length`, headDim));
   }
   if (a === 'qwen35' && o.mtpLayers > 0) metadata.push(u32(`${a}.nextn_predict_layers`, o.mtpLayers));
@@ -319,6 +371,19 @@ async function buildContent(o: ResolvedOptions): Promise<FixtureContent> {
       { key: `${a}.expert_weights_norm`, type: 'bool', value: true },
       f32(`${a}.expert_weights_scale`, 1),
       u32(`${a}.nextn_predict_layers`, o.mtpLayers),
+    );
+  }
+  if (a === 'deepseek2') {
+    // DeepSeek-V3's routing: sigmoid scores plus a selection bias, optionally group-limited,
+    // normalized and scaled weights, one shared expert, no leading dense layers here.
+    metadata.push(
+      u32(`${a}.expert_shared_count`, 1),
+      u32(`${a}.leading_dense_block_count`, 0),
+      u32(`${a}.expert_gating_func`, 2),
+      { key: `${a}.expert_weights_norm`, type: 'bool', value: true },
+      f32(`${a}.expert_weights_scale`, o.expertWeightsScale),
+      u32(`${a}.expert_group_count`, o.expertGroups.count),
+      u32(`${a}.expert_group_used_count`, o.expertGroups.used),
     );
   }
   for (const [key, value] of vocab.metadata) {
@@ -383,6 +448,18 @@ async function buildContent(o: ResolvedOptions): Promise<FixtureContent> {
       matrix(`${p}ssm_alpha.weight`, [o.nEmbd, 4], GgmlType.F32);
       ones(`${p}ssm_norm.weight`, headDim);
       matrix(`${p}ssm_out.weight`, [valueDim, o.nEmbd]);
+    } else if (a === 'deepseek2') {
+      // Multi-head latent attention: low-rank query, a shared latent for keys and values plus a
+      // RoPE key part, per-head up-projections of the latent (k_b, v_b).
+      const m = o.mla;
+      matrix(`${p}attn_q_a.weight`, [o.nEmbd, m.qLoraRank]);
+      ones(`${p}attn_q_a_norm.weight`, m.qLoraRank);
+      matrix(`${p}attn_q_b.weight`, [m.qLoraRank, o.nHead * headDim]);
+      matrix(`${p}attn_kv_a_mqa.weight`, [o.nEmbd, m.kvLoraRank + m.ropeDim]);
+      ones(`${p}attn_kv_a_norm.weight`, m.kvLoraRank);
+      matrix(`${p}attn_k_b.weight`, [headDim - m.ropeDim, m.kvLoraRank, o.nHead]);
+      matrix(`${p}attn_v_b.weight`, [m.kvLoraRank, m.vHeadDim, o.nHead]);
+      matrix(`${p}attn_output.weight`, [o.nHead * m.vHeadDim, o.nEmbd]);
     } else {
       // Qwen3.5's attention projects a gate with each query head.
       matrix(`${p}attn_q.weight`, [o.nEmbd, headDim * o.nHead * (a === 'qwen35' ? 2 : 1)]);
@@ -400,15 +477,17 @@ async function buildContent(o: ResolvedOptions): Promise<FixtureContent> {
       matrix(`${p}ffn_up.weight`, [o.nEmbd, o.nFf]);
       matrix(`${p}ffn_down.weight`, [o.nFf, o.nEmbd]);
     } else {
-      ones(`${p}attn_q_norm.weight`, headDim);
-      ones(`${p}attn_k_norm.weight`, headDim);
+      if (a !== 'deepseek2') {
+        ones(`${p}attn_q_norm.weight`, headDim);
+        ones(`${p}attn_k_norm.weight`, headDim);
+      }
       // The router stays F32 as in converted Qwen3-MoE files (llama-quantize never quantizes it).
       matrix(`${p}ffn_gate_inp.weight`, [o.nEmbd, o.nExpert], GgmlType.F32);
       matrix(`${p}ffn_gate_exps.weight`, [o.nEmbd, o.nFfExp, o.nExpert]);
       matrix(`${p}ffn_up_exps.weight`, [o.nEmbd, o.nFfExp, o.nExpert]);
       matrix(`${p}ffn_down_exps.weight`, [o.nFfExp, o.nEmbd, o.nExpert]);
     }
-    if (a === 'glm4moe') {
+    if (a === 'glm4moe' || a === 'deepseek2') {
       tensors.push({ name: `${p}exp_probs_b.bias`, type: GgmlType.F32, shape: [o.nExpert], data: () => uniform(o.seed, `${p}exp_probs_b`, o.nExpert, 0.1) });
       matrix(`${p}ffn_gate_shexp.weight`, [o.nEmbd, o.nFfExp]);
       matrix(`${p}ffn_up_shexp.weight`, [o.nEmbd, o.nFfExp]);
