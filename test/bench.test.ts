@@ -1,13 +1,13 @@
 import { spawnSync } from 'node:child_process';
 import { createHash } from 'node:crypto';
-import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 
 import { ensureReferenceTool } from '../scripts/llama.mjs';
 import { describeModel, MODEL_PRESETS, parseModelSpec, specLabel } from '../src/bench/models.js';
-import { parseBatchedBenchJsonl, parseLlamaBenchJson } from '../src/bench/reference.js';
+import { batchedBench, parseBatchedBenchJsonl, parseLlamaBenchJson } from '../src/bench/reference.js';
 import { expectedExperts, roofline, weightBytesPerStep } from '../src/bench/roofline.js';
 import type { BenchReport } from '../src/bench/types.js';
 import { readGguf } from '../src/gguf/index.js';
@@ -120,6 +120,27 @@ describe('reference tool output', () => {
       '',
     ].join('\n');
     expect(parseBatchedBenchJsonl(out)).toEqual([{ pp: 32, tg: 16, pl: 4, speedTg: 252.6, speed: 561.9 }]);
+  });
+
+  it('asks llama-batched-bench once more for rows its logger lost at exit, and fails when they stay missing', async () => {
+    const dir = mkdtempSync(join(tmpdir(), 'genesis-bb-'));
+    try {
+      // A stand-in that prints only the first B it is asked for (as when the last rows are lost).
+      const tool = join(dir, 'batched-bench');
+      const script = [
+        '#!/bin/sh',
+        'while [ "$1" != "-npl" ]; do shift; done',
+        'first=$(echo "$2" | cut -d, -f1)',
+        'echo "{\\"pp\\": 32, \\"tg\\": 16, \\"pl\\": $first, \\"speed_tg\\": $((first * 100)), \\"speed\\": $((first * 150))}"',
+      ];
+      writeFileSync(tool, `${script.join('\n')}\n`, { mode: 0o755 });
+      const settings = { tool, model: 'm.gguf', threads: 1, batchSize: 64, gpuLayers: 0, pp: 32, tg: 16, contextPerSequence: 49 };
+      const rows = await batchedBench({ ...settings, npl: [1, 2] });
+      expect(rows.map((r) => [r.pl, r.speedTg])).toEqual([[1, 100], [2, 200]]);
+      await expect(batchedBench({ ...settings, npl: [1, 2, 4] })).rejects.toThrow(/printed no result for B=4/);
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
   });
 });
 

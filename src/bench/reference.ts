@@ -118,17 +118,30 @@ export async function batchedBench(
 ): Promise<BatchedBenchRow[]> {
   const tool = s.tool ?? ensureReferenceTool('llama-batched-bench');
   const maxB = Math.max(...s.npl);
-  const args = [
-    '-m', s.model, '-c', String(s.contextPerSequence * maxB), '-b', String(s.batchSize), '-ub', String(s.batchSize),
-    '-t', String(s.threads), '-tb', String(s.threads), '-ngl', String(s.gpuLayers), '-no-kvu',
-    '-npp', String(s.pp), '-ntg', String(s.tg), '-npl', s.npl.join(','), '--output-format', 'jsonl',
-    ...splitArgs(s.split, 'tool'),
-  ];
-  const { stdout, stderr } = await runTool(tool, args, s.log);
+  const run = (npl: number[]) =>
+    runTool(
+      tool,
+      [
+        '-m', s.model, '-c', String(s.contextPerSequence * maxB), '-b', String(s.batchSize), '-ub', String(s.batchSize),
+        '-t', String(s.threads), '-tb', String(s.threads), '-ngl', String(s.gpuLayers), '-no-kvu',
+        '-npp', String(s.pp), '-ntg', String(s.tg), '-npl', npl.join(','), '--output-format', 'jsonl',
+        ...splitArgs(s.split, 'tool'),
+      ],
+      s.log,
+    );
+  let { stdout, stderr } = await run(s.npl);
   const rows = parseBatchedBenchJsonl(stdout);
-  const missing = s.npl.filter((B) => !rows.some((r) => r.pl === B));
+  let missing = s.npl.filter((B) => !rows.some((r) => r.pl === B));
+  if (missing.length > 0) {
+    // Its rows go through llama.cpp's asynchronous logger, which can lose the last ones when the
+    // process ends (seen once in CI: exit status 0, B=2 missing). Ask once more for those.
+    s.log?.(`llama-batched-bench printed no result for B=${missing.join(',')}: running those again`);
+    ({ stdout, stderr } = await run(missing));
+    rows.push(...parseBatchedBenchJsonl(stdout).filter((r) => missing.includes(r.pl)));
+    missing = s.npl.filter((B) => !rows.some((r) => r.pl === B));
+  }
   if (missing.length > 0) {
     throw new Error(`llama-batched-bench printed no result for B=${missing.join(',')}:\n${(stdout + stderr).trim().split('\n').slice(-10).join('\n')}`);
   }
-  return rows;
+  return rows.sort((a, b) => s.npl.indexOf(a.pl) - s.npl.indexOf(b.pl));
 }
