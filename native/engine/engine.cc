@@ -935,7 +935,6 @@ void Engine::choose_all(const std::vector<size_t>& which) {
   // llama_get_logits_ith reorders the output rows on first use: call it here, on this thread.
   std::vector<const float*> rows;
   for (Slot* s : todo) rows.push_back(llama_get_logits_ith(ctx_, s->batch_index));
-  const int32_t n_vocab = llama_vocab_n_tokens(vocab_);
   const int n = static_cast<int>(todo.size());
 #ifdef _OPENMP
 #pragma omp parallel for schedule(dynamic) num_threads(std::min(threads_, n))
@@ -949,9 +948,7 @@ void Engine::choose_all(const std::vector<size_t>& which) {
 #endif
     s.preselect_error.clear();
     try {
-      if (rows[static_cast<size_t>(k)] == nullptr) throw std::runtime_error("llama.cpp has no logits for this sequence's row");
-      s.preselected_token = is_plain_greedy(s.request.sampling) ? argmax(rows[static_cast<size_t>(k)], n_vocab)
-                                                                 : sample_token(s.sampler.get(), rows[static_cast<size_t>(k)], n_vocab, scratch);
+      s.preselected_token = pick(s, rows[static_cast<size_t>(k)], scratch);
     } catch (const std::exception& e) {
       s.preselect_error = *e.what() != '\0' ? e.what() : "sampling failed";
     }
@@ -959,11 +956,15 @@ void Engine::choose_all(const std::vector<size_t>& which) {
   }
 }
 
+llama_token Engine::pick(Slot& s, const float* logits, std::vector<llama_token_data>& scratch) const {
+  if (logits == nullptr) throw std::runtime_error("llama.cpp has no logits for this sequence's row");
+  const int32_t n_vocab = llama_vocab_n_tokens(vocab_);
+  return is_plain_greedy(s.request.sampling) ? argmax(logits, n_vocab) : sample_token(s.sampler.get(), logits, n_vocab, scratch);
+}
+
 bool Engine::choose(Slot& s, int32_t row, llama_token& token) {
-  const float* logits = llama_get_logits_ith(ctx_, row);
   try {
-    token = is_plain_greedy(s.request.sampling) ? argmax(logits, llama_vocab_n_tokens(vocab_))
-                                                : sample_token(s.sampler.get(), logits, llama_vocab_n_tokens(vocab_), scratch_);
+    token = pick(s, llama_get_logits_ith(ctx_, row), scratch_);
   } catch (const std::exception& e) {
     fail(s, "SAMPLING", e.what());
     return false;

@@ -222,6 +222,9 @@ class Engine {
   // Token choice (argmax or the slot's sampler chain) for every slot in `which` that samples one
   // plain token this step, spread over the engine's threads; sample_slot then takes the result.
   void choose_all(const std::vector<size_t>& which);
+  // The slot's token from a logits row: argmax when plainly greedy, else its sampler chain (which
+  // uses `scratch`); throws on a missing row or a sampler failure.
+  llama_token pick(Slot& slot, const float* logits, std::vector<llama_token_data>& scratch) const;
   // The target's token at a batch row (greedy or the slot's sampler); false when the slot failed.
   bool choose(Slot& slot, int32_t row, llama_token& token);
   // Takes a chosen token: events, end conditions; true while the slot keeps generating.
