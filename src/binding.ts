@@ -24,6 +24,7 @@ export interface NativeLoadOptions {
   useMmap: boolean;
   maxQueue: number;
   cpuMoeLayers: number;
+  expertStats: boolean;
   /** Speculative decoding: the draft model's native object, and tokens drafted per step. */
   draft?: NativeModel;
   draftMaxTokens?: number;
@@ -137,7 +138,7 @@ export interface NativeModelInfo {
   hybrid: boolean;
   chatTemplate: string | null;
   specialTokens: { bos: number; eos: number; eot: number; addBos: boolean };
-  context: { contextSize: number; maxSequences: number; batchSize: number; totalContext: number; maxQueue: number };
+  context: { contextSize: number; maxSequences: number; batchSize: number; totalContext: number; maxQueue: number; expertStats: boolean };
   metadata: Record<string, string>;
   /** What sits where: the split as loaded and, per device, its bytes and layers. */
   placement: NativePlacement;
@@ -155,6 +156,8 @@ export interface NativeModel {
   vocabDigest(): string;
   cancel(id: number): void;
   stats(): EngineStats;
+  /** The expert counters of every MoE layer (models loaded with expertStats), zeroed after the read with reset. */
+  expertStats(reset: boolean): Promise<Array<{ layer: number; counts: Float64Array }>>;
   embed(inputs: Int32Array[]): Promise<{ embeddings: Float32Array[]; pooling: string }>;
   close(onEvents: (events: NativeEvent[]) => void): Promise<void>;
 }

@@ -73,6 +73,29 @@ export interface EngineStats {
   seconds: { step: number; decode: number; wait: number; sample: number };
 }
 
+/** Expert load of a MoE model (loaded with expertStats): tokens routed to each expert, per layer. */
+export interface ExpertStats {
+  /** Experts per layer (the widest layer's count). */
+  experts: number;
+  /** Experts each token is routed to. */
+  expertsUsed: number;
+  layers: ExpertLayerStats[];
+}
+
+export interface ExpertLayerStats {
+  /** Layer index in the model. */
+  layer: number;
+  /** Tokens routed to each expert since load (or the last reset). */
+  counts: number[];
+  /** Routed picks in all: tokens through this layer × experts used per token. */
+  total: number;
+  /**
+   * The busiest expert's count over the mean (1 is perfectly balanced; experts-per-layer ÷
+   * experts-used is the most a layer can show). 0 before any token.
+   */
+  imbalance: number;
+}
+
 let nextRequestId = 1;
 
 export class Model implements AsyncDisposable {
@@ -254,6 +277,36 @@ export class Model implements AsyncDisposable {
   stats(): EngineStats {
     this.#assertOpen();
     return this.#native.stats();
+  }
+
+  /**
+   * Expert load per MoE layer: how many tokens each expert received since load, counted on the
+   * device inside each step and read between two steps (so the promise waits for the step in
+   * flight). `reset` zeroes the counters after this read. In most architectures llama.cpp computes
+   * the last layer only for the rows whose output is needed, so it counts fewer tokens. Needs the
+   * model loaded with `expertStats: true` (InvalidOptionError otherwise).
+   */
+  async expertStats(options: { reset?: boolean } = {}): Promise<ExpertStats> {
+    this.#assertOpen();
+    if (!this.info.context.expertStats) {
+      throw new InvalidOptionError('expertStats', 'a model loaded with expertStats: true', false);
+    }
+    let layers: Array<{ layer: number; counts: Float64Array }>;
+    try {
+      layers = await this.#native.expertStats(options.reset === true);
+    } catch (error) {
+      throw toGenesisError(error as { code: string; message: string });
+    }
+    return {
+      experts: this.info.experts,
+      expertsUsed: this.info.expertsUsed,
+      layers: layers.map(({ layer, counts }) => {
+        const list = Array.from(counts);
+        const total = list.reduce((a, b) => a + b, 0);
+        const imbalance = total > 0 ? Math.max(...list) / (total / list.length) : 0;
+        return { layer, counts: list, total, imbalance };
+      }),
+    };
   }
 
   /**

@@ -50,6 +50,13 @@ export interface LoadModelOptions {
    */
   cpuMoeLayers?: number;
   /**
+   * MoE models: count, per layer and expert, the tokens routed there (read with
+   * `model.expertStats()`, and exported on the server's /metrics). The counting runs inside each
+   * step's graph on the device that holds the layer, with no extra synchronisation; reads happen
+   * between steps. Default false. A model without routed experts is an InvalidOptionError.
+   */
+  expertStats?: boolean;
+  /**
    * How the offloaded layers are spread over several devices (llama.cpp's --split-mode):
    * 'layer' (default) gives each device whole layers and their KV cache; 'row' splits each
    * matrix's rows over the GPUs (CUDA); 'tensor' is llama.cpp's tensor parallelism over all the
@@ -208,6 +215,7 @@ export function resolveLoadOptions(
   if (fa !== undefined && fa !== 'auto' && typeof fa !== 'boolean') throw new InvalidOptionError('flashAttention', "true, false or 'auto'", fa);
   const useMmap = checkBool('useMmap', options.useMmap) ?? true;
   const cpuMoeLayers = checkInt('cpuMoeLayers', options.cpuMoeLayers, 0, 100000) ?? 0;
+  const expertStats = checkBool('expertStats', options.expertStats) ?? false;
   const maxQueue = options.maxQueue === Infinity ? 0 : (checkInt('maxQueue', options.maxQueue, 1, 2 ** 31 - 1) ?? 0);
   if (options.expectedSha256 !== undefined && (typeof options.expectedSha256 !== 'string' || !/^[0-9a-fA-F]{64}$/.test(options.expectedSha256))) {
     throw new InvalidOptionError('expectedSha256', 'a SHA-256 digest of 64 hex characters', options.expectedSha256);
@@ -261,6 +269,7 @@ export function resolveLoadOptions(
     useMmap,
     maxQueue,
     cpuMoeLayers,
+    expertStats,
   };
 }
 

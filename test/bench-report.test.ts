@@ -149,6 +149,36 @@ describe('markdown report', () => {
   });
 });
 
+describe('expert load section', () => {
+  // The MoE run with an experts result: 8 experts in 2 layers, one hot expert and one idle.
+  const withExperts = (): BenchReport => {
+    const report = load();
+    report.runs[1]!.experts = {
+      concurrency: 8, promptTokens: 64, genTokens: 32, statsOn: 99.5, statsOff: 100,
+      layers: [
+        { layer: 0, counts: [10, 10, 10, 10, 10, 10, 10, 10] },
+        { layer: 1, counts: [45, 0, 5, 4, 6, 10, 5, 5] },
+      ],
+    };
+    return report;
+  };
+
+  it('shows the cost of counting and a shaded row per layer in the markdown', () => {
+    const section = modelSection(renderMarkdown(withExperts()), MOE);
+    expect(rowsStartingWith(section, '8')).toContainEqual(['8', '64', '32', '100.0', '99.5', '0.995']);
+    // Layer 0 even (▒: 1× the mean); layer 1: 45/10 = 4.5× (█), none, 0.5× (░), 0.4× (·), 0.6×, 1×, ...
+    expect(section).toContain('layer 0 |▒▒▒▒▒▒▒▒|');
+    expect(section).toContain('layer 1 |█ ░·░▒░░|');
+  });
+
+  it('draws the heatmap as inline SVG with a titled cell per expert and layer', () => {
+    const html = renderHtml(withExperts());
+    expect(html.match(/<rect /g)?.length).toBe(16);
+    expectIn(html, '<title>layer 1, expert 0: 4.50× mean</title>');
+    expectIn(html, 'fill="#ffffff"><title>layer 1, expert 1: 0.00× mean</title>');
+  });
+});
+
 describe('HTML report', () => {
   const report = load();
   const html = renderHtml(report);

@@ -34,6 +34,9 @@ describe('benchmark model specs', () => {
     expect([q.nEmbd, q.nExpert, q.nExpertUsed, q.nFfExp, q.nHead, q.nHeadKv, q.headDim]).toEqual([2048, 128, 8, 768, 32, 4, 128]);
     const l = MODEL_PRESETS['llama-3-8b'].options;
     expect([l.nEmbd, l.nFf, l.nHead, l.nHeadKv, l.headDim]).toEqual([4096, 14336, 32, 8, 128]);
+    const x = MODEL_PRESETS['qwen35-397b-a17b'];
+    expect([x.realLayers, x.options.arch, x.options.nEmbd, x.options.nExpert, x.options.nExpertUsed, x.options.nFfExp, x.options.nHead, x.options.nHeadKv, x.options.headDim])
+      .toEqual([60, 'qwen35moe', 4096, 512, 10, 1024, 32, 2, 256]);
   });
 });
 
@@ -190,6 +193,30 @@ describe('genesis bench end to end (tiny model, real llama.cpp tools)', () => {
 
     expect(readFileSync(join(out, 'report.md'), 'utf8')).toContain('| tiny:q8_0:2L |');
     expect(readFileSync(join(out, 'report.html'), 'utf8')).toMatch(/<canvas/);
+  }, 600_000);
+
+  it('measures expert statistics on against off on a MoE model, with its expert load', () => {
+    const dir = join(out, 'experts');
+    const r = spawnSync(
+      process.execPath,
+      ['--import', 'tsx', cli, 'bench', '--quick', '--model', 'tiny-mtp:q8_0:2', '--workloads', 'experts', '--threads', '1', '--repeat', '1', '--concurrency', '2', '--out', dir],
+      { encoding: 'utf8', timeout: 600_000 },
+    );
+    expect(r.status, r.stderr.slice(-3000)).toBe(0);
+    expect(r.stderr).toMatch(/experts, round 1\/1: genesis B=2, expert statistics on/);
+    const report = JSON.parse(readFileSync(join(dir, 'report.json'), 'utf8')) as BenchReport;
+    const e = report.runs[0]!.experts!;
+    expect(e.concurrency).toBe(2);
+    expect(Math.min(e.statsOn, e.statsOff)).toBeGreaterThan(0);
+    // Both layers route: 8 experts each, 2 per token.
+    expect(e.layers.map((l) => l.layer)).toEqual([0, 1]);
+    for (const l of e.layers) {
+      expect(l.counts).toHaveLength(8);
+      expect(l.counts.reduce((a, b) => a + b, 0) % 2).toBe(0);
+      expect(l.counts.reduce((a, b) => a + b, 0)).toBeGreaterThan(0);
+    }
+    expect(report.ratios.map((x) => [x.workload, x.referenceTool, x.target])).toEqual([['experts', 'genesis, statistics off', 0.99]]);
+    expect(readFileSync(join(dir, 'report.md'), 'utf8')).toMatch(/layer 1 \|[ ·░▒▓█]{8}\|/);
   }, 600_000);
 
   it('rejects unknown presets, workloads and bad lists with usage errors', () => {

@@ -77,27 +77,35 @@ const DEEPSEEK = {
   expertWeightsScale: 2.5,
 } as const;
 
+/** Qwen3.5-397B-A17B's layer plan in small: Gated DeltaNet ×3 then gated attention, 16 experts, top 4, one gated shared expert. */
+const QWEN35MOE = { arch: 'qwen35moe', type: 'q8_0', nLayer: 4, nEmbd: 128, nHead: 4, nHeadKv: 2, headDim: 32, nExpert: 16, nExpertUsed: 4, nFfExp: 64 } as const;
+
 describe('generate', { timeout: 60_000 }, () => {
   let llamaPath: string;
   let qwenPath: string;
   let deepseekPath: string;
+  let qwen35moePath: string;
   let llama: Model;
   let qwen: Model;
   let deepseek: Model;
+  let qwen35moe: Model;
 
   beforeAll(async () => {
     llamaPath = await makeFixtureModel({ arch: 'llama', vocab: 'llama-spm', type: 'f32', nLayer: 2, nEmbd: 64 });
     qwenPath = await makeFixtureModel({ arch: 'qwen3moe', vocab: 'qwen2', type: 'f16', nLayer: 2, nEmbd: 64 });
     deepseekPath = await makeFixtureModel(DEEPSEEK);
+    qwen35moePath = await makeFixtureModel(QWEN35MOE);
     llama = await loadModel(llamaPath, { contextSize: 256, maxSequences: 4, threads: THREADS });
     qwen = await loadModel(qwenPath, { contextSize: 512, maxSequences: 4, threads: THREADS });
     deepseek = await loadModel(deepseekPath, { contextSize: 256, maxSequences: 2, threads: THREADS });
+    qwen35moe = await loadModel(qwen35moePath, { contextSize: 256, maxSequences: 2, threads: THREADS });
   }, 120_000);
 
   afterAll(async () => {
     await llama?.dispose();
     await qwen?.dispose();
     await deepseek?.dispose();
+    await qwen35moe?.dispose();
   });
 
   it('deepseek2 fixtures route as written: without the group limit the same weights compute something else', async () => {
@@ -119,6 +127,7 @@ describe('generate', { timeout: 60_000 }, () => {
       { name: 'llama f32 (SPM vocab)', model: () => llama, path: () => llamaPath },
       { name: 'qwen3moe f16 (qwen2 byte-level BPE vocab)', model: () => qwen, path: () => qwenPath },
       { name: 'deepseek2 q8_0 (latent attention, group-limited sigmoid routing with bias, shared expert)', model: () => deepseek, path: () => deepseekPath },
+      { name: 'qwen35moe q8_0 (Gated DeltaNet + gated attention, softmax top-k routing, gated shared expert)', model: () => qwen35moe, path: () => qwen35moePath },
     ];
     for (const c of cases) {
       it(c.name, async () => {

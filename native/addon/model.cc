@@ -236,6 +236,12 @@ class LoadWorker : public Napi::AsyncWorker {
         code_ = "RPC_DISCONNECTED";
         message_ = "the RPC server " + lost_now + " while creating the context for " + baton_.path;
       }
+    } catch (const std::invalid_argument& e) {
+      // The one option the engine itself checks against the model: expertStats.
+      code_ = "INVALID_OPTION";
+      option_ = "expertStats";
+      expected_ = "a mixture-of-experts model (layers with an expert router)";
+      message_ = "invalid option expertStats: " + baton_.path + ": " + e.what();
     } catch (const std::exception& e) {
       const std::string reason = capture.text();
       code_ = "MODEL_LOAD_FAILED";
@@ -494,6 +500,7 @@ LoadBaton load_baton(Napi::Env env, const std::string& path, const Napi::Object&
   baton.engine.prompt_cache = get_bool(opts, "promptCache", true);
   baton.engine.flash_attention = get_int(opts, "flashAttention", -1);
   baton.engine.max_queue = static_cast<uint32_t>(std::max(0, get_int(opts, "maxQueue", 0)));
+  baton.engine.expert_stats = get_bool(opts, "expertStats", false);
   Napi::Value draft = opts.Get("draft");
   if (!draft.IsUndefined() && !draft.IsNull()) {
     baton.draft = NativeModel::HostOf(env, draft);
@@ -618,6 +625,7 @@ Napi::Function NativeModel::Define(Napi::Env env) {
                                         InstanceMethod<&NativeModel::VocabDigest>("vocabDigest"),
                                         InstanceMethod<&NativeModel::Cancel>("cancel"),
                                         InstanceMethod<&NativeModel::Stats>("stats"),
+                                        InstanceMethod<&NativeModel::ExpertStats>("expertStats"),
                                         InstanceMethod<&NativeModel::Embed>("embed"),
                                         InstanceMethod<&NativeModel::TokenizeAsync>("tokenizeAsync"),
                                         InstanceMethod<&NativeModel::Close>("close"),
@@ -893,6 +901,48 @@ Napi::Value NativeModel::Stats(const Napi::CallbackInfo& info) {
   out.Set("seconds", time);
   out.Set("kvCapacityTokens", static_cast<double>(host_->engine->context_size()) * host_->engine->max_sequences());
   return out;
+}
+
+// Reads the engine's expert counters between two steps, off the JS thread.
+class ExpertStatsWorker : public HostJob {
+ public:
+  ExpertStatsWorker(Napi::Env env, std::shared_ptr<Host> host, bool reset)
+      : HostJob(env, "genesis.expertStats", std::move(host)), reset_(reset) {}
+
+ private:
+  void Run() override {
+    if (!host_->engine) throw std::runtime_error("the model was disposed");
+    layers_ = host_->engine->expert_counts(reset_);
+  }
+
+  Napi::Value Result(Napi::Env env) override {
+    Napi::Array out = Napi::Array::New(env, layers_.size());
+    for (size_t i = 0; i < layers_.size(); ++i) {
+      Napi::Object layer = Napi::Object::New(env);
+      layer.Set("layer", layers_[i].layer);
+      Napi::Float64Array counts = Napi::Float64Array::New(env, layers_[i].counts.size());
+      for (size_t e = 0; e < layers_[i].counts.size(); ++e) counts[e] = static_cast<double>(layers_[i].counts[e]);
+      layer.Set("counts", counts);
+      out.Set(static_cast<uint32_t>(i), layer);
+    }
+    return out;
+  }
+
+  bool reset_;
+  std::vector<ExpertLayerCounts> layers_;
+};
+
+Napi::Value NativeModel::ExpertStats(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  EnsureOpen(env);
+  if (!host_->engine->expert_stats()) {
+    throw CodedError(env, "INVALID_OPTION", "expert statistics are off for this model: load it with expertStats: true");
+  }
+  const bool reset = info.Length() > 0 && info[0].IsBoolean() && info[0].As<Napi::Boolean>().Value();
+  auto* worker = new ExpertStatsWorker(env, host_, reset);
+  Napi::Promise promise = worker->Promise();
+  worker->Queue();
+  return promise;
 }
 
 Napi::Value NativeModel::Embed(const Napi::CallbackInfo& info) {

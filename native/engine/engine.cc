@@ -158,6 +158,27 @@ Engine::Engine(llama_model* model, const EngineOptions& options, Notify notify)
     }
     draft_max_ = options.draft_max;
   }
+  if (options.expert_stats) {
+    if (llama_expert_stats_enable(ctx_, true) < 0) {
+      if (draft_ctx_ != nullptr) {
+        llama_batch_free(draft_batch_);
+        llama_free(draft_ctx_);
+        draft_ctx_ = nullptr;
+      }
+      llama_free(ctx_);
+      ctx_ = nullptr;
+      if (threadpool_ != nullptr) ggml_threadpool_free(threadpool_);
+      threadpool_ = nullptr;
+      llama_batch_free(batch_);
+      throw std::invalid_argument("the model has no routed experts to count (no layer has an expert router)");
+    }
+    for (int32_t il = 0; il < llama_model_n_layer(model); ++il) {
+      const int32_t n = llama_expert_stats_read(ctx_, il, nullptr, 0, false);
+      if (n <= 0) continue;
+      expert_layers_.push_back(il);
+      expert_totals_.emplace_back(static_cast<size_t>(n), 0);
+    }
+  }
   slots_.resize(n_seq_max_);
   for (uint32_t i = 0; i < n_seq_max_; ++i) slots_[i].seq = static_cast<llama_seq_id>(i);
   thread_ = std::thread(&Engine::loop, this);
@@ -223,6 +244,7 @@ void Engine::stop() {
   }
   abort_decode_ = true;
   cv_.notify_one();
+  expert_cv_.notify_all();
 }
 
 void Engine::join() {
@@ -240,6 +262,54 @@ std::vector<Event> Engine::drain() {
 EngineStats Engine::stats() {
   std::lock_guard<std::mutex> lock(mu_);
   return stats_;
+}
+
+std::vector<ExpertLayerCounts> Engine::expert_counts(bool reset) {
+  if (expert_layers_.empty()) throw std::logic_error("expert statistics are off for this model");
+  std::unique_lock<std::mutex> lock(mu_);
+  if (stop_) throw std::runtime_error("the model was disposed");
+  const uint64_t ticket = ++expert_reads_asked_;
+  expert_reset_asked_ = expert_reset_asked_ || reset;
+  cv_.notify_one();
+  expert_cv_.wait(lock, [&] { return expert_reads_served_ >= ticket || stop_; });
+  if (expert_reads_served_ < ticket) throw std::runtime_error("the model was disposed");
+  return expert_snapshot_;
+}
+
+void Engine::fold_expert_counts() {
+  for (size_t i = 0; i < expert_layers_.size(); ++i) {
+    auto& totals = expert_totals_[i];
+    expert_scratch_.resize(totals.size());
+    const int32_t n = llama_expert_stats_read(ctx_, expert_layers_[i], expert_scratch_.data(), static_cast<int32_t>(totals.size()), true);
+    if (n != static_cast<int32_t>(totals.size())) continue;
+    for (size_t e = 0; e < totals.size(); ++e) totals[e] += static_cast<uint64_t>(expert_scratch_[e]);
+  }
+  expert_unfolded_tokens_ = 0;
+}
+
+void Engine::serve_expert_reads() {
+  uint64_t asked;
+  bool reset;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    asked = expert_reads_asked_;
+    reset = expert_reset_asked_;
+    if (asked == expert_reads_served_) return;
+  }
+  fold_expert_counts();
+  std::vector<ExpertLayerCounts> snapshot(expert_layers_.size());
+  for (size_t i = 0; i < expert_layers_.size(); ++i) {
+    snapshot[i].layer = expert_layers_[i];
+    snapshot[i].counts = expert_totals_[i];
+    if (reset) std::fill(expert_totals_[i].begin(), expert_totals_[i].end(), 0);
+  }
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    expert_snapshot_ = std::move(snapshot);
+    expert_reads_served_ = asked;
+    expert_reset_asked_ = false;
+  }
+  expert_cv_.notify_all();
 }
 
 void Engine::push(Event event) {
@@ -266,7 +336,9 @@ void Engine::loop() {
       std::unique_lock<std::mutex> lock(mu_);
       // Slots waiting for an external token have nothing to decode until it is fed.
       const bool busy = !waiting_.empty() || std::any_of(slots_.begin(), slots_.end(), [](const Slot& s) { return s.busy && !s.awaiting; });
-      cv_.wait(lock, [&] { return stop_ || !incoming_.empty() || !cancels_.empty() || !feeds_.empty() || busy; });
+      cv_.wait(lock, [&] {
+        return stop_ || !incoming_.empty() || !cancels_.empty() || !feeds_.empty() || busy || expert_reads_asked_ != expert_reads_served_;
+      });
       if (stop_) break;
       for (auto& p : incoming_) waiting_.push_back(std::move(p));
       incoming_.clear();
@@ -275,6 +347,7 @@ void Engine::loop() {
     }
     if (!cancels.empty()) apply_cancels(cancels);
     if (!feeds.empty()) apply_feeds(feeds);
+    if (!expert_layers_.empty()) serve_expert_reads();
     if (!broken_.empty()) {
       // A lost RPC server took part of the model's weights with it: nothing can run any more.
       fail_waiting("RPC_DISCONNECTED", broken_);
@@ -291,6 +364,8 @@ void Engine::loop() {
     }
     flush_events();
   }
+
+  expert_cv_.notify_all();  // readers waiting for the counters learn that the engine stopped
 
   // Disposal: nothing in flight is dropped silently; every request learns why it ended.
   for (auto& slot : slots_) {
@@ -574,6 +649,11 @@ void Engine::decode(const std::vector<size_t>& which, const std::vector<uint32_t
     stats_.decoded_tokens += static_cast<uint64_t>(batch_.n_tokens);
     stats_.decode_ns += decode_ns;
     stats_.wait_ns += wait_ns;
+  }
+  if (!expert_layers_.empty() && status == 0) {
+    // A step adds at most its token count to one expert's counter.
+    expert_unfolded_tokens_ += static_cast<uint64_t>(batch_.n_tokens);
+    if (expert_unfolded_tokens_ > (1u << 23)) fold_expert_counts();
   }
   if (!rpc_endpoints_.empty() && !(status == 2 && abort_decode_)) {
     // A lost connection zeroes what the server should have sent: the logits are garbage and must

@@ -51,6 +51,15 @@ struct EngineOptions {
   // llama.cpp's MTP type on the same weights (the model must be loaded with load_mtp): each draft
   // row pairs a token with the target's hidden state before it (see Engine::mtp_draft).
   bool mtp = false;
+  // Expert-load statistics: count, per MoE layer and expert, the tokens routed there (on the
+  // device, inside each step's graph; native/patches/0003). Read with Engine::expert_counts().
+  bool expert_stats = false;
+};
+
+// Tokens routed to each expert of one MoE layer since the engine started (or the last reset).
+struct ExpertLayerCounts {
+  int32_t layer = 0;
+  std::vector<uint64_t> counts;  // one per expert
 };
 
 // The llama.cpp context parameters of an engine with `options` (the engine adds its abort callback).
@@ -155,6 +164,11 @@ class Engine {
 
   std::vector<Event> drain();
   EngineStats stats();
+  bool expert_stats() const { return !expert_layers_.empty(); }
+  // The expert counters of every MoE layer, read by the engine thread between steps (the caller
+  // blocks until then: call it off the JS thread); reset zeroes them after the read. Throws when
+  // the engine has no counters or stops first.
+  std::vector<ExpertLayerCounts> expert_counts(bool reset);
 
  private:
   using Clock = std::chrono::steady_clock;
@@ -257,6 +271,11 @@ class Engine {
   // engine thread was the one preempted, mid-sampling: 0.1-0.2 ms per step on 2 cores, and about
   // a third of a 64-sequence decode step on an H100 host.
   void flush_events();
+  // Adds the device counters into expert_totals_ and zeroes them (engine thread). The device
+  // counts in F32, exact to 2^24: decode() folds before any counter could get there.
+  void fold_expert_counts();
+  // Serves the expert_counts() calls waiting at the start of an iteration (engine thread).
+  void serve_expert_reads();
 
   llama_model* model_;
   const llama_vocab* vocab_;
@@ -301,6 +320,18 @@ class Engine {
   uint32_t draft_max_ = 0;
   bool mtp_ = false;
   int32_t n_embd_ = 0;  // MTP: width of a hidden-state row
+
+  // Expert statistics: layers with counters; totals, folded from the device (engine thread);
+  // tokens decoded since the last fold; reads asked for and served (under mu_), and their result.
+  std::vector<int32_t> expert_layers_;
+  std::vector<std::vector<uint64_t>> expert_totals_;
+  std::vector<float> expert_scratch_;
+  uint64_t expert_unfolded_tokens_ = 0;
+  uint64_t expert_reads_asked_ = 0;
+  uint64_t expert_reads_served_ = 0;
+  bool expert_reset_asked_ = false;
+  std::vector<ExpertLayerCounts> expert_snapshot_;
+  std::condition_variable expert_cv_;
 
   std::atomic<bool> abort_decode_{false};
   std::vector<std::string> rpc_endpoints_;

@@ -102,6 +102,29 @@ export const MODEL_PRESETS = {
       name: 'bench-deepseek-v3-shape',
     },
   },
+  // Qwen3.5-397B-A17B: hidden 4096, 60 layers in the 3 Gated DeltaNet : 1 gated attention plan,
+  // attention 32 query / 2 KV heads of 256, 512 experts of FFN 1024 with 10 used and one shared
+  // expert of 1024 behind a sigmoid gate, softmax routing. The DeltaNet layers are our writer's
+  // (2 key and 4 value heads of 256, where the real model has 16 and 64 of 128): its routing and
+  // expert widths, what the MoE issue measures, are real; its linear attention is lighter.
+  'qwen35-397b-a17b': {
+    description: 'Qwen3.5-397B-A17B-shaped hybrid MoE (4096 hidden, DeltaNet ×3 + attention 32/2 heads × 256, 512 experts × 1024, 10 active + 1 shared, Qwen3.5 vocab)',
+    realLayers: 60,
+    options: {
+      arch: 'qwen35moe',
+      vocab: 'qwen35',
+      nEmbd: 4096,
+      nHead: 32,
+      nHeadKv: 2,
+      headDim: 256,
+      nFf: 1024,
+      nExpert: 512,
+      nExpertUsed: 10,
+      nFfExp: 1024,
+      contextLength: 262144,
+      name: 'bench-qwen35-397b-a17b-shape',
+    },
+  },
   // The demo model's shape: seconds to run, for smoke tests of the harness itself.
   tiny: {
     description: 'tiny llama (256 hidden, FFN 512, llama-spm vocab): harness smoke tests',

@@ -96,7 +96,28 @@ type Block =
   | { kind: 'note'; text: string }
   | { kind: 'path'; text: string }
   | { kind: 'table'; table: Table }
-  | { kind: 'charts'; charts: ChartSlot[] };
+  | { kind: 'charts'; charts: ChartSlot[] }
+  | { kind: 'heatmap'; rows: HeatmapRow[] };
+
+/** One MoE layer of the expert-load heatmap: each expert's tokens over the layer's mean (1 = even). */
+interface HeatmapRow {
+  label: string;
+  loads: number[];
+}
+
+/** Load over the mean → a shade, in markdown: nothing, under ½, under 1, under 2, under 4, 4 and over. */
+const HEAT_SHADES = [' ', '·', '░', '▒', '▓', '█'];
+function heatShade(load: number): number {
+  if (!(load > 0)) return 0;
+  return load < 0.5 ? 1 : load < 1 ? 2 : load < 2 ? 3 : load < 4 ? 4 : 5;
+}
+
+function heatmapRows(layers: Array<{ layer: number; counts: number[] }>): HeatmapRow[] {
+  return layers.map(({ layer, counts }) => {
+    const mean = counts.reduce((a, b) => a + b, 0) / Math.max(1, counts.length);
+    return { label: `layer ${layer}`, loads: counts.map((c) => (mean > 0 ? c / mean : 0)) };
+  });
+}
 
 function table(columns: Array<[head: string, align: Align]>, rows: string[][]): Table {
   return { head: columns.map((c) => c[0]), align: columns.map((c) => c[1]), rows };
@@ -297,6 +318,34 @@ function modelBlocks(run: BenchModelRun, index: number, charts: ChartSlot[]): Bl
     blocks.push(...errorNotes('', [[OURS, mx.ours], [SERVER_REF, mx.reference]]));
   }
 
+  if (run.experts) {
+    const e = run.experts;
+    blocks.push({ kind: 'heading', level: 3, text: 'Expert load (expert statistics on vs off)' });
+    blocks.push({
+      kind: 'table',
+      table: table(
+        [
+          ['B', 'right'],
+          ['prompt', 'right'],
+          ['gen', 'right'],
+          ['statistics off t/s', 'right'],
+          ['statistics on t/s', 'right'],
+          ['on / off', 'right'],
+        ],
+        [[String(e.concurrency), String(e.promptTokens), String(e.genTokens), tps(e.statsOff), tps(e.statsOn), e.statsOff > 0 ? fixed(e.statsOn / e.statsOff, 3) : '—']],
+      ),
+    });
+    if (e.layers.length) {
+      blocks.push({
+        kind: 'note',
+        text:
+          `Tokens routed to each expert in the counted run, per layer, over the layer's mean (one column per expert, ${e.layers[0]!.counts.length} experts): ` +
+          `'${HEAT_SHADES[1]}' under 0.5, '${HEAT_SHADES[2]}' under 1, '${HEAT_SHADES[3]}' under 2, '${HEAT_SHADES[4]}' under 4, '${HEAT_SHADES[5]}' 4 or more, blank none. ` +
+          'Random weights route near evenly; real models show their hot experts here.',
+      });
+      blocks.push({ kind: 'heatmap', rows: heatmapRows(e.layers) });
+    }
+  }
   if (run.roofline?.length) {
     blocks.push({ kind: 'heading', level: 3, text: 'Roofline (decode against measured bandwidth)' });
     blocks.push({
@@ -636,6 +685,10 @@ function mdBlock(b: Block): string {
       return mdTable(b.table);
     case 'charts':
       return '';
+    case 'heatmap': {
+      const width = Math.max(...b.rows.map((r) => r.label.length));
+      return ['```text', ...b.rows.map((r) => `${r.label.padStart(width)} |${r.loads.map((x) => HEAT_SHADES[heatShade(x)]).join('')}|`), '```'].join('\n');
+    }
   }
 }
 
@@ -753,6 +806,8 @@ function htmlBlock(b: Block): string {
       return `<p><code>${esc(b.text)}</code></p>`;
     case 'table':
       return htmlTable(b.table);
+    case 'heatmap':
+      return heatmapSvg(b.rows);
     case 'charts':
       return (
         '<div class="charts">' +
@@ -766,6 +821,31 @@ function htmlBlock(b: Block): string {
         '</div>'
       );
   }
+}
+
+/** The heatmap as an inline SVG: a cell per expert and layer, white (no tokens) to dark red (4× the mean or more). */
+function heatmapSvg(rows: HeatmapRow[]): string {
+  const experts = Math.max(...rows.map((r) => r.loads.length));
+  const cell = Math.max(2, Math.min(12, Math.floor(960 / Math.max(1, experts))));
+  const rowHeight = Math.max(6, Math.min(14, cell));
+  const labelWidth = 70;
+  const width = labelWidth + experts * cell;
+  const height = rows.length * rowHeight;
+  const colour = (load: number) => {
+    if (load === 0) return '#ffffff';
+    const t = Math.min(1, Math.log2(1 + load) / Math.log2(5)); // 0 → 1 at four times the mean
+    return `hsl(${Math.round(50 - 50 * t)}, 90%, ${Math.round(92 - 57 * t)}%)`;
+  };
+  const cells = rows
+    .map((r, y) => {
+      const label = `<text x="${labelWidth - 6}" y="${y * rowHeight + rowHeight - 1}" font-size="${Math.min(11, rowHeight)}" text-anchor="end">${esc(r.label)}</text>`;
+      const rects = r.loads
+        .map((load, x) => `<rect x="${labelWidth + x * cell}" y="${y * rowHeight}" width="${cell}" height="${rowHeight}" fill="${colour(load)}"><title>${esc(`${r.label}, expert ${x}: ${load.toFixed(2)}× mean`)}</title></rect>`)
+        .join('');
+      return label + rects;
+    })
+    .join('');
+  return `<figure class="heatmap"><svg xmlns="http://www.w3.org/2000/svg" width="${width}" height="${height}" viewBox="0 0 ${width} ${height}" role="img" aria-label="expert load per layer">${cells}</svg></figure>`;
 }
 
 const sha256 = (text: string) => `'sha256-${createHash('sha256').update(text, 'utf8').digest('base64')}'`;

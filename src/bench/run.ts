@@ -8,6 +8,8 @@
  *   shared-prefix   many requests with one long common prefix, both servers
  *   mixed           Poisson arrivals with random prompt/output lengths, both servers
  *   roofline        weight bytes per decode step / bandwidth measured in this run
+ *   experts         MoE models: batched decode with expert statistics on vs off (our own
+ *                   reference), and the per-layer expert load as a heatmap
  *
  * Rounds interleave ours and the reference and keep each side's best figure: on a shared machine
  * the best run is the least disturbed one, and interleaving spreads slow spells over both sides.
@@ -30,11 +32,11 @@ import { renderHtml, renderMarkdown, formatRatioTable } from './report.js';
 import { roofline } from './roofline.js';
 import { startGenesisServer, startLlamaServer, type RunningServer } from './servers.js';
 import type {
-  BatchedRow, BenchModelRun, BenchReport, BenchSettings, LatencyRow, LoadStats, MixedResult, RatioRow, SharedPrefixResult, SingleStreamRow, SplitSettings,
+  BatchedRow, BenchModelRun, BenchReport, BenchSettings, ExpertsResult, LatencyRow, LoadStats, MixedResult, RatioRow, SharedPrefixResult, SingleStreamRow, SplitSettings,
 } from './types.js';
 
-export type Workload = 'single' | 'batched' | 'server' | 'shared-prefix' | 'mixed';
-export const WORKLOADS: readonly Workload[] = ['single', 'batched', 'server', 'shared-prefix', 'mixed'];
+export type Workload = 'single' | 'batched' | 'server' | 'shared-prefix' | 'mixed' | 'experts';
+export const WORKLOADS: readonly Workload[] = ['single', 'batched', 'server', 'shared-prefix', 'mixed', 'experts'];
 
 export interface BenchOptions {
   /** Preset specs (generated on first use) or paths of GGUF files. */
@@ -166,7 +168,7 @@ async function batched(o: BenchOptions, path: string, progress: Progress): Promi
     const figures = await runInWorker({
       kind: 'batched', path, threads: o.threads, batchSize: o.batchSize, gpuLayers: o.gpuLayers, split: o.split, concurrency: npl, promptTokens: pp, genTokens: tg, seed: 100 + round,
     });
-    for (const [B, v] of Object.entries(figures)) keep(ours, Number(B), v);
+    for (const B of npl) keep(ours, B, figures[String(B)]!);
   }
   return npl.map((B) => ({
     concurrency: B,
@@ -234,6 +236,36 @@ function bestServerRun(a: ServerWorkloads | undefined, b: ServerWorkloads): Serv
   return out;
 }
 
+/**
+ * Expert statistics on against off: the batched workload at the sweep's largest concurrency, in
+ * fresh processes, interleaved (the order alternates between rounds, so that neither side is always
+ * second), best of each; the counted run's expert load for the heatmap.
+ */
+async function expertLoad(o: BenchOptions, path: string, progress: Progress): Promise<ExpertsResult> {
+  const { promptTokens: pp, genTokens: tg } = o.batched;
+  const B = Math.max(...o.concurrency);
+  let statsOn = 0;
+  let statsOff = 0;
+  let layers: ExpertsResult['layers'] = [];
+  for (let round = 0; round < o.repeat; round++) {
+    for (const on of round % 2 === 0 ? [false, true] : [true, false]) {
+      progress.step(`experts, round ${round + 1}/${o.repeat}: genesis B=${B}, expert statistics ${on ? 'on' : 'off'}`);
+      const figures = await runInWorker({
+        kind: 'batched', path, threads: o.threads, batchSize: o.batchSize, gpuLayers: o.gpuLayers, split: o.split, concurrency: [B], promptTokens: pp, genTokens: tg,
+        seed: 300 + round, expertStats: on,
+      });
+      const tps = figures[String(B)]!.tg;
+      if (on) {
+        statsOn = best(statsOn, tps);
+        layers = figures.experts ?? layers;
+      } else {
+        statsOff = best(statsOff, tps);
+      }
+    }
+  }
+  return { concurrency: B, promptTokens: pp, genTokens: tg, statsOn, statsOff, layers };
+}
+
 function serverContext(o: BenchOptions): { parallel: number; contextPerSequence: number } {
   const need = [o.latency.promptTokens + o.latency.genTokens];
   if (o.workloads.has('shared-prefix')) need.push(o.sharedPrefix.prefixTokens + o.sharedPrefix.suffixTokens + o.sharedPrefix.genTokens);
@@ -274,6 +306,13 @@ function ratioRows(runs: BenchModelRun[]): RatioRow[] {
       add({ model, workload: 'server', label: `c=${l.concurrency}`, metric: 'output throughput', unit: 't/s', ours: l.ours.outputTokensPerSecond, reference: l.reference.outputTokensPerSecond, referenceTool: 'llama-server', target: 1.0 });
       add({ model, workload: 'server', label: `c=${l.concurrency}`, metric: 'TTFT p50 (lower is better)', unit: 'ms', ours: l.ours.ttftMs.p50, reference: l.reference.ttftMs.p50, referenceTool: 'llama-server' }, true);
     }
+    if (run.experts) {
+      const e = run.experts;
+      add({
+        model, workload: 'experts', label: `B=${e.concurrency}`, metric: 'decode, expert statistics on', unit: 't/s', ours: e.statsOn, reference: e.statsOff,
+        referenceTool: 'genesis, statistics off', target: 0.99,
+      });
+    }
     for (const [workload, r] of [['shared-prefix', run.sharedPrefix], ['mixed', run.mixed]] as const) {
       if (!r) continue;
       add({ model, workload, label: workload, metric: 'output throughput', unit: 't/s', ours: r.ours.outputTokensPerSecond, reference: r.reference.outputTokensPerSecond, referenceTool: 'llama-server' });
@@ -297,6 +336,7 @@ function stepsPerModel(o: BenchOptions): number {
   let n = 1; // model preparation
   if (o.workloads.has('single')) n += 2 * o.repeat;
   if (o.workloads.has('batched')) n += 2 * o.repeat;
+  if (o.workloads.has('experts')) n += 2 * o.repeat; // dense models skip them in one step each
   const serverSteps = (o.workloads.has('server') ? o.concurrency.length : 0) + (o.workloads.has('shared-prefix') ? 1 : 0) + (o.workloads.has('mixed') ? 1 : 0);
   return n + 2 * o.repeat * serverSteps;
 }
@@ -334,6 +374,13 @@ export async function runBench(o: BenchOptions): Promise<BenchOutcome> {
     const run: BenchModelRun = { name: label, path, shape, single: [], batched: [], latency: [] };
     if (o.workloads.has('single')) run.single = await singleStream(o, path, progress);
     if (o.workloads.has('batched')) run.batched = await batched(o, path, progress);
+    if (o.workloads.has('experts')) {
+      if ((shape.nExpert ?? 0) > 0) {
+        run.experts = await expertLoad(o, path, progress);
+      } else {
+        for (let i = 0; i < 2 * o.repeat; i++) progress.step(`experts: skipped (${label} has no routed experts)`);
+      }
+    }
     const serving = ['server', 'shared-prefix', 'mixed'].some((w) => o.workloads.has(w as Workload));
     if (serving) {
       const settings = { model: path, threads: o.threads, batchSize: o.batchSize, gpuLayers: o.gpuLayers, split: o.split, ...serverContext(o), log: o.log };

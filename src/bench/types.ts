@@ -126,12 +126,28 @@ export interface BenchModelRun {
   sharedPrefix?: SharedPrefixResult;
   mixed?: MixedResult;
   roofline?: RooflineRow[];
+  experts?: ExpertsResult;
+}
+
+/**
+ * MoE models: decode with expert statistics on against off (same batched workload, interleaved
+ * fresh processes, best of each), and the per-layer expert load the counted runs saw.
+ */
+export interface ExpertsResult {
+  concurrency: number;
+  promptTokens: number;
+  genTokens: number;
+  /** Generation tokens/s, statistics on and off. */
+  statsOn: number;
+  statsOff: number;
+  /** Tokens routed to each expert, per MoE layer, over one counted run. */
+  layers: Array<{ layer: number; counts: number[] }>;
 }
 
 /** One line of the ratio table: what the harness prints last. */
 export interface RatioRow {
   model: string;
-  /** 'pp', 'tg', 'batched', 'server', 'shared-prefix', 'mixed'. */
+  /** 'pp', 'tg', 'batched', 'server', 'shared-prefix', 'mixed', 'experts'. */
   workload: string;
   /** e.g. 'pp512', 'B=8'. */
   label: string;

@@ -24,10 +24,15 @@ export interface WorkerModel {
 
 export type WorkerJob =
   | ({ kind: 'single'; ppTokens: number[]; tgTokens: number } & WorkerModel)
-  | ({ kind: 'batched'; concurrency: number[]; promptTokens: number; genTokens: number } & WorkerModel);
+  | ({ kind: 'batched'; concurrency: number[]; promptTokens: number; genTokens: number; expertStats?: boolean } & WorkerModel);
+
+/** A batched job with expertStats: the figures, and the expert counts of its last concurrency level. */
+export interface ExpertCounts {
+  experts: Array<{ layer: number; counts: number[] }>;
+}
 
 /** single: tokens/s by 'pp<N>' and 'tg<N>'; batched: per B, generation and whole-run tokens/s. */
-export type WorkerResult = Record<string, number> | Record<string, { tg: number; total: number }>;
+export type WorkerResult = Record<string, number> | (Record<string, { tg: number; total: number }> & Partial<ExpertCounts>);
 
 export function randomPrompt(random: () => number, vocabSize: number, length: number): number[] {
   // Token 0 and the last ids are often special; stay within ordinary ids.
@@ -62,16 +67,18 @@ async function single(job: Extract<WorkerJob, { kind: 'single' }>): Promise<Reco
   return out;
 }
 
-async function batched(job: Extract<WorkerJob, { kind: 'batched' }>): Promise<Record<string, { tg: number; total: number }>> {
+async function batched(job: Extract<WorkerJob, { kind: 'batched' }>): Promise<Record<string, { tg: number; total: number }> & Partial<ExpertCounts>> {
   const { promptTokens: pp, genTokens: tg } = job;
   const model = await loadModel(job.path, {
     contextSize: pp + tg + 1, maxSequences: Math.max(...job.concurrency), batchSize: job.batchSize, threads: job.threads, gpuLayers: job.gpuLayers, ...job.split,
+    ...(job.expertStats ? { expertStats: true } : {}),
   });
-  const out: Record<string, { tg: number; total: number }> = {};
+  const out: Record<string, { tg: number; total: number }> & Partial<ExpertCounts> = {};
   try {
     const random = mulberry32(job.seed);
     await warm(model, random, pp);
     for (const B of job.concurrency) {
+      if (job.expertStats) await model.expertStats({ reset: true });
       const started = performance.now();
       const results = await Promise.all(
         Array.from({ length: B }, () => model.complete(randomPrompt(random, model.info.vocabSize, pp), { maxTokens: tg, temperature: 0, ignoreEos: true })),
@@ -82,6 +89,7 @@ async function batched(job: Extract<WorkerJob, { kind: 'batched' }>): Promise<Re
       const firstAll = Math.max(...results.map((r) => r.timings.queuedMs + r.timings.promptMs));
       const lastAll = Math.max(...results.map((r) => r.timings.queuedMs + r.timings.promptMs + r.timings.generationMs));
       out[String(B)] = { tg: ((B * (tg - 1)) / (lastAll - firstAll)) * 1000, total: ((B * (pp + tg)) / (ended - started)) * 1000 };
+      if (job.expertStats) out.experts = (await model.expertStats()).layers.map(({ layer, counts }) => ({ layer, counts }));
     }
   } finally {
     await model.dispose();
@@ -97,7 +105,7 @@ function command(): string[] {
 
 /** Runs `job` in a fresh Node process and returns its figures. */
 export function runInWorker(job: Extract<WorkerJob, { kind: 'single' }>): Promise<Record<string, number>>;
-export function runInWorker(job: Extract<WorkerJob, { kind: 'batched' }>): Promise<Record<string, { tg: number; total: number }>>;
+export function runInWorker(job: Extract<WorkerJob, { kind: 'batched' }>): Promise<Record<string, { tg: number; total: number }> & Partial<ExpertCounts>>;
 export function runInWorker(job: WorkerJob): Promise<WorkerResult> {
   const [bin, ...args] = command() as [string, ...string[]];
   return new Promise((resolve, reject) => {

@@ -90,6 +90,8 @@ serve options (OpenAI-compatible API, chat page at /; no --model: the built-in d
   --fuse NAME=A:W,B:W   logit fusion: a virtual model NAME whose tokens the served models A, B, ...
                         (same tokenizer; A's chat template) choose together, their log-probabilities
                         weighted by W (repeatable; e.g. --fuse duo=chat:0.7,other:0.3)
+  --expert-stats        count the tokens routed to each expert of every MoE layer (all models
+                        served must be MoE); exported on /metrics as genesis_expert_tokens_total
 ${BENCH_USAGE}${FINGERPRINT_USAGE}`;
 
 const modelOptions = {
@@ -376,6 +378,7 @@ async function serveCommand(argv: string[]): Promise<void> {
       draft: { type: 'string', multiple: true },
       'draft-max': { type: 'string' },
       fuse: { type: 'string', multiple: true },
+      'expert-stats': { type: 'boolean' },
     },
   });
   if (values.help) return void process.stdout.write(USAGE);
@@ -404,7 +407,7 @@ async function serveCommand(argv: string[]): Promise<void> {
   const handle = await serve({
     models: specs,
     fused,
-    load: { ...load, maxQueue: int('max-queue', values['max-queue']) },
+    load: { ...load, maxQueue: int('max-queue', values['max-queue']), ...(values['expert-stats'] ? { expertStats: true } : {}) },
     host: values.host ?? '127.0.0.1',
     port,
     apiKey: values['api-key'] ?? process.env['GENESIS_API_KEY'],

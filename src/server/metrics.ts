@@ -5,7 +5,7 @@
  */
 import { collectDefaultMetrics, Counter, Gauge, Histogram, Registry } from 'prom-client';
 import type { GenerationResult } from '../generation.js';
-import type { Model } from '../model.js';
+import type { ExpertStats, Model } from '../model.js';
 import type { FusedServedModel } from './fused.js';
 import type { ServedModel } from './models.js';
 
@@ -122,6 +122,45 @@ export class ServerMetrics {
     engineCounter('genesis_prompt_cache_tokens_total', 'Prompt tokens reused from a slot\'s prompt cache instead of decoded, since load.', (s) => s.cachedPromptTokens);
     engineCounter('genesis_draft_tokens_total', 'Speculative decoding: tokens the draft model proposed, since load.', (s) => s.draftTokens);
     engineCounter('genesis_draft_accepted_tokens_total', 'Speculative decoding: proposed tokens the model kept (each one a decode step saved), since load.', (s) => s.acceptedDraftTokens);
+    // Expert load, read at scrape time from the models loaded with expertStats (a read waits for
+    // the engine's step in flight).
+    const eachExpertStats = async (visit: (model: string, stats: ExpertStats) => void) => {
+      for (const served of models()) {
+        const model = served.current();
+        if (!model || model.disposed || !model.info.context.expertStats) continue;
+        try {
+          visit(served.name, await model.expertStats());
+        } catch {
+          // disposed while reading: it has nothing to report any more
+        }
+      }
+    };
+    new Counter({
+      name: 'genesis_expert_tokens_total',
+      help: 'Tokens routed to each expert of each MoE layer since load (models loaded with expertStats).',
+      labelNames: ['model', 'layer', 'expert'],
+      registers,
+      async collect() {
+        this.reset();
+        await eachExpertStats((model, stats) => {
+          for (const { layer, counts } of stats.layers) {
+            counts.forEach((count, expert) => this.inc({ model, layer: String(layer), expert: String(expert) }, count));
+          }
+        });
+      },
+    });
+    new Gauge({
+      name: 'genesis_expert_load_imbalance',
+      help: 'Per MoE layer: the busiest expert\'s token count over the mean (1 is balanced); models loaded with expertStats.',
+      labelNames: ['model', 'layer'],
+      registers,
+      async collect() {
+        this.reset();
+        await eachExpertStats((model, stats) => {
+          for (const { layer, imbalance } of stats.layers) this.set({ model, layer: String(layer) }, imbalance);
+        });
+      },
+    });
     new Counter({
       name: 'genesis_engine_seconds_total',
       help: 'Engine thread time since load by phase: step (all of it), decode (the llama_decode call: graph build and kernel launches), wait (for the device to finish a step), sample (sampling and draft verification).',

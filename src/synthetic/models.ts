@@ -20,7 +20,7 @@ import type { GgufMetadataEntry, GgufTensorInput } from '../gguf/index.js';
 /** Bump when the generator changes so stale cached files are not reused. */
 const GENERATOR_VERSION = 1;
 
-export type SyntheticArch = 'llama' | 'qwen3moe' | 'glm4moe' | 'qwen35' | 'deepseek2';
+export type SyntheticArch = 'llama' | 'qwen3moe' | 'glm4moe' | 'qwen35' | 'qwen35moe' | 'deepseek2';
 export type SyntheticWeightType = 'f32' | 'f16' | 'q8_0' | 'q4_0';
 /** Any `ggml-vocab-<name>.gguf` in the vocab directory; these are the ones llama.cpp ships. */
 export type SyntheticVocab =
@@ -44,7 +44,7 @@ export type SyntheticVocab =
 
 export interface SyntheticModelOptions {
   arch?: SyntheticArch;
-  /** Default: 'llama-spm' for llama, 'qwen35' for qwen35, 'qwen2' for qwen3moe and glm4moe. */
+  /** Default: 'llama-spm' for llama, 'qwen35' for qwen35 and qwen35moe, 'qwen2' for the other MoE architectures. */
   vocab?: SyntheticVocab;
   /** Directory holding ggml-vocab-*.gguf. Default: `defaultVocabDir()`. */
   vocabDir?: string;
@@ -119,6 +119,12 @@ export interface SyntheticModelOptions {
   expertGroups?: { count: number; used: number };
   /** deepseek2: routed_scaling_factor (2.5 in DeepSeek-V3). Default 1. */
   expertWeightsScale?: number;
+  /**
+   * glm4moe, deepseek2: the expert-selection bias (exp_probs_b), one per expert, in every layer.
+   * A large value on some experts makes every token pick them (routing known in advance, for
+   * tests). Default: small random values.
+   */
+  expertBias?: number[] | null;
   /** Default: `defaultModelCacheDir()`. */
   cacheDir?: string;
 }
@@ -165,7 +171,7 @@ export function vocabPath(vocab: string, vocabDir = defaultVocabDir()): string {
 
 function resolve(options: SyntheticModelOptions): ResolvedOptions {
   const arch = options.arch ?? 'llama';
-  const vocab = options.vocab ?? (arch === 'llama' ? 'llama-spm' : arch === 'qwen35' ? 'qwen35' : 'qwen2');
+  const vocab = options.vocab ?? (arch === 'llama' ? 'llama-spm' : arch === 'qwen35' || arch === 'qwen35moe' ? 'qwen35' : 'qwen2');
   const type = options.type ?? 'q8_0';
   const r: ResolvedOptions = {
     arch,
@@ -193,6 +199,7 @@ function resolve(options: SyntheticModelOptions): ResolvedOptions {
     mla: resolveMla(options),
     expertGroups: options.expertGroups ?? { count: 1, used: 1 },
     expertWeightsScale: options.expertWeightsScale ?? 1,
+    expertBias: options.expertBias ?? null,
   };
   validate(r);
   return r;
@@ -214,8 +221,8 @@ function validate(o: ResolvedOptions): void {
   if (o.nHead % o.nHeadKv !== 0) throw new RangeError(`nHead (${o.nHead}) must be divisible by nHeadKv (${o.nHeadKv})`);
   if (o.headDim % 2 !== 0) throw new RangeError(`head size (headDim, default nEmbd/nHead) must be even for RoPE, got ${o.headDim}`);
   if (!Number.isFinite(o.mtpStateScale) || o.mtpStateScale < 0) throw new RangeError(`mtpStateScale must be a number ≥ 0, got ${o.mtpStateScale}`);
-  if (!Number.isInteger(o.mtpLayers) || o.mtpLayers < 0 || (o.mtpLayers > 0 && o.arch !== 'glm4moe' && o.arch !== 'qwen35')) {
-    throw new RangeError(`mtpLayers must be an integer ≥ 0, and > 0 only with arch 'glm4moe' or 'qwen35', got ${o.mtpLayers} (${o.arch})`);
+  if (!Number.isInteger(o.mtpLayers) || o.mtpLayers < 0 || (o.mtpLayers > 0 && o.arch !== 'glm4moe' && o.arch !== 'qwen35' && o.arch !== 'qwen35moe')) {
+    throw new RangeError(`mtpLayers must be an integer ≥ 0, and > 0 only with arch 'glm4moe', 'qwen35' or 'qwen35moe', got ${o.mtpLayers} (${o.arch})`);
   }
   if (o.nExpertUsed > o.nExpert) throw new RangeError(`nExpertUsed (${o.nExpertUsed}) must not exceed nExpert (${o.nExpert})`);
   const q = o.quietLayers;
@@ -227,6 +234,9 @@ function validate(o: ResolvedOptions): void {
     throw new RangeError(`expertGroups needs count dividing nExpert (${o.nExpert}) and 1 ≤ used ≤ count, and count > 1 only with arch 'deepseek2'; got ${JSON.stringify(g)}`);
   }
   if (g.used * (o.nExpert / g.count) < o.nExpertUsed) throw new RangeError(`expertGroups.used (${g.used}) groups cannot hold nExpertUsed (${o.nExpertUsed}) experts`);
+  if (o.expertBias !== null && (o.arch !== 'glm4moe' && o.arch !== 'deepseek2' || o.expertBias.length !== o.nExpert || !o.expertBias.every(Number.isFinite))) {
+    throw new RangeError(`expertBias needs arch 'glm4moe' or 'deepseek2' and nExpert (${o.nExpert}) finite numbers`);
+  }
   if (!Number.isFinite(o.expertWeightsScale) || o.expertWeightsScale <= 0) throw new RangeError(`expertWeightsScale must be a number > 0, got ${o.expertWeightsScale}`);
   const m = o.mla;
   if (o.arch === 'deepseek2') {
@@ -339,8 +349,9 @@ async function buildContent(o: ResolvedOptions): Promise<FixtureContent> {
   } else if (a !== 'llama' || headDim !== o.nEmbd / o.nHead) {
     metadata.push(u32(`${a}.attention.key_length`, headDim), u32(`${a}.attention.value_length`, headDim));
   }
-  if (a === 'qwen35' && o.mtpLayers > 0) metadata.push(u32(`${a}.nextn_predict_layers`, o.mtpLayers));
-  if (a === 'qwen35') {
+  const hybrid = a === 'qwen35' || a === 'qwen35moe';
+  if (hybrid && o.mtpLayers > 0) metadata.push(u32(`${a}.nextn_predict_layers`, o.mtpLayers));
+  if (hybrid) {
     // Qwen3.5's hybrid: three Gated DeltaNet layers, then one gated-attention layer, repeating.
     // DeltaNet heads here: 2 key heads and 4 value heads of headDim; mRoPE sections for half the
     // rotary pairs, as the real model rotates a quarter of each head.
@@ -361,6 +372,11 @@ async function buildContent(o: ResolvedOptions): Promise<FixtureContent> {
       u32(`${a}.expert_used_count`, o.nExpertUsed),
       u32(`${a}.expert_feed_forward_length`, o.nFfExp),
     );
+  }
+  if (a === 'qwen35moe') {
+    // Qwen3.5-MoE: softmax routing over the experts, normalised top-k weights, and one shared
+    // expert of the same width behind a sigmoid gate (ffn_gate_inp_shexp).
+    metadata.push(u32(`${a}.expert_shared_feed_forward_length`, o.nFfExp));
   }
   if (a === 'glm4moe') {
     // GLM-4.5's routing: sigmoid scores plus a selection bias, normalized weights, one shared expert.
@@ -434,7 +450,7 @@ async function buildContent(o: ResolvedOptions): Promise<FixtureContent> {
   for (let i = 0; i < o.nLayer + o.mtpLayers; i++) {
     const p = `blk.${i}.`;
     ones(`${p}attn_norm.weight`, o.nEmbd);
-    if (a === 'qwen35' && i < o.nLayer && (i + 1) % 4 !== 0) {
+    if (hybrid && i < o.nLayer && (i + 1) % 4 !== 0) {
       // Gated DeltaNet (linear attention): 2 key heads, 4 value heads, all of headDim.
       const keyDim = 2 * headDim;
       const valueDim = 4 * headDim;
@@ -462,22 +478,22 @@ async function buildContent(o: ResolvedOptions): Promise<FixtureContent> {
       matrix(`${p}attn_output.weight`, [o.nHead * m.vHeadDim, o.nEmbd]);
     } else {
       // Qwen3.5's attention projects a gate with each query head.
-      matrix(`${p}attn_q.weight`, [o.nEmbd, headDim * o.nHead * (a === 'qwen35' ? 2 : 1)]);
+      matrix(`${p}attn_q.weight`, [o.nEmbd, headDim * o.nHead * (hybrid ? 2 : 1)]);
       matrix(`${p}attn_k.weight`, [o.nEmbd, nEmbdKv]);
       matrix(`${p}attn_v.weight`, [o.nEmbd, nEmbdKv]);
       matrix(`${p}attn_output.weight`, [headDim * o.nHead, o.nEmbd]);
-      if (a === 'qwen35') {
+      if (hybrid) {
         ones(`${p}attn_q_norm.weight`, headDim);
         ones(`${p}attn_k_norm.weight`, headDim);
       }
     }
-    ones(a === 'glm4moe' || a === 'qwen35' ? `${p}post_attention_norm.weight` : `${p}ffn_norm.weight`, o.nEmbd);
+    ones(a === 'glm4moe' || hybrid ? `${p}post_attention_norm.weight` : `${p}ffn_norm.weight`, o.nEmbd);
     if (a === 'llama' || a === 'qwen35') {
       matrix(`${p}ffn_gate.weight`, [o.nEmbd, o.nFf]);
       matrix(`${p}ffn_up.weight`, [o.nEmbd, o.nFf]);
       matrix(`${p}ffn_down.weight`, [o.nFf, o.nEmbd]);
     } else {
-      if (a !== 'deepseek2') {
+      if (a !== 'deepseek2' && a !== 'qwen35moe') {
         ones(`${p}attn_q_norm.weight`, headDim);
         ones(`${p}attn_k_norm.weight`, headDim);
       }
@@ -487,8 +503,14 @@ async function buildContent(o: ResolvedOptions): Promise<FixtureContent> {
       matrix(`${p}ffn_up_exps.weight`, [o.nEmbd, o.nFfExp, o.nExpert]);
       matrix(`${p}ffn_down_exps.weight`, [o.nFfExp, o.nEmbd, o.nExpert]);
     }
+    if (a === 'qwen35moe') {
+      matrix(`${p}ffn_gate_inp_shexp.weight`, [o.nEmbd], GgmlType.F32);
+      matrix(`${p}ffn_gate_shexp.weight`, [o.nEmbd, o.nFfExp]);
+      matrix(`${p}ffn_up_shexp.weight`, [o.nEmbd, o.nFfExp]);
+      matrix(`${p}ffn_down_shexp.weight`, [o.nFfExp, o.nEmbd]);
+    }
     if (a === 'glm4moe' || a === 'deepseek2') {
-      tensors.push({ name: `${p}exp_probs_b.bias`, type: GgmlType.F32, shape: [o.nExpert], data: () => uniform(o.seed, `${p}exp_probs_b`, o.nExpert, 0.1) });
+      tensors.push({ name: `${p}exp_probs_b.bias`, type: GgmlType.F32, shape: [o.nExpert], data: () => (o.expertBias ? Float32Array.from(o.expertBias) : uniform(o.seed, `${p}exp_probs_b`, o.nExpert, 0.1)) });
       matrix(`${p}ffn_gate_shexp.weight`, [o.nEmbd, o.nFfExp]);
       matrix(`${p}ffn_up_shexp.weight`, [o.nEmbd, o.nFfExp]);
       matrix(`${p}ffn_down_shexp.weight`, [o.nFfExp, o.nEmbd]);
@@ -527,7 +549,7 @@ export async function makeSyntheticModel(options: SyntheticModelOptions = {}): P
   const cacheDir = options.cacheDir ?? defaultModelCacheDir();
   const vocabStat = await stat(vocabPath(o.vocab, o.vocabDir)).catch(() => undefined);
   // The vocab file's size stands in for its content so a different llama.cpp checkout gets a new name.
-  const { vocabDir: _vocabDir, quietLayers, mtpLayers, mtpStateScale, ...hashed } = o;
+  const { vocabDir: _vocabDir, quietLayers, mtpLayers, mtpStateScale, expertBias, ...hashed } = o;
   // Options added later are hashed only when set, so earlier files keep their names.
   const key = JSON.stringify({
     v: GENERATOR_VERSION,
@@ -535,6 +557,7 @@ export async function makeSyntheticModel(options: SyntheticModelOptions = {}): P
     vocabBytes: vocabStat?.size ?? null,
     ...(quietLayers ? { quietLayers } : {}),
     ...(mtpLayers ? { mtpLayers, mtpStateScale } : {}),
+    ...(expertBias ? { expertBias } : {}),
   });
   const hash = createHash('sha256').update(key).digest('hex').slice(0, 16);
   const path = join(cacheDir, `${o.arch}-${o.vocab}-${o.type}-${hash}.gguf`);
