@@ -18,6 +18,7 @@ export interface NativeLoadOptions {
   gpuLayers: number;
   threads: number;
   kvUnified: boolean;
+  kvBudget: number;
   deterministic: boolean;
   promptCache: boolean;
   flashAttention: number;
@@ -114,6 +115,7 @@ export type NativeEvent =
       completionTokens: number;
       draftTokens: number;
       draftAccepted: number;
+      preemptions: number;
       timings: NativeTimings;
     }
   | { id: number; kind: 'error'; tokens: Int32Array; text: string; code: string; message: string; completionTokens: number }

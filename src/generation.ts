@@ -47,6 +47,11 @@ export interface GenerationResult {
    * model kept, and the share kept. Each kept token is one target decode step saved.
    */
   speculative?: { draftTokens: number; acceptedTokens: number; acceptanceRate: number };
+  /**
+   * kvBudget: times this request was preempted for room in the shared KV pool and recomputed
+   * later (its output is unchanged; its time grew). Absent when never.
+   */
+  preemptions?: number;
 }
 
 type Waiter = { resolve: (r: IteratorResult<GenerationChunk>) => void; reject: (e: unknown) => void };
@@ -122,6 +127,7 @@ export class Generation implements AsyncIterable<GenerationChunk> {
       ...(event.draftTokens > 0
         ? { speculative: { draftTokens: event.draftTokens, acceptedTokens: event.draftAccepted, acceptanceRate: event.draftAccepted / event.draftTokens } }
         : {}),
+      ...(event.preemptions > 0 ? { preemptions: event.preemptions } : {}),
     };
     this.#finish();
     this.#resolve(result);

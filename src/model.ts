@@ -53,8 +53,13 @@ export interface EngineStats {
   cachedPromptTokens: number;
   /** Tokens held in the KV cache by active sequences. */
   kvUsedTokens: number;
-  /** Tokens the KV cache can hold: contextSize × maxSequences. */
+  /** Tokens the KV cache can hold: contextSize × maxSequences, or kvBudget when set. */
   kvCapacityTokens: number;
+  /**
+   * kvBudget: sequences preempted since load to make room in the shared KV pool (each went back to
+   * the queue and was recomputed when admitted again; its output is unchanged).
+   */
+  preemptions: number;
   /** Speculative decoding since load: tokens the draft model proposed, and those kept. */
   draftTokens: number;
   acceptedDraftTokens: number;

@@ -40,6 +40,16 @@ export interface LoadModelOptions {
    * their prefill. Default true; off with kvUnified or deterministic.
    */
   promptCache?: boolean;
+  /**
+   * One KV pool of this many tokens shared by all sequences (implies kvUnified), instead of room for
+   * every sequence at full length (contextSize × maxSequences). Each sequence may still grow to
+   * contextSize (at most the budget). A request is admitted when its prompt fits beside what the
+   * running ones hold; when they outgrow the pool, the lowest-priority, latest admitted one goes back
+   * to the queue and is recomputed (prompt and the tokens it generated, with its sampler state) once
+   * there is room again, so its output is what it would have been. See `stats().preemptions`.
+   * Not with speculative decoding or deterministic.
+   */
+  kvBudget?: number;
   /** Flash attention: 'auto' lets llama.cpp decide. Default 'auto'. */
   flashAttention?: boolean | 'auto';
   /** Memory-map the weights instead of reading them. Default true. */
@@ -207,7 +217,10 @@ export function resolveLoadOptions(
   else if (options.gpuLayers === 'max') gpuLayers = -1;
   else gpuLayers = checkInt('gpuLayers', options.gpuLayers, 0, 100000, ) ?? 0;
   const threads = checkInt('threads', options.threads, 1, 1024) ?? availableParallelism();
-  const kvUnified = checkBool('kvUnified', options.kvUnified) ?? false;
+  const kvBudget = checkInt('kvBudget', options.kvBudget, 16, 2 ** 31 - 1) ?? 0;
+  if (kvBudget > 0 && options.kvUnified === false) throw new InvalidOptionError('kvBudget', 'kvUnified true or unset: the budget is one pool shared by all sequences', kvBudget);
+  if (kvBudget > 0 && options.draft !== undefined) throw new InvalidOptionError('kvBudget', 'no draft: speculative decoding with a shared KV pool is not supported', kvBudget);
+  const kvUnified = (checkBool('kvUnified', options.kvUnified) ?? false) || kvBudget > 0;
   const deterministic = checkBool('deterministic', options.deterministic) ?? false;
   const promptCache = checkBool('promptCache', options.promptCache) ?? true;
   if (deterministic && kvUnified) throw new InvalidOptionError('deterministic', 'kvUnified false: a shared KV buffer couples the sequences', true);
@@ -263,6 +276,7 @@ export function resolveLoadOptions(
     ...(draftMtp ? { draftMtp } : {}),
     threads,
     kvUnified,
+    kvBudget,
     deterministic,
     promptCache,
     flashAttention: fa === undefined || fa === 'auto' ? -1 : fa ? 1 : 0,

@@ -176,6 +176,7 @@ Napi::Array events_to_js(Napi::Env env, const std::vector<Event>& events) {
         o.Set("completionTokens", e.completion_tokens);
         o.Set("draftTokens", e.draft_tokens);
         o.Set("draftAccepted", e.draft_accepted);
+        o.Set("preemptions", e.preemptions);
         Napi::Object t = Napi::Object::New(env);
         t.Set("queuedMs", e.timings.queued_ms);
         t.Set("promptMs", e.timings.prompt_ms);

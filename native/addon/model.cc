@@ -236,12 +236,12 @@ class LoadWorker : public Napi::AsyncWorker {
         code_ = "RPC_DISCONNECTED";
         message_ = "the RPC server " + lost_now + " while creating the context for " + baton_.path;
       }
-    } catch (const std::invalid_argument& e) {
-      // The one option the engine itself checks against the model: expertStats.
+    } catch (const InvalidEngineOption& e) {
+      // Options the engine checks against the model or each other (expertStats, kvBudget).
       code_ = "INVALID_OPTION";
-      option_ = "expertStats";
-      expected_ = "a mixture-of-experts model (layers with an expert router)";
-      message_ = "invalid option expertStats: " + baton_.path + ": " + e.what();
+      option_ = e.option;
+      expected_ = e.expected;
+      message_ = "invalid option " + e.option + ": " + baton_.path + ": " + e.what();
     } catch (const std::exception& e) {
       const std::string reason = capture.text();
       code_ = "MODEL_LOAD_FAILED";
@@ -496,6 +496,7 @@ LoadBaton load_baton(Napi::Env env, const std::string& path, const Napi::Object&
   baton.engine.batch_size = static_cast<uint32_t>(std::max(1, get_int(opts, "batchSize", 512)));
   baton.engine.threads = get_int(opts, "threads", 0);
   baton.engine.kv_unified = get_bool(opts, "kvUnified", false);
+  baton.engine.kv_budget = static_cast<uint32_t>(std::max(0, get_int(opts, "kvBudget", 0)));
   baton.engine.deterministic = get_bool(opts, "deterministic", false);
   baton.engine.prompt_cache = get_bool(opts, "promptCache", true);
   baton.engine.flash_attention = get_int(opts, "flashAttention", -1);
@@ -893,13 +894,15 @@ Napi::Value NativeModel::Stats(const Napi::CallbackInfo& info) {
   out.Set("draftTokens", static_cast<double>(s.draft_tokens));
   out.Set("acceptedDraftTokens", static_cast<double>(s.draft_accepted));
   out.Set("sharedPrefixCopies", static_cast<double>(s.shared_prefix_copies));
+  out.Set("preemptions", static_cast<double>(s.preemptions));
   Napi::Object time = Napi::Object::New(env);
   time.Set("step", static_cast<double>(s.step_ns) / 1e9);
   time.Set("decode", static_cast<double>(s.decode_ns) / 1e9);
   time.Set("wait", static_cast<double>(s.wait_ns) / 1e9);
   time.Set("sample", static_cast<double>(s.sample_ns) / 1e9);
   out.Set("seconds", time);
-  out.Set("kvCapacityTokens", static_cast<double>(host_->engine->context_size()) * host_->engine->max_sequences());
+  out.Set("kvCapacityTokens", s.kv_pool_tokens > 0 ? static_cast<double>(s.kv_pool_tokens)
+                                                    : static_cast<double>(host_->engine->context_size()) * host_->engine->max_sequences());
   return out;
 }
 

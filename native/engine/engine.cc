@@ -62,6 +62,7 @@ llama_context_params engine_context_params(const EngineOptions& options) {
   params.n_seq_max = options.max_sequences;
   // Every sequence may grow to context_size: in unified mode too, so a decode never runs out of cells.
   params.n_ctx = options.context_size * options.max_sequences;
+  if (options.kv_unified && options.kv_budget > 0) params.n_ctx = options.kv_budget;
   params.n_batch = options.batch_size;
   params.n_ubatch = options.batch_size;
   const int32_t threads = engine_threads(options);
@@ -111,6 +112,18 @@ Engine::Engine(llama_model* model, const EngineOptions& options, Notify notify)
   prompt_cache_ = options.prompt_cache && !options.kv_unified && !options.deterministic;
   // A recurrent or hybrid state is not a prefix of KV cells, and the MTP context holds no copy.
   share_prefix_ = prompt_cache_ && !recurrent && !(options.mtp && drafting);
+  if (options.kv_unified && options.kv_budget > 0) {
+    if (drafting) {
+      llama_free(ctx_);
+      ctx_ = nullptr;
+      if (threadpool_ != nullptr) ggml_threadpool_free(threadpool_);
+      threadpool_ = nullptr;
+      throw InvalidEngineOption("kvBudget", "no draft model or MTP drafting with a KV budget",
+                                "speculative decoding with a shared KV pool (kvBudget) is not supported");
+    }
+    pool_cells_ = llama_n_ctx(ctx_);
+    stats_.kv_pool_tokens = pool_cells_;
+  }
   batch_ = llama_batch_init(static_cast<int32_t>(n_batch_), 0, 1);
   if (drafting) {
     auto undo = [&](const std::string& why) {
@@ -170,7 +183,8 @@ Engine::Engine(llama_model* model, const EngineOptions& options, Notify notify)
       if (threadpool_ != nullptr) ggml_threadpool_free(threadpool_);
       threadpool_ = nullptr;
       llama_batch_free(batch_);
-      throw std::invalid_argument("the model has no routed experts to count (no layer has an expert router)");
+      throw InvalidEngineOption("expertStats", "a mixture-of-experts model (layers with an expert router)",
+                                "the model has no routed experts to count (no layer has an expert router)");
     }
     for (int32_t il = 0; il < llama_model_n_layer(model); ++il) {
       const int32_t n = llama_expert_stats_read(ctx_, il, nullptr, 0, false);
@@ -203,7 +217,7 @@ void Engine::submit(Request request) {
     std::lock_guard<std::mutex> lock(mu_);
     if (stop_) throw std::runtime_error("DISPOSED");
     if (max_queue_ > 0 && stats_.queued >= max_queue_) throw QueueFull(stats_.queued);
-    incoming_.push_back(Pending{std::move(request), next_order_++, Clock::now()});
+    incoming_.push_back(Pending{std::move(request), next_order_++, Clock::now(), nullptr});
     stats_.queued++;
   }
   cv_.notify_one();
@@ -428,8 +442,18 @@ void Engine::admit() {
     return waiting_[a].order < waiting_[b].order;
   });
   std::vector<size_t> admitted;
+  // Shared KV pool: cells the running sequences hold or will fill with the rest of their prompts.
+  uint64_t committed = 0;
+  if (pool_cells_ > 0) {
+    for (const auto& s : slots_) {
+      if (s.busy) committed += static_cast<uint64_t>(s.n_past) + (s.request.prompt.size() - std::min(s.prefilled, s.request.prompt.size()));
+    }
+  }
   for (size_t w : order) {
     const auto& prompt = waiting_[w].request.prompt;
+    // A request starts when its whole prompt and its first token fit in the pool; the queue keeps
+    // its order (a long prompt is not overtaken for ever by short ones).
+    if (pool_cells_ > 0 && committed + prompt.size() + 1 > pool_cells_) break;
     // The free slot whose cached tokens share the longest prefix with this prompt; among equals the
     // least recently used (an unused slot first), so a cache another prompt may want survives longest.
     Slot* chosen = nullptr;
@@ -463,6 +487,7 @@ void Engine::admit() {
       if (donor_lcp < chosen_lcp + kSharedPrefixMin) donor = nullptr;
     }
     admitted.push_back(w);
+    committed += prompt.size() + 1;
     start(*chosen, std::move(waiting_[w]), chosen_lcp, donor, donor_lcp);
   }
   // Erase the admitted from the back, so the indices stay valid.
@@ -478,17 +503,29 @@ void Engine::start(Slot& slot, Pending p, size_t cached, Slot* donor, size_t don
   }
   slot.busy = true;
   slot.request = std::move(p.request);
-  slot.sampler = make_sampler_chain(vocab_, slot.request.sampling);
+  slot.order = p.order;
+  slot.prompt_tokens = slot.request.prompt.size();
+  slot.preemptions = p.resume ? p.resume->preemptions : 0;
+  if (p.resume) {
+    // A preempted request: its prompt now ends with the tokens it generated; its sampler (with the
+    // penalties' history) and text state continue where they were.
+    Resume& r = *p.resume;
+    slot.sampler = std::move(r.sampler);
+    slot.text = std::move(r.text);
+    slot.prompt_tokens = r.prompt_tokens;
+  } else {
+    slot.sampler = make_sampler_chain(vocab_, slot.request.sampling);
+  }
   if (!slot.sampler) {
     // Grammars are parsed at submit already; this only guards against a mismatch.
     fail(slot, "INVALID_OPTION", "invalid option grammar: llama.cpp could not parse it");
     return;
   }
-  if (uses_penalties(slot.request.sampling)) {
+  if (!p.resume && uses_penalties(slot.request.sampling)) {
     // Penalties look at the prompt too, as in Hugging Face's generate.
     for (llama_token t : slot.request.prompt) llama_sampler_accept(slot.sampler.get(), t);
   }
-  slot.text = TextStream(slot.request.stop);
+  if (!p.resume) slot.text = TextStream(slot.request.stop);
   llama_memory_t mem = llama_get_memory(ctx_);
   size_t lcp = cached;
   if (donor != nullptr) {
@@ -531,6 +568,65 @@ void Engine::start(Slot& slot, Pending p, size_t cached, Slot* donor, size_t don
   slot.submitted = p.submitted;
   slot.admitted = Clock::now();
   slot.has_first_token = false;
+  if (p.resume) {
+    slot.generated = p.resume->generated;
+    slot.admitted = p.resume->admitted;
+    slot.first_token = p.resume->first_token;
+    slot.has_first_token = p.resume->has_first_token;
+  }
+}
+
+uint64_t Engine::pool_used() const {
+  uint64_t used = 0;
+  for (const auto& s : slots_) {
+    if (s.busy) used += static_cast<uint64_t>(s.n_past);
+  }
+  return used;
+}
+
+bool Engine::preempt_one() {
+  // The lowest priority; among equals the latest admitted (it has the least work to redo).
+  Slot* victim = nullptr;
+  for (auto& s : slots_) {
+    if (!s.busy || s.awaiting) continue;
+    if (victim == nullptr || s.request.priority < victim->request.priority ||
+        (s.request.priority == victim->request.priority && s.admitted_order > victim->admitted_order)) {
+      victim = &s;
+    }
+  }
+  if (victim == nullptr) return false;
+  Slot& s = *victim;
+  auto resume = std::make_shared<Resume>();
+  resume->prompt_tokens = s.prompt_tokens;
+  resume->generated = s.generated;
+  resume->preemptions = s.preemptions + 1;
+  resume->sampler = std::move(s.sampler);
+  resume->text = std::move(s.text);
+  resume->admitted = s.admitted;
+  resume->first_token = s.first_token;
+  resume->has_first_token = s.has_first_token;
+  Pending p;
+  p.order = s.order;
+  p.submitted = s.submitted;
+  p.request = std::move(s.request);
+  if (s.prefilled >= p.request.prompt.size() && s.generated > 0) {
+    // Generating: what its KV held, and the sampled token still to decode. Recomputing them ends
+    // with the logits that decoding that token would have given.
+    p.request.prompt = s.kv_tokens;
+    p.request.prompt.push_back(s.last);
+  }
+  p.resume = std::move(resume);
+  s.request = Request();  // release() must not see the moved-from request
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    stats_.preemptions++;
+    stats_.queued++;
+  }
+  s.unsent.clear();
+  release(s);
+  s.text = TextStream({});
+  waiting_.push_back(std::move(p));
+  return true;
 }
 
 void Engine::step() {
@@ -539,6 +635,28 @@ void Engine::step() {
   // decode calls are then exactly those of a solo run, whatever else is in flight.
   std::vector<uint32_t> take(slots_.size(), 0);
   uint32_t budget = n_batch_;
+  // Shared KV pool: every generating sequence needs a cell for its token this step. When they do
+  // not all fit, the lowest-priority, latest admitted sequence goes back to the queue, until they
+  // do; prompt chunks then take what is left.
+  uint64_t room = UINT64_MAX;
+  if (pool_cells_ > 0) {
+    while (true) {
+      uint64_t generating = 0;
+      bool prefilling_any = false;
+      for (const auto& s : slots_) {
+        if (!s.busy || s.awaiting) continue;
+        if (s.prefilled >= s.request.prompt.size()) generating++;
+        else prefilling_any = true;
+      }
+      const uint64_t used = pool_used();
+      const uint64_t free_cells = pool_cells_ > used ? pool_cells_ - used : 0;
+      // Nothing could move (no cell for any generating token, or none for a prompt chunk when only
+      // prompts are left): make room.
+      const bool stuck = generating > free_cells || (generating == 0 && prefilling_any && free_cells == 0);
+      room = free_cells > generating ? free_cells - generating : 0;
+      if (!stuck || !preempt_one()) break;
+    }
+  }
   std::vector<Slot*> prefilling;
   for (size_t i = 0; i < slots_.size(); ++i) {
     Slot& s = slots_[i];
@@ -584,7 +702,10 @@ void Engine::step() {
   std::sort(prefilling.begin(), prefilling.end(), [](const Slot* a, const Slot* b) { return a->admitted_order < b->admitted_order; });
   for (Slot* s : prefilling) {
     if (!deterministic_ && budget == 0) break;
-    const uint32_t n = static_cast<uint32_t>(std::min<size_t>(deterministic_ ? n_batch_ : budget, s->request.prompt.size() - s->prefilled));
+    if (room == 0) break;
+    uint32_t n = static_cast<uint32_t>(std::min<size_t>(deterministic_ ? n_batch_ : budget, s->request.prompt.size() - s->prefilled));
+    n = static_cast<uint32_t>(std::min<uint64_t>(n, room));
+    if (room != UINT64_MAX) room -= n;
     take[static_cast<size_t>(s->seq)] = n;
     if (!deterministic_) budget -= n;
   }
@@ -1097,10 +1218,11 @@ void Engine::finish_with(Slot& s, const char* reason, std::string text) {
   e.tokens.swap(s.unsent);
   // A stop string ends the text where it starts; anything else releases what was held back.
   e.text = std::string(reason) == "stop" ? std::move(text) : text + s.text.flush();
-  e.prompt_tokens = static_cast<int32_t>(s.request.prompt.size());
+  e.prompt_tokens = static_cast<int32_t>(s.prompt_tokens);
   e.completion_tokens = s.generated;
   e.draft_tokens = s.draft_tokens;
   e.draft_accepted = s.draft_accepted;
+  e.preemptions = s.preemptions;
   const auto now = Clock::now();
   e.timings.queued_ms = ms_between(s.submitted, s.admitted);
   if (s.has_first_token) {

@@ -12,6 +12,7 @@
 #include <condition_variable>
 #include <cstdint>
 #include <functional>
+#include <memory>
 #include <stdexcept>
 #include <mutex>
 #include <string>
@@ -31,6 +32,12 @@ struct EngineOptions {
   uint32_t batch_size = 512;     // token budget of one step
   int32_t threads = 0;           // 0: hardware concurrency
   bool kv_unified = false;       // one KV buffer shared by all sequences (masked attention)
+  // With kv_unified: cells in the shared pool (0: context_size x max_sequences, room for every
+  // sequence at full length). Smaller, sequences share the memory: a request is admitted when its
+  // prompt fits beside what the running ones hold, and when the running ones outgrow the pool the
+  // lowest-priority, latest admitted is preempted (its cells dropped; it is recomputed from its
+  // prompt and the tokens it generated when it is admitted again, its sampler and text state kept).
+  uint32_t kv_budget = 0;
   bool deterministic = false;    // decode each sequence on its own: output independent of the batch
   // Keep a finished sequence's KV in its slot and reuse its longest common prefix with the next
   // prompt admitted there (llama-server's cache_prompt). Off with kv_unified or deterministic.
@@ -66,6 +73,14 @@ struct ExpertLayerCounts {
 llama_context_params engine_context_params(const EngineOptions& options);
 // Threads an engine uses: options.threads, or the hardware concurrency when 0.
 int32_t engine_threads(const EngineOptions& options);
+
+// An engine option this model or combination cannot have (the addon reports it as INVALID_OPTION).
+struct InvalidEngineOption : std::invalid_argument {
+  InvalidEngineOption(std::string option, std::string expected, const std::string& message)
+      : std::invalid_argument(message), option(std::move(option)), expected(std::move(expected)) {}
+  std::string option;
+  std::string expected;
+};
 
 // submit() refuses a request when max_queue requests already wait.
 struct QueueFull : std::runtime_error {
@@ -106,6 +121,7 @@ struct Event {
   int32_t completion_tokens = 0;
   int32_t draft_tokens = 0;      // proposed by the draft model
   int32_t draft_accepted = 0;    // of those, kept (each saved one target decode step)
+  int32_t preemptions = 0;       // times the request was preempted (shared KV pool) and recomputed
   Timings timings;
   // Error
   std::string error_code;
@@ -124,6 +140,8 @@ struct EngineStats {
   uint64_t draft_tokens = 0;    // speculative decoding: tokens the draft model proposed
   uint64_t draft_accepted = 0;  // and the target kept
   uint64_t shared_prefix_copies = 0;  // prompts started from another sequence's KV (copied)
+  uint64_t preemptions = 0;           // sequences preempted for room in the shared KV pool
+  uint64_t kv_pool_tokens = 0;        // cells of the shared KV pool (0: one stream per sequence)
   // Where the engine thread's time goes, in nanoseconds since load: whole steps (admission,
   // scheduling, decode, sampling, drafting), the llama_decode call itself (graph build and, on a
   // GPU, kernel launches), the wait for the device to finish the step's work, and sampling
@@ -173,10 +191,23 @@ class Engine {
  private:
   using Clock = std::chrono::steady_clock;
 
+  // What a preempted sequence takes back into the queue besides its request (whose prompt is then
+  // the original prompt plus the tokens generated so far): the state its output depends on.
+  struct Resume {
+    size_t prompt_tokens = 0;  // of the original prompt
+    int32_t generated = 0;
+    int32_t preemptions = 0;   // including this one
+    SamplerPtr sampler;        // RNG, penalty history, grammar state
+    TextStream text{{}};       // held-back bytes and stop-string state
+    Clock::time_point admitted, first_token;
+    bool has_first_token = false;
+  };
+
   struct Pending {
     Request request;
     uint64_t order = 0;
     Clock::time_point submitted;
+    std::shared_ptr<Resume> resume;  // set when the request was preempted
   };
 
   struct Slot {
@@ -194,6 +225,9 @@ class Engine {
     std::vector<llama_token> kv_tokens;  // the tokens whose KV this slot's stream holds, in order
     uint64_t released_at = 0;            // release order; 0: never used (for least-recently-used ties)
     uint64_t admitted_order = 0;
+    uint64_t order = 0;            // the request's arrival order (kept through preemption)
+    size_t prompt_tokens = 0;      // of the request's original prompt (a resumed one's prompt is longer)
+    int32_t preemptions = 0;       // times this request was preempted so far
     Clock::time_point submitted, admitted, first_token;
     bool has_first_token = false;
     // Speculative decoding
@@ -264,6 +298,10 @@ class Engine {
   // Every request still waiting for a slot ends with this error.
   void fail_waiting(const std::string& code, const std::string& message);
   void release(Slot& slot);
+  // Shared KV pool: cells the busy sequences hold, and the preemption of the lowest-priority,
+  // latest admitted busy sequence back into the queue (false when none is busy).
+  uint64_t pool_used() const;
+  bool preempt_one();
   void push(Event event);
   // Wakes the owner (notify) for the events pushed since it last drained: once per engine
   // iteration, after the step's sampling, rather than at the first event. Waking the JS thread
@@ -293,6 +331,7 @@ class Engine {
   // Prefix sharing across slots (KV copied from another sequence's stream): off with the prompt
   // cache, for recurrent or hybrid models (a state is not a prefix of cells), and with MTP drafts.
   bool share_prefix_ = false;
+  uint32_t pool_cells_ = 0;  // shared KV pool with a budget (kv_unified + kv_budget); 0: none
   uint64_t releases_ = 0;
   std::vector<llama_token_data> scratch_;  // candidates for sampling (engine thread)
   std::vector<std::vector<llama_token_data>> thread_scratch_;  // the same per choose_all thread

@@ -90,6 +90,9 @@ serve options (OpenAI-compatible API, chat page at /; no --model: the built-in d
   --fuse NAME=A:W,B:W   logit fusion: a virtual model NAME whose tokens the served models A, B, ...
                         (same tokenizer; A's chat template) choose together, their log-probabilities
                         weighted by W (repeatable; e.g. --fuse duo=chat:0.7,other:0.3)
+  --kv-budget N         one KV pool of N tokens per model shared by its sequences, instead of
+                        room for all at full length; under pressure the lowest-priority sequence
+                        is preempted and recomputed later (output unchanged)
   --expert-stats        count the tokens routed to each expert of every MoE layer (all models
                         served must be MoE); exported on /metrics as genesis_expert_tokens_total
 ${BENCH_USAGE}${FINGERPRINT_USAGE}`;
@@ -379,6 +382,7 @@ async function serveCommand(argv: string[]): Promise<void> {
       'draft-max': { type: 'string' },
       fuse: { type: 'string', multiple: true },
       'expert-stats': { type: 'boolean' },
+      'kv-budget': { type: 'string' },
     },
   });
   if (values.help) return void process.stdout.write(USAGE);
@@ -407,7 +411,12 @@ async function serveCommand(argv: string[]): Promise<void> {
   const handle = await serve({
     models: specs,
     fused,
-    load: { ...load, maxQueue: int('max-queue', values['max-queue']), ...(values['expert-stats'] ? { expertStats: true } : {}) },
+    load: {
+      ...load,
+      maxQueue: int('max-queue', values['max-queue']),
+      ...(values['expert-stats'] ? { expertStats: true } : {}),
+      ...(values['kv-budget'] !== undefined ? { kvBudget: int('kv-budget', values['kv-budget']) } : {}),
+    },
     host: values.host ?? '127.0.0.1',
     port,
     apiKey: values['api-key'] ?? process.env['GENESIS_API_KEY'],

@@ -118,6 +118,7 @@ export class ServerMetrics {
       scrapedCounter(name, help, (add) => eachLoaded((model, stats) => add(model, read(stats))));
     engineCounter('genesis_engine_steps_total', 'Engine steps (one llama_decode each) since load.', (s) => s.steps);
     engineCounter('genesis_decoded_tokens_total', 'Tokens decoded (prompt + generated) since load.', (s) => s.decodedTokens);
+    engineCounter('genesis_preemptions_total', 'Sequences preempted to make room in the shared KV pool (kvBudget) and recomputed later, since load.', (s) => s.preemptions);
     engineCounter('genesis_shared_prefix_copies_total', 'Prompts started from another sequence\'s KV cache (copied, not computed again), since load.', (s) => s.sharedPrefixCopies);
     engineCounter('genesis_prompt_cache_tokens_total', 'Prompt tokens reused from a slot\'s prompt cache instead of decoded, since load.', (s) => s.cachedPromptTokens);
     engineCounter('genesis_draft_tokens_total', 'Speculative decoding: tokens the draft model proposed, since load.', (s) => s.draftTokens);

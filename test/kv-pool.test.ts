@@ -1,0 +1,135 @@
+/**
+ * The shared KV pool with a budget (kvBudget): admission when a prompt fits, preemption of the
+ * lowest-priority, latest admitted sequence when the running ones outgrow the pool, and its
+ * recomputation with its sampler and text state kept, so its output is the uninterrupted one.
+ *
+ * Flash attention is off here: with it on, batched prefill over one shared KV buffer is not
+ * bit-identical to a solo run (test/batching.test.ts measures that), which would hide what is
+ * checked here. With it off, every run below equals the solo run token for token.
+ */
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+
+import { ContextOverflowError, InvalidOptionError, loadModel, type Model } from '../src/index.js';
+import { serve } from '../src/server/serve.js';
+import { makeFixtureModel } from './fixtures/models.js';
+import { BATCH_INVARIANT } from './fixtures/gpu.js';
+
+const base = { contextSize: 256, threads: 2, flashAttention: false, ...BATCH_INVARIANT } as const;
+const PROMPTS = Array.from({ length: 8 }, (_, i) => `Request number ${i} says hello to the pool of shared memory`);
+const GREEDY = { temperature: 0, ignoreEos: true, maxTokens: 60 } as const;
+
+describe('shared KV pool (kvBudget)', { timeout: 120_000 }, () => {
+  let path: string;
+  let solo: Model;
+  let reference: number[][];
+
+  beforeAll(async () => {
+    path = await makeFixtureModel({ arch: 'llama', type: 'q8_0' });
+    solo = await loadModel(path, { ...base, maxSequences: 1 });
+    reference = [];
+    for (const p of PROMPTS) reference.push((await solo.complete(p, GREEDY)).tokens);
+  });
+  afterAll(() => solo?.dispose());
+
+  it('runs 8 requests that need 4× the pool: all complete, each equal to its solo run, with preemptions', async () => {
+    // Each request holds 13 + 60 tokens at the end: 8 of them need ~580 cells, the pool has 160.
+    const m = await loadModel(path, { ...base, maxSequences: 8, kvBudget: 160 });
+    try {
+      expect(m.stats().kvCapacityTokens).toBeGreaterThanOrEqual(160);
+      expect(m.stats().kvCapacityTokens).toBeLessThan(8 * 73);
+      const results = await Promise.all(PROMPTS.map((p) => m.complete(p, GREEDY)));
+      expect(results.map((r) => r.tokens)).toEqual(reference);
+      expect(results.every((r) => r.finishReason === 'length' && r.usage.promptTokens === 13 && r.usage.completionTokens === 60)).toBe(true);
+      const stats = m.stats();
+      expect(stats.preemptions).toBeGreaterThan(0);
+      expect(results.reduce((n, r) => n + (r.preemptions ?? 0), 0)).toBe(stats.preemptions);
+      expect(stats.active + stats.queued + stats.kvUsedTokens).toBe(0);
+      // The recomputed prompts were decoded again: more tokens than the requests' own.
+      expect(stats.decodedTokens).toBeGreaterThan(8 * (13 + 59));
+    } finally {
+      await m.dispose();
+    }
+  });
+
+  it('keeps a preempted request’s sampler and text state: sampled output and stop strings are unchanged', async () => {
+    const sampled = (i: number) => ({ temperature: 0.9, topK: 40, seed: 1000 + i, repeatPenalty: 1.3, maxTokens: 60, ignoreEos: true });
+    const roomy = await loadModel(path, { ...base, maxSequences: 8, kvUnified: true });
+    const tight = await loadModel(path, { ...base, maxSequences: 8, kvBudget: 160 });
+    try {
+      const expected = await Promise.all(PROMPTS.map((p, i) => roomy.complete(p, sampled(i))));
+      expect(roomy.stats().preemptions).toBe(0);
+      const got = await Promise.all(PROMPTS.map((p, i) => tight.complete(p, sampled(i))));
+      expect(tight.stats().preemptions).toBeGreaterThan(0);
+      expect(got.map((r) => r.tokens)).toEqual(expected.map((r) => r.tokens));
+      expect(got.map((r) => r.text)).toEqual(expected.map((r) => r.text));
+      // A stop string found after a preemption ends the text where it would have ended.
+      const stopAt = expected.map((r) => r.text.slice(Math.floor(r.text.length * 0.8)).trim().slice(0, 3)).map((s) => s || 'zzz');
+      const stopped = await Promise.all(PROMPTS.map((p, i) => tight.complete(p, { ...sampled(i), stop: [stopAt[i]!] })));
+      expected.forEach((r, i) => {
+        const cut = r.text.indexOf(stopAt[i]!);
+        if (cut >= 0) expect(stopped[i]!.text).toBe(r.text.slice(0, cut));
+      });
+    } finally {
+      await roomy.dispose();
+      await tight.dispose();
+    }
+  });
+
+  it('preempts the lowest priority first', async () => {
+    const m = await loadModel(path, { ...base, maxSequences: 8, kvBudget: 160 });
+    try {
+      // Four low-priority requests start first; two high-priority ones join while they run.
+      const low = PROMPTS.slice(0, 4).map((p) => m.complete(p, { ...GREEDY, priority: -1 }));
+      await new Promise((r) => setTimeout(r, 20));
+      const high = PROMPTS.slice(4, 6).map((p) => m.complete(p, { ...GREEDY, priority: 5 }));
+      const [lows, highs] = await Promise.all([Promise.all(low), Promise.all(high)]);
+      expect(lows.map((r) => r.tokens)).toEqual(reference.slice(0, 4));
+      expect(highs.map((r) => r.tokens)).toEqual(reference.slice(4, 6));
+      // Only low-priority requests were preempted.
+      expect(highs.map((r) => r.preemptions ?? 0)).toEqual([0, 0]);
+      expect(lows.reduce((n, r) => n + (r.preemptions ?? 0), 0)).toBe(m.stats().preemptions);
+      expect(m.stats().preemptions).toBeGreaterThan(0);
+    } finally {
+      await m.dispose();
+    }
+  });
+
+  it('refuses impossible settings and over-long prompts with typed errors', async () => {
+    await expect(loadModel(path, { ...base, kvBudget: 256, kvUnified: false })).rejects.toMatchObject({ option: 'kvBudget' });
+    await expect(loadModel(path, { ...base, kvBudget: 8 })).rejects.toBeInstanceOf(InvalidOptionError);
+    await expect(loadModel(path, { ...base, kvBudget: 1.5 })).rejects.toBeInstanceOf(InvalidOptionError);
+    await expect(loadModel(path, { ...base, kvBudget: 256, draft: { model: solo } })).rejects.toMatchObject({ option: 'kvBudget' });
+    const m = await loadModel(path, { ...base, maxSequences: 2, kvBudget: 64 });
+    try {
+      // A sequence can grow to the pool at most.
+      expect(m.info.context.contextSize).toBeLessThanOrEqual(m.stats().kvCapacityTokens);
+      const long = Array.from({ length: m.info.context.contextSize + 5 }, (_, i) => 100 + i);
+      await expect(m.complete(long, { maxTokens: 1 })).rejects.toBeInstanceOf(ContextOverflowError);
+      expect((await m.complete('still fine', { maxTokens: 4, temperature: 0, ignoreEos: true })).usage.completionTokens).toBe(4);
+    } finally {
+      await m.dispose();
+    }
+  });
+
+  it('exports preemptions on /metrics', async () => {
+    const handle = await serve({ models: [{ name: 'pool', path }], load: { ...base, maxSequences: 8, kvBudget: 160 }, port: 0, handleSignals: false, log: () => {} });
+    try {
+      const statuses = await Promise.all(
+        PROMPTS.map(async (prompt) => {
+          const r = await fetch(`${handle.url}/v1/completions`, {
+            method: 'POST',
+            headers: { 'content-type': 'application/json' },
+            body: JSON.stringify({ model: 'pool', prompt, max_tokens: 60, temperature: 0, ignore_eos: true }),
+          });
+          return r.status;
+        }),
+      );
+      expect(statuses.every((s) => s === 200)).toBe(true);
+      const text = await (await fetch(`${handle.url}/metrics`)).text();
+      expect(text).toMatch(/^genesis_preemptions_total\{model="pool"\} [1-9]\d*$/m);
+      expect(text).toMatch(/^genesis_kv_capacity_tokens\{model="pool"\} (1[6-9]\d|2\d\d)$/m);
+    } finally {
+      await handle.stop();
+    }
+  });
+});
