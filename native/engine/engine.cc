@@ -114,10 +114,7 @@ Engine::Engine(llama_model* model, const EngineOptions& options, Notify notify)
   share_prefix_ = prompt_cache_ && !recurrent && !(options.mtp && drafting);
   if (options.kv_unified && options.kv_budget > 0) {
     if (drafting) {
-      llama_free(ctx_);
-      ctx_ = nullptr;
-      if (threadpool_ != nullptr) ggml_threadpool_free(threadpool_);
-      threadpool_ = nullptr;
+      free_native();
       throw InvalidEngineOption("kvBudget", "no draft model or MTP drafting with a KV budget",
                                 "speculative decoding with a shared KV pool (kvBudget) is not supported");
     }
@@ -127,13 +124,7 @@ Engine::Engine(llama_model* model, const EngineOptions& options, Notify notify)
   batch_ = llama_batch_init(static_cast<int32_t>(n_batch_), 0, 1);
   if (drafting) {
     auto undo = [&](const std::string& why) {
-      if (draft_ctx_ != nullptr) llama_free(draft_ctx_);
-      draft_ctx_ = nullptr;
-      llama_free(ctx_);
-      ctx_ = nullptr;
-      if (threadpool_ != nullptr) ggml_threadpool_free(threadpool_);
-      threadpool_ = nullptr;
-      llama_batch_free(batch_);
+      free_native();
       throw std::runtime_error(why);
     };
     if (recurrent && llama_n_rs_seq(ctx_) < options.draft_max) {
@@ -173,16 +164,7 @@ Engine::Engine(llama_model* model, const EngineOptions& options, Notify notify)
   }
   if (options.expert_stats) {
     if (llama_expert_stats_enable(ctx_, true) < 0) {
-      if (draft_ctx_ != nullptr) {
-        llama_batch_free(draft_batch_);
-        llama_free(draft_ctx_);
-        draft_ctx_ = nullptr;
-      }
-      llama_free(ctx_);
-      ctx_ = nullptr;
-      if (threadpool_ != nullptr) ggml_threadpool_free(threadpool_);
-      threadpool_ = nullptr;
-      llama_batch_free(batch_);
+      free_native();
       throw InvalidEngineOption("expertStats", "a mixture-of-experts model (layers with an expert router)",
                                 "the model has no routed experts to count (no layer has an expert router)");
     }
@@ -201,13 +183,22 @@ Engine::Engine(llama_model* model, const EngineOptions& options, Notify notify)
 Engine::~Engine() {
   stop();
   join();
-  llama_batch_free(batch_);
+  free_native();
+}
+
+void Engine::free_native() {
   if (draft_ctx_ != nullptr) {
     llama_batch_free(draft_batch_);
     llama_free(draft_ctx_);
+    draft_ctx_ = nullptr;
   }
+  draft_batch_ = {};
   if (ctx_ != nullptr) llama_free(ctx_);
+  ctx_ = nullptr;
   if (threadpool_ != nullptr) ggml_threadpool_free(threadpool_);
+  threadpool_ = nullptr;
+  llama_batch_free(batch_);  // frees only what was allocated (a zeroed batch holds nothing)
+  batch_ = {};
 }
 
 uint32_t Engine::total_context() const { return llama_n_ctx(ctx_); }

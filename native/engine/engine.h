@@ -255,6 +255,8 @@ class Engine {
   };
 
   void loop();
+  // Frees the contexts, batches and thread pool (the destructor, and a constructor that throws).
+  void free_native();
   void admit();
   // Puts a waiting request into a free slot: `cached` of its prompt tokens are in the slot already,
   // or `donor_tokens` are copied from the donor's stream.
