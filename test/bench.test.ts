@@ -189,7 +189,12 @@ describe('genesis bench end to end (tiny model, real llama.cpp tools)', () => {
     expect(run.latency[1]!.ours.requests).toBe(4);
     expect(run.roofline!.map((x) => x.concurrency)).toEqual([1, 2]);
     for (const x of run.roofline!) expect(x.fraction).toBeGreaterThan(0);
-    expect(report.ratios.filter((x) => x.target !== undefined).map((x) => x.label)).toEqual(['pp16', 'pp32', 'tg8', 'c=1', 'c=2']);
+    expect(report.ratios.filter((x) => x.target !== undefined).map((x) => x.label)).toEqual(['pp16', 'pp32', 'tg8', 'c=1', 'c=2', 'budget 2048, ctx 1024']);
+    // One KV budget: llama-server's 2 slots of 1024 against our pool holding many short requests.
+    const k = run.kvPool!;
+    expect(k.referenceSequences).toBe(2);
+    expect(k.oursSequences).toBeGreaterThan(2);
+    expect([k.ours.errors, k.reference.errors, k.ours.completed, k.reference.completed]).toEqual([0, 0, 32, 32]);
 
     expect(readFileSync(join(out, 'report.md'), 'utf8')).toContain('| tiny:q8_0:2L |');
     expect(readFileSync(join(out, 'report.html'), 'utf8')).toMatch(/<canvas/);

@@ -318,6 +318,32 @@ function modelBlocks(run: BenchModelRun, index: number, charts: ChartSlot[]): Bl
     blocks.push(...errorNotes('', [[OURS, mx.ours], [SERVER_REF, mx.reference]]));
   }
 
+  if (run.kvPool) {
+    const k = run.kvPool;
+    blocks.push({ kind: 'heading', level: 3, text: 'Sequences in one KV budget (vs llama-server per-sequence slots)' });
+    blocks.push({
+      kind: 'note',
+      text:
+        `${k.budgetTokens} KV tokens, requests up to ${k.maxContext} tokens of context: llama-server gets ${k.referenceSequences} slots of ${k.maxContext}; ` +
+        `ours one pool of ${k.budgetTokens} (--kv-budget). ${k.requests} requests of ${k.promptTokens} + ${k.genTokens} tokens, ${k.concurrency} at a time.`,
+    });
+    blocks.push({
+      kind: 'table',
+      table: table(
+        [
+          ['server', 'left'],
+          ['sequences at once', 'right'],
+          ['output t/s', 'right'],
+          ['TTFT p50 (ms)', 'right'],
+          ['errors', 'right'],
+        ],
+        [
+          [OURS, String(k.oursSequences), tps(k.ours.outputTokensPerSecond), fixed(k.ours.ttftMs.p50, 1), String(k.ours.errors)],
+          [SERVER_REF, String(k.referenceSequences), tps(k.reference.outputTokensPerSecond), fixed(k.reference.ttftMs.p50, 1), String(k.reference.errors)],
+        ],
+      ),
+    });
+  }
   if (run.experts) {
     const e = run.experts;
     blocks.push({ kind: 'heading', level: 3, text: 'Expert load (expert statistics on vs off)' });

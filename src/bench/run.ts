@@ -8,6 +8,8 @@
  *   shared-prefix   many requests with one long common prefix, both servers
  *   mixed           Poisson arrivals with random prompt/output lengths, both servers
  *   roofline        weight bytes per decode step / bandwidth measured in this run
+ *   kv-pool         sequences held in one KV budget: llama-server's per-sequence slots vs our shared
+ *                   pool (--kv-budget), same short requests, same client concurrency
  *   experts         MoE models: batched decode with expert statistics on vs off (our own
  *                   reference), and the per-layer expert load as a heatmap
  *
@@ -32,11 +34,11 @@ import { renderHtml, renderMarkdown, formatRatioTable } from './report.js';
 import { roofline } from './roofline.js';
 import { startGenesisServer, startLlamaServer, type RunningServer } from './servers.js';
 import type {
-  BatchedRow, BenchModelRun, BenchReport, BenchSettings, ExpertsResult, LatencyRow, LoadStats, MixedResult, RatioRow, SharedPrefixResult, SingleStreamRow, SplitSettings,
+  BatchedRow, BenchModelRun, BenchReport, BenchSettings, ExpertsResult, KvPoolResult, LatencyRow, LoadStats, MixedResult, RatioRow, SharedPrefixResult, SingleStreamRow, SplitSettings,
 } from './types.js';
 
-export type Workload = 'single' | 'batched' | 'server' | 'shared-prefix' | 'mixed' | 'experts';
-export const WORKLOADS: readonly Workload[] = ['single', 'batched', 'server', 'shared-prefix', 'mixed', 'experts'];
+export type Workload = 'single' | 'batched' | 'server' | 'shared-prefix' | 'mixed' | 'kv-pool' | 'experts';
+export const WORKLOADS: readonly Workload[] = ['single', 'batched', 'server', 'shared-prefix', 'mixed', 'kv-pool', 'experts'];
 
 export interface BenchOptions {
   /** Preset specs (generated on first use) or paths of GGUF files. */
@@ -58,6 +60,8 @@ export interface BenchOptions {
   latency: { promptTokens: number; genTokens: number; requestsPerSlot: number };
   sharedPrefix: { requests: number; concurrency: number; prefixTokens: number; suffixTokens: number; genTokens: number };
   mixed: { requests: number; arrivalRate: number; promptTokens: [number, number]; genTokens: [number, number]; seed: number };
+  /** kv-pool: the KV budget, the longest context a request may have, and the short requests sent. */
+  kvPool: { budgetTokens: number; maxContext: number; requests: number; concurrency: number; promptTokens: number; genTokens: number };
   /** Measure memory bandwidth and compute the roofline (default true). */
   roofline: boolean;
   /** Directory for report.json, report.md and report.html. */
@@ -86,6 +90,7 @@ export function defaultBenchOptions(quick: boolean): Omit<BenchOptions, 'outDir'
       latency: { promptTokens: 64, genTokens: 16, requestsPerSlot: 2 },
       sharedPrefix: { requests: 8, concurrency: 4, prefixTokens: 256, suffixTokens: 16, genTokens: 8 },
       mixed: { requests: 12, arrivalRate: 2, promptTokens: [16, 128], genTokens: [4, 24], seed: 7 },
+      kvPool: { budgetTokens: 2048, maxContext: 1024, requests: 32, concurrency: 16, promptTokens: 32, genTokens: 16 },
       roofline: true,
     };
   }
@@ -107,6 +112,7 @@ export function defaultBenchOptions(quick: boolean): Omit<BenchOptions, 'outDir'
     latency: { promptTokens: 256, genTokens: 64, requestsPerSlot: 3 },
     sharedPrefix: { requests: 64, concurrency: 16, prefixTokens: 2048, suffixTokens: 64, genTokens: 32 },
     mixed: { requests: 64, arrivalRate: 4, promptTokens: [32, 1024], genTokens: [16, 256], seed: 7 },
+    kvPool: { budgetTokens: 8192, maxContext: 4096, requests: 128, concurrency: 64, promptTokens: 64, genTokens: 64 },
     roofline: true,
   };
 }
@@ -266,6 +272,63 @@ async function expertLoad(o: BenchOptions, path: string, progress: Progress): Pr
   return { concurrency: B, promptTokens: pp, genTokens: tg, statsOn, statsOff, layers };
 }
 
+/** The most sequences the server reports active (genesis_active_sequences), polled until stopped. */
+function watchActive(baseUrl: string): { stop: () => Promise<number> } {
+  let peak = 0;
+  let running = true;
+  const poll = (async () => {
+    while (running) {
+      const text = await fetch(`${baseUrl}/metrics`).then((r) => r.text(), () => '');
+      const m = /^genesis_active_sequences\{model="bench"\} (\d+)/m.exec(text);
+      if (m) peak = Math.max(peak, Number(m[1]));
+      await new Promise((r) => setTimeout(r, 50));
+    }
+  })();
+  return {
+    stop: async () => {
+      running = false;
+      await poll;
+      return peak;
+    },
+  };
+}
+
+/**
+ * The same fixed KV budget both ways: llama-server with one slot per maxContext (its per-sequence
+ * mode, -np budget/maxContext) and ours with one pool (--kv-budget) and a slot per client request.
+ */
+async function kvPool(o: BenchOptions, path: string, vocabSize: number, progress: Progress): Promise<KvPoolResult> {
+  const k = o.kvPool;
+  const slots = Math.max(1, Math.floor(k.budgetTokens / k.maxContext));
+  const common = { model: path, threads: o.threads, batchSize: o.batchSize, gpuLayers: o.gpuLayers, split: o.split, log: o.log };
+  const random = mulberry32(4000);
+  const requests = Array.from({ length: k.requests }, () => ({ prompt: randomPrompt(random, vocabSize, k.promptTokens), maxTokens: k.genTokens }));
+  const load = (server: RunningServer) =>
+    runLoad({ baseUrl: server.baseUrl, model: 'bench', requests: [{ prompt: requests[0]!.prompt.slice(0, 8), maxTokens: 2 }], concurrency: 1 }).then(() =>
+      runLoad({ baseUrl: server.baseUrl, model: 'bench', requests, concurrency: k.concurrency, timeoutMs: 600_000 }));
+  let reference: LoadStats | undefined;
+  let ours: LoadStats | undefined;
+  let oursSequences = 0;
+  const better = (a: LoadStats | undefined, b: LoadStats) => (!a || b.errors < a.errors || (b.errors === a.errors && b.outputTokensPerSecond > a.outputTokensPerSecond) ? b : a);
+  for (let round = 0; round < o.repeat; round++) {
+    progress.step(`kv-pool, round ${round + 1}/${o.repeat}: llama-server, ${slots} slots of ${k.maxContext} in ${k.budgetTokens} tokens`);
+    reference = better(reference, await withServer(() => startLlamaServer({ ...common, parallel: slots, contextPerSequence: k.maxContext }), load));
+    progress.step(`kv-pool, round ${round + 1}/${o.repeat}: genesis serve, one pool of ${k.budgetTokens} tokens, ${k.concurrency} sequences`);
+    const [stats, peak] = await withServer(
+      () => startGenesisServer({ ...common, parallel: k.concurrency, contextPerSequence: k.maxContext, kvBudget: k.budgetTokens }),
+      async (server) => {
+        const watch = watchActive(server.baseUrl);
+        const s = await load(server);
+        return [s, await watch.stop()] as const;
+      },
+    );
+    ours = better(ours, stats);
+    oursSequences = Math.max(oursSequences, peak);
+  }
+  if (!reference || !ours) throw new RangeError('repeat must be at least 1');
+  return { ...k, referenceSequences: slots, oursSequences, ours, reference };
+}
+
 function serverContext(o: BenchOptions): { parallel: number; contextPerSequence: number } {
   const need = [o.latency.promptTokens + o.latency.genTokens];
   if (o.workloads.has('shared-prefix')) need.push(o.sharedPrefix.prefixTokens + o.sharedPrefix.suffixTokens + o.sharedPrefix.genTokens);
@@ -306,6 +369,12 @@ function ratioRows(runs: BenchModelRun[]): RatioRow[] {
       add({ model, workload: 'server', label: `c=${l.concurrency}`, metric: 'output throughput', unit: 't/s', ours: l.ours.outputTokensPerSecond, reference: l.reference.outputTokensPerSecond, referenceTool: 'llama-server', target: 1.0 });
       add({ model, workload: 'server', label: `c=${l.concurrency}`, metric: 'TTFT p50 (lower is better)', unit: 'ms', ours: l.ours.ttftMs.p50, reference: l.reference.ttftMs.p50, referenceTool: 'llama-server' }, true);
     }
+    if (run.kvPool) {
+      const k = run.kvPool;
+      const label = `budget ${k.budgetTokens}, ctx ${k.maxContext}`;
+      add({ model, workload: 'kv-pool', label, metric: 'sequences held at once', unit: 'seqs', ours: k.oursSequences, reference: k.referenceSequences, referenceTool: 'llama-server', target: 8 });
+      add({ model, workload: 'kv-pool', label, metric: 'output throughput', unit: 't/s', ours: k.ours.outputTokensPerSecond, reference: k.reference.outputTokensPerSecond, referenceTool: 'llama-server' });
+    }
     if (run.experts) {
       const e = run.experts;
       add({
@@ -337,6 +406,7 @@ function stepsPerModel(o: BenchOptions): number {
   if (o.workloads.has('single')) n += 2 * o.repeat;
   if (o.workloads.has('batched')) n += 2 * o.repeat;
   if (o.workloads.has('experts')) n += 2 * o.repeat; // dense models skip them in one step each
+  if (o.workloads.has('kv-pool')) n += 2 * o.repeat;
   const serverSteps = (o.workloads.has('server') ? o.concurrency.length : 0) + (o.workloads.has('shared-prefix') ? 1 : 0) + (o.workloads.has('mixed') ? 1 : 0);
   return n + 2 * o.repeat * serverSteps;
 }
@@ -404,6 +474,7 @@ export async function runBench(o: BenchOptions): Promise<BenchOutcome> {
         run.mixed = { requests, arrivalRate, promptTokens, genTokens, seed, ours: ours.mixed, reference: reference.mixed } satisfies MixedResult;
       }
     }
+    if (o.workloads.has('kv-pool')) run.kvPool = await kvPool(o, path, shape.vocabSize, progress);
     if (bandwidth && run.batched.length > 0) {
       run.roofline = roofline(await readGguf(path), bandwidth, run.batched.map((b) => ({ concurrency: b.concurrency, tokensPerSecond: b.ours })));
     }

@@ -21,6 +21,8 @@ export interface ServerSettings {
   parallel: number;
   /** Context per sequence. */
   contextPerSequence: number;
+  /** Ours only: one shared KV pool of this many tokens (--kv-budget) instead of parallel × context. */
+  kvBudget?: number;
   log?: (line: string) => void;
   /** Time allowed for loading the model and answering /health (default 300 s). */
   startTimeoutMs?: number;
@@ -95,6 +97,7 @@ export async function startGenesisServer(s: ServerSettings): Promise<RunningServ
     '--context-size', String(s.contextPerSequence), '--max-sequences', String(s.parallel),
     '--threads', String(s.threads), '--batch-size', String(s.batchSize), '--gpu-layers', String(s.gpuLayers),
     '--max-tokens-limit', String(s.contextPerSequence), '--drain-timeout', '1', ...splitArgs(s.split, 'genesis'),
+    ...(s.kvBudget ? ['--kv-budget', String(s.kvBudget)] : []),
   ];
   return start('genesis serve', [...genesisCommand(), ...args], port, s);
 }

@@ -127,6 +127,26 @@ export interface BenchModelRun {
   mixed?: MixedResult;
   roofline?: RooflineRow[];
   experts?: ExpertsResult;
+  kvPool?: KvPoolResult;
+}
+
+/**
+ * Sequences held in one fixed KV budget: llama-server in its per-sequence mode (the budget split
+ * into slots of the maximum context) against ours with one shared pool of the same size
+ * (--kv-budget), the same short requests at the same client concurrency.
+ */
+export interface KvPoolResult {
+  budgetTokens: number;
+  maxContext: number;
+  requests: number;
+  concurrency: number;
+  promptTokens: number;
+  genTokens: number;
+  /** Sequences each side held at once: llama-server's slots; ours, the most active seen. */
+  referenceSequences: number;
+  oursSequences: number;
+  ours: LoadStats;
+  reference: LoadStats;
 }
 
 /**
