@@ -75,6 +75,25 @@ describe('shared KV pool (kvBudget)', { timeout: 120_000 }, () => {
     }
   });
 
+  it('lets every sequence grow to the whole context while they share the pool', async () => {
+    // Three requests that each run until their context is full, in a pool the size of one context.
+    const m = await loadModel(path, { ...base, maxSequences: 3, kvBudget: 256 });
+    try {
+      const ctx = m.info.context.contextSize;
+      expect(ctx).toBe(256);
+      const untilFull = { temperature: 0, ignoreEos: true, maxTokens: 1000 };
+      const alone = [];
+      for (const p of PROMPTS.slice(0, 3)) alone.push(await solo.complete(p, untilFull));
+      const shared = await Promise.all(PROMPTS.slice(0, 3).map((p) => m.complete(p, untilFull)));
+      expect(shared.map((r) => r.finishReason)).toEqual(['context', 'context', 'context']);
+      expect(shared.map((r) => r.tokens)).toEqual(alone.map((r) => r.tokens));
+      expect(shared[0]!.usage.promptTokens + shared[0]!.usage.completionTokens).toBeGreaterThanOrEqual(ctx - 1);
+      expect(m.stats().preemptions).toBeGreaterThan(0);
+    } finally {
+      await m.dispose();
+    }
+  });
+
   it('preempts the lowest priority first', async () => {
     const m = await loadModel(path, { ...base, maxSequences: 8, kvBudget: 160 });
     try {

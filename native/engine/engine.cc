@@ -442,9 +442,11 @@ void Engine::admit() {
   }
   for (size_t w : order) {
     const auto& prompt = waiting_[w].request.prompt;
-    // A request starts when its whole prompt and its first token fit in the pool; the queue keeps
-    // its order (a long prompt is not overtaken for ever by short ones).
-    if (pool_cells_ > 0 && committed + prompt.size() + 1 > pool_cells_) break;
+    // A request starts when its whole prompt and its first token fit in the pool (a resumed one's
+    // prompt may fill a sequence's whole context, which is at most the pool); the queue keeps its
+    // order (a long prompt is not overtaken for ever by short ones).
+    const uint64_t need = std::min<uint64_t>(prompt.size() + 1, pool_cells_);
+    if (pool_cells_ > 0 && committed + need > pool_cells_) break;
     // The free slot whose cached tokens share the longest prefix with this prompt; among equals the
     // least recently used (an unused slot first), so a cache another prompt may want survives longest.
     Slot* chosen = nullptr;
@@ -478,7 +480,7 @@ void Engine::admit() {
       if (donor_lcp < chosen_lcp + kSharedPrefixMin) donor = nullptr;
     }
     admitted.push_back(w);
-    committed += prompt.size() + 1;
+    committed += need;
     start(*chosen, std::move(waiting_[w]), chosen_lcp, donor, donor_lcp);
   }
   // Erase the admitted from the back, so the indices stay valid.
