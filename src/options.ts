@@ -37,7 +37,7 @@ export interface LoadModelOptions {
    * Keep a finished request's KV cache in its sequence slot and reuse the longest common prefix
    * with the next prompt admitted there (the free slot sharing the longest prefix is chosen), as
    * llama-server's cache_prompt does: multi-turn chats and shared system prompts skip most of
-   * their prefill. Default true; off with kvUnified or deterministic.
+   * their prefill. Default true; off with deterministic, and with kvUnified unless kvBudget is set.
    */
   promptCache?: boolean;
   /**
@@ -47,6 +47,8 @@ export interface LoadModelOptions {
    * running ones hold; when they outgrow the pool, the lowest-priority, latest admitted one goes back
    * to the queue and is recomputed (prompt and the tokens it generated, with its sampler state) once
    * there is room again, so its output is what it would have been. See `stats().preemptions`.
+   * Finished sequences stay cached in the pool (promptCache) until room is needed, least recently
+   * used first; a shared prefix is held once, however many sequences use it.
    * Not with speculative decoding or deterministic.
    */
   kvBudget?: number;

@@ -94,6 +94,66 @@ describe('shared KV pool (kvBudget)', { timeout: 120_000 }, () => {
     }
   });
 
+  it('computes a shared prefix once and shares its cells: no more room than one copy', async () => {
+    const ids = (seed: number, n: number) => Array.from({ length: n }, (_, i) => 100 + ((seed * 7919 + i * 104729) % 20000));
+    const prefix = ids(1, 400);
+    const prompts = [2, 3, 4, 5].map((s) => [...prefix, ...ids(s, 20)]);
+    const short = { temperature: 0, ignoreEos: true, maxTokens: 20 };
+    const cold = [];
+    const wide = await loadModel(path, { ...base, contextSize: 512, maxSequences: 1 });
+    try {
+      for (const p of prompts) cold.push((await wide.complete(p, short)).tokens);
+    } finally {
+      await wide.dispose();
+    }
+    // 4 × (420 + 20) cells without sharing: more than the pool of 1024.
+    const m = await loadModel(path, { ...base, contextSize: 512, maxSequences: 4, kvBudget: 1024 });
+    try {
+      const first = await m.complete([...prefix, ...ids(9, 20)], short);
+      expect(first.usage.completionTokens).toBe(20);
+      const before = m.stats();
+      const results = await Promise.all(prompts.map((p) => m.complete(p, short)));
+      const after = m.stats();
+      expect(results.map((r) => r.tokens)).toEqual(cold);
+      expect(after.cachedPromptTokens - before.cachedPromptTokens).toBeGreaterThanOrEqual(4 * 400);
+      // Computed: each request's own 20 prompt tokens and 19 generated ones, not the prefix again.
+      expect(after.decodedTokens - before.decodedTokens).toBeLessThanOrEqual(4 * (20 + 19) + 4);
+      expect(after.preemptions).toBe(0);
+    } finally {
+      await m.dispose();
+    }
+  });
+
+  it('keeps finished conversations cached and evicts the least recently used when room is needed', async () => {
+    const m = await loadModel(path, { ...base, contextSize: 256, maxSequences: 4, kvBudget: 256 });
+    try {
+      const ids = (seed: number, n: number) => Array.from({ length: n }, (_, i) => 200 + ((seed * 6007 + i * 7727) % 15000));
+      const turn = { temperature: 0, ignoreEos: true, maxTokens: 8 };
+      // A two-turn chat: the second turn starts from the first turn's cached cells.
+      const t1 = ids(1, 50);
+      const a1 = await m.complete(t1, turn);
+      let s = m.stats();
+      const t2 = [...t1, ...a1.tokens, ...ids(2, 10)];
+      const a2 = await m.complete(t2, turn);
+      expect(m.stats().cachedPromptTokens - s.cachedPromptTokens).toBeGreaterThanOrEqual(t1.length + a1.tokens.length - 1);
+      expect(a2.tokens).toEqual((await solo.complete(t2, turn)).tokens);
+      // Two more conversations fill the pool with cached cells (about 76 + 2 × 58 of 256); a fourth
+      // of 120 tokens needs room: the least recently used cache (the chat) is dropped for it.
+      await m.complete(ids(3, 50), turn);
+      await m.complete(ids(4, 50), turn);
+      await m.complete(ids(5, 120), turn);
+      s = m.stats();
+      await m.complete([...ids(4, 50), ...ids(6, 4)], turn);
+      expect(m.stats().cachedPromptTokens - s.cachedPromptTokens).toBeGreaterThanOrEqual(50);
+      s = m.stats();
+      await m.complete([...t2, ...ids(7, 4)], turn);
+      expect(m.stats().cachedPromptTokens - s.cachedPromptTokens).toBe(0);
+      expect(m.stats().preemptions).toBe(0);
+    } finally {
+      await m.dispose();
+    }
+  });
+
   it('preempts the lowest priority first', async () => {
     const m = await loadModel(path, { ...base, maxSequences: 8, kvBudget: 160 });
     try {

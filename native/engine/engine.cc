@@ -13,6 +13,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <stdexcept>
+#include <unordered_map>
 
 namespace genesis {
 
@@ -109,10 +110,14 @@ Engine::Engine(llama_model* model, const EngineOptions& options, Notify notify)
   max_queue_ = options.max_queue;
   deterministic_ = options.deterministic;
   rpc_endpoints_ = options.rpc_endpoints;
-  prompt_cache_ = options.prompt_cache && !options.kv_unified && !options.deterministic;
+  const bool pooled = options.kv_unified && options.kv_budget > 0;
+  recurrent_ = recurrent;
+  // With one stream per sequence, or in the shared pool (where finished sequences' cells stay as a
+  // cache until the room is needed, and copies share cells by reference).
+  prompt_cache_ = options.prompt_cache && (!options.kv_unified || pooled) && !options.deterministic;
   // A recurrent or hybrid state is not a prefix of KV cells, and the MTP context holds no copy.
   share_prefix_ = prompt_cache_ && !recurrent && !(options.mtp && drafting);
-  if (options.kv_unified && options.kv_budget > 0) {
+  if (pooled) {
     if (drafting) {
       free_native();
       throw InvalidEngineOption("kvBudget", "no draft model or MTP drafting with a KV budget",
@@ -433,20 +438,15 @@ void Engine::admit() {
     return waiting_[a].order < waiting_[b].order;
   });
   std::vector<size_t> admitted;
-  // Shared KV pool: cells the running sequences hold or will fill with the rest of their prompts.
+  // Shared KV pool: cells the running sequences will fill with the rest of their prompts.
   uint64_t committed = 0;
   if (pool_cells_ > 0) {
     for (const auto& s : slots_) {
-      if (s.busy) committed += static_cast<uint64_t>(s.n_past) + (s.request.prompt.size() - std::min(s.prefilled, s.request.prompt.size()));
+      if (s.busy) committed += s.request.prompt.size() - std::min(s.prefilled, s.request.prompt.size());
     }
   }
   for (size_t w : order) {
     const auto& prompt = waiting_[w].request.prompt;
-    // A request starts when its whole prompt and its first token fit in the pool (a resumed one's
-    // prompt may fill a sequence's whole context, which is at most the pool); the queue keeps its
-    // order (a long prompt is not overtaken for ever by short ones).
-    const uint64_t need = std::min<uint64_t>(prompt.size() + 1, pool_cells_);
-    if (pool_cells_ > 0 && committed + need > pool_cells_) break;
     // The free slot whose cached tokens share the longest prefix with this prompt; among equals the
     // least recently used (an unused slot first), so a cache another prompt may want survives longest.
     Slot* chosen = nullptr;
@@ -479,8 +479,22 @@ void Engine::admit() {
       if (pending >= kSharedPrefixMin && pending > std::max(chosen_lcp, donor_lcp) + kSharedPrefixMin) continue;  // deferred
       if (donor_lcp < chosen_lcp + kSharedPrefixMin) donor = nullptr;
     }
+    if (pool_cells_ > 0) {
+      // A request starts when the rest of its prompt and its first token fit in the pool beside
+      // what is held (a resumed prompt may fill a sequence's whole context, at most the pool);
+      // finished sequences' cached cells make room first. The queue keeps its order: a long prompt
+      // is not overtaken for ever by short ones.
+      // (A recurrent state may not be cut back to the shared prefix: counted as computed again.)
+      const size_t reused = recurrent_ ? 0 : std::min(std::max(chosen_lcp, donor != nullptr ? donor_lcp : 0), prompt.size() - 1);
+      const uint64_t need = std::min<uint64_t>(prompt.size() - reused + 1, pool_cells_);
+      // The chosen slot's own cache beyond what this prompt reuses goes now (start() would drop it).
+      if (!chosen->busy) trim_kv(*chosen, donor != nullptr ? 0 : std::min(chosen_lcp, prompt.size() - 1));
+      bool fits = pool_used() + committed + need <= pool_cells_;
+      while (!fits && evict_cached(chosen, donor)) fits = pool_used() + committed + need <= pool_cells_;
+      if (!fits) break;
+      committed += need - 1;
+    }
     admitted.push_back(w);
-    committed += need;
     start(*chosen, std::move(waiting_[w]), chosen_lcp, donor, donor_lcp);
   }
   // Erase the admitted from the back, so the indices stay valid.
@@ -528,6 +542,7 @@ void Engine::start(Slot& slot, Pending p, size_t cached, Slot* donor, size_t don
     llama_memory_seq_rm(mem, slot.seq, -1, -1);
     llama_memory_seq_cp(mem, donor->seq, slot.seq, -1, -1);
     slot.kv_tokens.assign(donor->kv_tokens.begin(), donor->kv_tokens.begin() + static_cast<std::ptrdiff_t>(donor_tokens));
+    slot.segments = donor->segments;
     slot.mtp_tokens.clear();
     slot.mtp_h.clear();
     lcp = donor_tokens;
@@ -542,6 +557,9 @@ void Engine::start(Slot& slot, Pending p, size_t cached, Slot* donor, size_t don
     keep = 0;
   }
   slot.kv_tokens.resize(keep);
+  // The kept cells keep their origins; what this request computes is a new one.
+  while (!slot.segments.empty() && slot.segments.back().start >= keep) slot.segments.pop_back();
+  slot.segments.push_back({next_origin_++, keep});
   // MTP rows still queued from the slot's previous request are good for the reused prefix only.
   if (slot.mtp_pos + static_cast<llama_pos>(slot.mtp_tokens.size()) > static_cast<llama_pos>(keep)) {
     const size_t rows = static_cast<size_t>(std::max<llama_pos>(0, static_cast<llama_pos>(keep) - slot.mtp_pos));
@@ -570,11 +588,48 @@ void Engine::start(Slot& slot, Pending p, size_t cached, Slot* donor, size_t don
 }
 
 uint64_t Engine::pool_used() const {
-  uint64_t used = 0;
+  // Per origin, its cells run from its start to the furthest any holder kept.
+  std::unordered_map<uint64_t, std::pair<size_t, size_t>> spans;
   for (const auto& s : slots_) {
-    if (s.busy) used += static_cast<uint64_t>(s.n_past);
+    const size_t held = s.kv_tokens.size();
+    for (size_t i = 0; i < s.segments.size(); ++i) {
+      const size_t start = s.segments[i].start;
+      const size_t end = std::min(held, i + 1 < s.segments.size() ? s.segments[i + 1].start : held);
+      if (end <= start) continue;
+      auto [it, fresh] = spans.try_emplace(s.segments[i].origin, start, end);
+      if (!fresh) it->second.second = std::max(it->second.second, end);
+    }
   }
+  uint64_t used = 0;
+  for (const auto& [origin, span] : spans) used += span.second - span.first;
   return used;
+}
+
+void Engine::drop_kv(Slot& s) {
+  llama_memory_seq_rm(llama_get_memory(ctx_), s.seq, -1, -1);
+  s.kv_tokens.clear();
+  s.segments.clear();
+}
+
+void Engine::trim_kv(Slot& s, size_t keep) {
+  if (s.kv_tokens.size() <= keep) return;
+  if (!llama_memory_seq_rm(llama_get_memory(ctx_), s.seq, static_cast<llama_pos>(keep), -1)) {
+    drop_kv(s);  // a recurrent state cannot be cut back to a position
+    return;
+  }
+  s.kv_tokens.resize(keep);
+  while (!s.segments.empty() && s.segments.back().start >= keep) s.segments.pop_back();
+}
+
+bool Engine::evict_cached(const Slot* keep_a, const Slot* keep_b) {
+  Slot* lru = nullptr;
+  for (auto& s : slots_) {
+    if (s.busy || s.kv_tokens.empty() || &s == keep_a || &s == keep_b) continue;
+    if (lru == nullptr || s.released_at < lru->released_at) lru = &s;
+  }
+  if (lru == nullptr) return false;
+  drop_kv(*lru);
+  return true;
 }
 
 bool Engine::preempt_one() {
@@ -617,6 +672,7 @@ bool Engine::preempt_one() {
   }
   s.unsent.clear();
   release(s);
+  drop_kv(s);
   s.text = TextStream({});
   waiting_.push_back(std::move(p));
   return true;
@@ -647,7 +703,8 @@ void Engine::step() {
       // prompts are left): make room.
       const bool stuck = generating > free_cells || (generating == 0 && prefilling_any && free_cells == 0);
       room = free_cells > generating ? free_cells - generating : 0;
-      if (!stuck || !preempt_one()) break;
+      // Finished sequences' cached cells go first, least recently used first.
+      if (!stuck || (!evict_cached(nullptr, nullptr) && !preempt_one())) break;
     }
   }
   std::vector<Slot*> prefilling;
@@ -1241,9 +1298,11 @@ void Engine::fail(Slot& s, const std::string& code, const std::string& message) 
 
 void Engine::release(Slot& s) {
   s.preselected = false;
-  if (!prompt_cache_) {
+  // Nothing known to cache (a failed decode cleared kv_tokens): its cells go too.
+  if (!prompt_cache_ || s.kv_tokens.empty()) {
     llama_memory_seq_rm(llama_get_memory(ctx_), s.seq, -1, -1);
     s.kv_tokens.clear();
+    s.segments.clear();
     if (draft_ctx_ != nullptr) llama_memory_seq_rm(llama_get_memory(draft_ctx_), s.seq, -1, -1);
     s.draft_kv.clear();
     s.mtp_tokens.clear();

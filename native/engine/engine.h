@@ -40,7 +40,8 @@ struct EngineOptions {
   uint32_t kv_budget = 0;
   bool deterministic = false;    // decode each sequence on its own: output independent of the batch
   // Keep a finished sequence's KV in its slot and reuse its longest common prefix with the next
-  // prompt admitted there (llama-server's cache_prompt). Off with kv_unified or deterministic.
+  // prompt admitted there (llama-server's cache_prompt). Off with deterministic, and with
+  // kv_unified unless kv_budget is set.
   bool prompt_cache = true;
   int32_t flash_attention = -1;  // -1: llama.cpp decides, 0: off, 1: on
   uint32_t max_queue = 0;        // requests waiting for a sequence before submit refuses; 0: no limit
@@ -223,6 +224,15 @@ class Engine {
     int32_t batch_index = -1;      // logits row in the current batch, -1: none
     std::vector<llama_token> unsent;
     std::vector<llama_token> kv_tokens;  // the tokens whose KV this slot's stream holds, in order
+    // Shared KV pool: where those tokens' cells came from. Each segment runs from its start to the
+    // next one's (the last to kv_tokens.size()); cells of one origin were written once, by the
+    // sequence that computed them, and are shared with every sequence that copied them (llama.cpp
+    // copies within one stream by reference). The pool's used cells are the union over origins.
+    struct Segment {
+      uint64_t origin;
+      size_t start;
+    };
+    std::vector<Segment> segments;
     uint64_t released_at = 0;            // release order; 0: never used (for least-recently-used ties)
     uint64_t admitted_order = 0;
     uint64_t order = 0;            // the request's arrival order (kept through preemption)
@@ -304,6 +314,12 @@ class Engine {
   // latest admitted busy sequence back into the queue (false when none is busy).
   uint64_t pool_used() const;
   bool preempt_one();
+  // Drops a slot's cells (and its cache of them), or those from position keep on.
+  void drop_kv(Slot& slot);
+  void trim_kv(Slot& slot, size_t keep);
+  // Drops the least recently used finished sequence's cached cells, other than keep_a's and
+  // keep_b's; false when there is none.
+  bool evict_cached(const Slot* keep_a, const Slot* keep_b);
   void push(Event event);
   // Wakes the owner (notify) for the events pushed since it last drained: once per engine
   // iteration, after the step's sampling, rather than at the first event. Waking the JS thread
@@ -334,6 +350,8 @@ class Engine {
   // cache, for recurrent or hybrid models (a state is not a prefix of cells), and with MTP drafts.
   bool share_prefix_ = false;
   uint32_t pool_cells_ = 0;  // shared KV pool with a budget (kv_unified + kv_budget); 0: none
+  uint64_t next_origin_ = 1;  // Slot::Segment origins
+  bool recurrent_ = false;    // the model keeps a recurrent state (recurrent or hybrid)
   uint64_t releases_ = 0;
   std::vector<llama_token_data> scratch_;  // candidates for sampling (engine thread)
   std::vector<std::vector<llama_token_data>> thread_scratch_;  // the same per choose_all thread
