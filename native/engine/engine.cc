@@ -536,9 +536,10 @@ void Engine::start(Slot& slot, Pending p, size_t cached, Slot* donor, size_t don
   llama_memory_t mem = llama_get_memory(ctx_);
   size_t lcp = cached;
   if (donor != nullptr) {
-    // The whole donor stream is copied (llama.cpp copies streams whole, at the next decode), then
-    // cut to the shared prefix. The donor's cells below it do not change meanwhile: a sequence only
-    // appends.
+    // The whole donor sequence is copied, then cut to the shared prefix: with one stream per
+    // sequence llama.cpp copies the stream's data whole, at the next decode; in the shared pool the
+    // cells are shared by reference. The donor's cells below the prefix do not change meanwhile: a
+    // sequence only appends.
     llama_memory_seq_rm(mem, slot.seq, -1, -1);
     llama_memory_seq_cp(mem, donor->seq, slot.seq, -1, -1);
     slot.kv_tokens.assign(donor->kv_tokens.begin(), donor->kv_tokens.begin() + static_cast<std::ptrdiff_t>(donor_tokens));
@@ -550,15 +551,9 @@ void Engine::start(Slot& slot, Pending p, size_t cached, Slot* donor, size_t don
     stats_.shared_prefix_copies++;
   }
   // Reuse the cached prefix, leaving at least the last prompt token to decode for its logits.
-  size_t keep = slot.request.prompt.empty() ? 0 : std::min(lcp, slot.request.prompt.size() - 1);
-  if (!llama_memory_seq_rm(mem, slot.seq, static_cast<llama_pos>(keep), -1)) {
-    // A recurrent state cannot be cut back to an arbitrary position: start the sequence afresh.
-    llama_memory_seq_rm(mem, slot.seq, -1, -1);
-    keep = 0;
-  }
-  slot.kv_tokens.resize(keep);
+  trim_kv(slot, slot.request.prompt.empty() ? 0 : std::min(lcp, slot.request.prompt.size() - 1));
+  const size_t keep = slot.kv_tokens.size();  // 0 when a recurrent state could not be cut back
   // The kept cells keep their origins; what this request computes is a new one.
-  while (!slot.segments.empty() && slot.segments.back().start >= keep) slot.segments.pop_back();
   slot.segments.push_back({next_origin_++, keep});
   // MTP rows still queued from the slot's previous request are good for the reused prefix only.
   if (slot.mtp_pos + static_cast<llama_pos>(slot.mtp_tokens.size()) > static_cast<llama_pos>(keep)) {
@@ -612,12 +607,12 @@ void Engine::drop_kv(Slot& s) {
 }
 
 void Engine::trim_kv(Slot& s, size_t keep) {
-  if (s.kv_tokens.size() <= keep) return;
+  // Also when kv_tokens is no longer than keep: cells a copy or a failed decode left are dropped.
   if (!llama_memory_seq_rm(llama_get_memory(ctx_), s.seq, static_cast<llama_pos>(keep), -1)) {
-    drop_kv(s);  // a recurrent state cannot be cut back to a position
+    drop_kv(s);  // a recurrent state cannot be cut back to a position: start afresh
     return;
   }
-  s.kv_tokens.resize(keep);
+  if (s.kv_tokens.size() > keep) s.kv_tokens.resize(keep);
   while (!s.segments.empty() && s.segments.back().start >= keep) s.segments.pop_back();
 }
 

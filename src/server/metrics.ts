@@ -124,17 +124,24 @@ export class ServerMetrics {
     engineCounter('genesis_draft_tokens_total', 'Speculative decoding: tokens the draft model proposed, since load.', (s) => s.draftTokens);
     engineCounter('genesis_draft_accepted_tokens_total', 'Speculative decoding: proposed tokens the model kept (each one a decode step saved), since load.', (s) => s.acceptedDraftTokens);
     // Expert load, read at scrape time from the models loaded with expertStats (a read waits for
-    // the engine's step in flight).
-    const eachExpertStats = async (visit: (model: string, stats: ExpertStats) => void) => {
+    // the engine's step in flight). The two metrics below share one read per scrape.
+    let scrape: Promise<Array<[string, ExpertStats]>> | undefined;
+    const readExpertStats = async (): Promise<Array<[string, ExpertStats]>> => {
+      const out: Array<[string, ExpertStats]> = [];
       for (const served of models()) {
         const model = served.current();
         if (!model || model.disposed || !model.info.context.expertStats) continue;
         try {
-          visit(served.name, await model.expertStats());
+          out.push([served.name, await model.expertStats()]);
         } catch {
           // disposed while reading: it has nothing to report any more
         }
       }
+      return out;
+    };
+    const eachExpertStats = async (visit: (model: string, stats: ExpertStats) => void) => {
+      scrape ??= readExpertStats().finally(() => setImmediate(() => (scrape = undefined)));
+      for (const [model, stats] of await scrape) visit(model, stats);
     };
     new Counter({
       name: 'genesis_expert_tokens_total',
