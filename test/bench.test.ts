@@ -190,6 +190,12 @@ describe('genesis bench end to end (tiny model, real llama.cpp tools)', () => {
     expect(run.roofline!.map((x) => x.concurrency)).toEqual([1, 2]);
     for (const x of run.roofline!) expect(x.fraction).toBeGreaterThan(0);
     expect(report.ratios.filter((x) => x.target !== undefined).map((x) => x.label)).toEqual(['pp16', 'pp32', 'tg8', 'c=1', 'c=2', 'budget 2048, ctx 1024']);
+    // A prefix alone (cold), then cached from that request: both servers answered both (the tiny
+    // model's prefill is too short here for the cached one to be reliably faster).
+    const pc = run.sharedPrefix!.prefixCache!;
+    for (const t of [pc.ours, pc.reference]) expect(Math.min(t.coldMs, t.cachedMs)).toBeGreaterThan(0);
+    expect(report.ratios.some((x) => x.workload === 'shared-prefix' && x.label === 'prefix cached')).toBe(true);
+    expect(readFileSync(join(out, 'report.md'), 'utf8')).toMatch(/\| server \| cold TTFT \| cached TTFT \| cached \/ cold \|\n\|.*\n\| genesis \| [\d.]+ \| [\d.]+ \| [\d.]+ \|/);
     // One KV budget: llama-server's 2 slots of 1024 against our pool holding many short requests.
     const k = run.kvPool!;
     expect(k.referenceSequences).toBe(2);

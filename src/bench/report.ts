@@ -303,6 +303,18 @@ function modelBlocks(run: BenchModelRun, index: number, charts: ChartSlot[]): Bl
     });
     blocks.push({ kind: 'table', table: table(LOAD_COLUMNS, [loadCells(OURS, sp.ours), loadCells(SERVER_REF, sp.reference)]) });
     blocks.push(...errorNotes('', [[OURS, sp.ours], [SERVER_REF, sp.reference]]));
+    const pc = sp.prefixCache;
+    if (pc) {
+      blocks.push({
+        kind: 'note',
+        text: `One request alone with a ${sp.prefixTokens}-token prefix nothing holds (cold), then one with the same prefix and another suffix (cached): time to first token in ms.`,
+      });
+      const row = (who: string, t: { coldMs: number; cachedMs: number }) => [who, fixed(t.coldMs, 1), fixed(t.cachedMs, 1), t.coldMs > 0 ? fixed(t.cachedMs / t.coldMs, 3) : '—'];
+      blocks.push({
+        kind: 'table',
+        table: table([['server', 'left'], ['cold TTFT', 'right'], ['cached TTFT', 'right'], ['cached / cold', 'right']], [row(OURS, pc.ours), row(SERVER_REF, pc.reference)]),
+      });
+    }
   }
 
   const mx = run.mixed;

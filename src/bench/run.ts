@@ -34,7 +34,7 @@ import { renderHtml, renderMarkdown, formatRatioTable } from './report.js';
 import { roofline } from './roofline.js';
 import { startGenesisServer, startLlamaServer, type RunningServer } from './servers.js';
 import type {
-  BatchedRow, BenchModelRun, BenchReport, BenchSettings, ExpertsResult, KvPoolResult, LatencyRow, LoadStats, MixedResult, RatioRow, SharedPrefixResult, SingleStreamRow, SplitSettings,
+  BatchedRow, BenchModelRun, BenchReport, BenchSettings, ExpertsResult, KvPoolResult, LatencyRow, PrefixCacheTtft, LoadStats, MixedResult, RatioRow, SharedPrefixResult, SingleStreamRow, SplitSettings,
 } from './types.js';
 
 export type Workload = 'single' | 'batched' | 'server' | 'shared-prefix' | 'mixed' | 'kv-pool' | 'experts';
@@ -190,6 +190,7 @@ async function batched(o: BenchOptions, path: string, progress: Progress): Promi
 interface ServerWorkloads {
   latency: Array<{ concurrency: number; stats: LoadStats }>;
   sharedPrefix?: LoadStats;
+  prefixCache?: PrefixCacheTtft;
   mixed?: LoadStats;
 }
 
@@ -216,6 +217,12 @@ async function serverWorkloads(o: BenchOptions, server: RunningServer, vocabSize
     const prefix = randomPrompt(random, vocabSize, s.prefixTokens);
     const requests = Array.from({ length: s.requests }, () => ({ prompt: [...prefix, ...randomPrompt(random, vocabSize, s.suffixTokens)], maxTokens: s.genTokens }));
     out.sharedPrefix = await run(requests, s.concurrency);
+    // Then a prefix nothing holds yet: one request alone (cold), and one more with the same prefix
+    // and another suffix (cached).
+    const fresh = randomPrompt(random, vocabSize, s.prefixTokens);
+    const alone = async () => (await run([{ prompt: [...fresh, ...randomPrompt(random, vocabSize, s.suffixTokens)], maxTokens: 1 }], 1)).ttftMs.p50;
+    const coldMs = await alone();
+    out.prefixCache = { coldMs, cachedMs: await alone() };
   }
   if (o.workloads.has('mixed')) {
     const m = o.mixed;
@@ -236,6 +243,8 @@ function bestServerRun(a: ServerWorkloads | undefined, b: ServerWorkloads): Serv
     !x || !y ? (x ?? y) : y.errors < x.errors || (y.errors === x.errors && y.outputTokensPerSecond > x.outputTokensPerSecond) ? y : x;
   const out: ServerWorkloads = { latency: a.latency.map((l, i) => ({ concurrency: l.concurrency, stats: pick(l.stats, b.latency[i]?.stats)! })) };
   const sharedPrefix = pick(a.sharedPrefix, b.sharedPrefix);
+  const prefixCache = !a.prefixCache || (b.prefixCache && b.prefixCache.cachedMs < a.prefixCache.cachedMs) ? b.prefixCache : a.prefixCache;
+  if (prefixCache) out.prefixCache = prefixCache;
   const mixed = pick(a.mixed, b.mixed);
   if (sharedPrefix) out.sharedPrefix = sharedPrefix;
   if (mixed) out.mixed = mixed;
@@ -386,6 +395,10 @@ function ratioRows(runs: BenchModelRun[]): RatioRow[] {
       if (!r) continue;
       add({ model, workload, label: workload, metric: 'output throughput', unit: 't/s', ours: r.ours.outputTokensPerSecond, reference: r.reference.outputTokensPerSecond, referenceTool: 'llama-server' });
       add({ model, workload, label: workload, metric: 'TTFT p50 (lower is better)', unit: 'ms', ours: r.ours.ttftMs.p50, reference: r.reference.ttftMs.p50, referenceTool: 'llama-server' }, true);
+      const pc = workload === 'shared-prefix' ? run.sharedPrefix?.prefixCache : undefined;
+      if (pc) {
+        add({ model, workload, label: 'prefix cached', metric: 'TTFT, prefix cached (lower is better)', unit: 'ms', ours: pc.ours.cachedMs, reference: pc.reference.cachedMs, referenceTool: 'llama-server' }, true);
+      }
     }
   }
   return rows;
@@ -467,7 +480,12 @@ export async function runBench(o: BenchOptions): Promise<BenchOutcome> {
       }));
       if (ours.sharedPrefix && reference.sharedPrefix) {
         const s = o.sharedPrefix;
-        run.sharedPrefix = { ...s, ours: ours.sharedPrefix, reference: reference.sharedPrefix } satisfies SharedPrefixResult;
+        run.sharedPrefix = {
+          ...s,
+          ours: ours.sharedPrefix,
+          reference: reference.sharedPrefix,
+          ...(ours.prefixCache && reference.prefixCache ? { prefixCache: { ours: ours.prefixCache, reference: reference.prefixCache } } : {}),
+        } satisfies SharedPrefixResult;
       }
       if (ours.mixed && reference.mixed) {
         const { requests, arrivalRate, promptTokens, genTokens, seed } = o.mixed;

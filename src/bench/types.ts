@@ -70,6 +70,16 @@ export interface SharedPrefixResult extends Paired<LoadStats> {
   prefixTokens: number;
   suffixTokens: number;
   genTokens: number;
+  /**
+   * Time to first token of one request alone whose prefix nothing holds (cold), then of one with
+   * the same prefix and another suffix (cached), in ms.
+   */
+  prefixCache?: Paired<PrefixCacheTtft>;
+}
+
+export interface PrefixCacheTtft {
+  coldMs: number;
+  cachedMs: number;
 }
 
 export interface MixedResult extends Paired<LoadStats> {
