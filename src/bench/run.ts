@@ -236,16 +236,19 @@ async function serverWorkloads(o: BenchOptions, server: RunningServer, vocabSize
   return out;
 }
 
+/** Of two rounds' figures, the one with fewer errors, then the higher output throughput. */
+function bestLoad<T extends LoadStats | undefined>(x: LoadStats | undefined, y: T): LoadStats | T {
+  return !x || !y ? (x ?? y) : y.errors < x.errors || (y.errors === x.errors && y.outputTokensPerSecond > x.outputTokensPerSecond) ? y : x;
+}
+
 /** Per workload, the round with the higher output throughput (fewer errors first), stats kept whole. */
 function bestServerRun(a: ServerWorkloads | undefined, b: ServerWorkloads): ServerWorkloads {
   if (!a) return b;
-  const pick = (x: LoadStats | undefined, y: LoadStats | undefined) =>
-    !x || !y ? (x ?? y) : y.errors < x.errors || (y.errors === x.errors && y.outputTokensPerSecond > x.outputTokensPerSecond) ? y : x;
-  const out: ServerWorkloads = { latency: a.latency.map((l, i) => ({ concurrency: l.concurrency, stats: pick(l.stats, b.latency[i]?.stats)! })) };
-  const sharedPrefix = pick(a.sharedPrefix, b.sharedPrefix);
+  const out: ServerWorkloads = { latency: a.latency.map((l, i) => ({ concurrency: l.concurrency, stats: bestLoad(l.stats, b.latency[i]?.stats)! })) };
+  const sharedPrefix = bestLoad(a.sharedPrefix, b.sharedPrefix);
   const prefixCache = !a.prefixCache || (b.prefixCache && b.prefixCache.cachedMs < a.prefixCache.cachedMs) ? b.prefixCache : a.prefixCache;
   if (prefixCache) out.prefixCache = prefixCache;
-  const mixed = pick(a.mixed, b.mixed);
+  const mixed = bestLoad(a.mixed, b.mixed);
   if (sharedPrefix) out.sharedPrefix = sharedPrefix;
   if (mixed) out.mixed = mixed;
   return out;
@@ -318,10 +321,9 @@ async function kvPool(o: BenchOptions, path: string, vocabSize: number, progress
   let reference: LoadStats | undefined;
   let ours: LoadStats | undefined;
   let oursSequences = 0;
-  const better = (a: LoadStats | undefined, b: LoadStats) => (!a || b.errors < a.errors || (b.errors === a.errors && b.outputTokensPerSecond > a.outputTokensPerSecond) ? b : a);
   for (let round = 0; round < o.repeat; round++) {
     progress.step(`kv-pool, round ${round + 1}/${o.repeat}: llama-server, ${slots} slots of ${k.maxContext} in ${k.budgetTokens} tokens`);
-    reference = better(reference, await withServer(() => startLlamaServer({ ...common, parallel: slots, contextPerSequence: k.maxContext }), load));
+    reference = bestLoad(reference, await withServer(() => startLlamaServer({ ...common, parallel: slots, contextPerSequence: k.maxContext }), load));
     progress.step(`kv-pool, round ${round + 1}/${o.repeat}: genesis serve, one pool of ${k.budgetTokens} tokens, ${k.concurrency} sequences`);
     const [stats, peak] = await withServer(
       () => startGenesisServer({ ...common, parallel: k.concurrency, contextPerSequence: k.maxContext, kvBudget: k.budgetTokens }),
@@ -331,7 +333,7 @@ async function kvPool(o: BenchOptions, path: string, vocabSize: number, progress
         return [s, await watch.stop()] as const;
       },
     );
-    ours = better(ours, stats);
+    ours = bestLoad(ours, stats);
     oursSequences = Math.max(oursSequences, peak);
   }
   if (!reference || !ours) throw new RangeError('repeat must be at least 1');
