@@ -19,6 +19,7 @@ export interface NativeLoadOptions {
   threads: number;
   kvUnified: boolean;
   kvBudget: number;
+  kvPaged: boolean;
   deterministic: boolean;
   promptCache: boolean;
   flashAttention: number;
@@ -140,7 +141,7 @@ export interface NativeModelInfo {
   hybrid: boolean;
   chatTemplate: string | null;
   specialTokens: { bos: number; eos: number; eot: number; addBos: boolean };
-  context: { contextSize: number; maxSequences: number; batchSize: number; totalContext: number; maxQueue: number; expertStats: boolean };
+  context: { contextSize: number; maxSequences: number; batchSize: number; totalContext: number; maxQueue: number; expertStats: boolean; kvPaged: boolean };
   metadata: Record<string, string>;
   /** What sits where: the split as loaded and, per device, its bytes and layers. */
   placement: NativePlacement;

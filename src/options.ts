@@ -52,6 +52,14 @@ export interface LoadModelOptions {
    * Not with speculative decoding or deterministic.
    */
   kvBudget?: number;
+  /**
+   * Paged attention over the shared KV (implies kvUnified): each sequence's attention reads only its
+   * own cells, through a per-sequence index list, where the unified cache runs every sequence over
+   * every cell behind a mask (work growing with the square of the concurrency). Each micro-batch
+   * then carries an equal number of tokens per sequence, as with one stream per sequence. Needs
+   * flash attention (turned on; false is refused). CPU and CUDA. Default false.
+   */
+  kvPaged?: boolean;
   /** Flash attention: 'auto' lets llama.cpp decide. Default 'auto'. */
   flashAttention?: boolean | 'auto';
   /** Memory-map the weights instead of reading them. Default true. */
@@ -222,10 +230,14 @@ export function resolveLoadOptions(
   const kvBudget = checkInt('kvBudget', options.kvBudget, 16, 2 ** 31 - 1) ?? 0;
   if (kvBudget > 0 && options.kvUnified === false) throw new InvalidOptionError('kvBudget', 'kvUnified true or unset: the budget is one pool shared by all sequences', kvBudget);
   if (kvBudget > 0 && options.draft !== undefined) throw new InvalidOptionError('kvBudget', 'no draft: speculative decoding with a shared KV pool is not supported', kvBudget);
-  const kvUnified = (checkBool('kvUnified', options.kvUnified) ?? false) || kvBudget > 0;
+  const kvPaged = checkBool('kvPaged', options.kvPaged) ?? false;
+  if (kvPaged && options.kvUnified === false) throw new InvalidOptionError('kvPaged', 'kvUnified true or unset: paged attention reads the shared KV cache', true);
+  if (kvPaged && options.flashAttention === false) throw new InvalidOptionError('kvPaged', 'flashAttention true or unset: paged attention runs in the flash attention kernels', true);
+  const kvUnified = (checkBool('kvUnified', options.kvUnified) ?? false) || kvBudget > 0 || kvPaged;
   const deterministic = checkBool('deterministic', options.deterministic) ?? false;
   const promptCache = checkBool('promptCache', options.promptCache) ?? true;
   if (deterministic && kvUnified) throw new InvalidOptionError('deterministic', 'kvUnified false: a shared KV buffer couples the sequences', true);
+  if (kvPaged && options.draft !== undefined) throw new InvalidOptionError('kvPaged', 'no draft: speculative decoding with paged attention is not supported', true);
   const fa = options.flashAttention;
   if (fa !== undefined && fa !== 'auto' && typeof fa !== 'boolean') throw new InvalidOptionError('flashAttention', "true, false or 'auto'", fa);
   const useMmap = checkBool('useMmap', options.useMmap) ?? true;
@@ -279,9 +291,10 @@ export function resolveLoadOptions(
     threads,
     kvUnified,
     kvBudget,
+    kvPaged,
     deterministic,
     promptCache,
-    flashAttention: fa === undefined || fa === 'auto' ? -1 : fa ? 1 : 0,
+    flashAttention: kvPaged ? 1 : fa === undefined || fa === 'auto' ? -1 : fa ? 1 : 0,
     useMmap,
     maxQueue,
     cpuMoeLayers,

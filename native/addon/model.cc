@@ -497,6 +497,7 @@ LoadBaton load_baton(Napi::Env env, const std::string& path, const Napi::Object&
   baton.engine.threads = get_int(opts, "threads", 0);
   baton.engine.kv_unified = get_bool(opts, "kvUnified", false);
   baton.engine.kv_budget = static_cast<uint32_t>(std::max(0, get_int(opts, "kvBudget", 0)));
+  baton.engine.kv_paged = get_bool(opts, "kvPaged", false);
   baton.engine.deterministic = get_bool(opts, "deterministic", false);
   baton.engine.prompt_cache = get_bool(opts, "promptCache", true);
   baton.engine.flash_attention = get_int(opts, "flashAttention", -1);

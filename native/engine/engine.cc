@@ -70,6 +70,7 @@ llama_context_params engine_context_params(const EngineOptions& options) {
   params.n_threads = threads;
   params.n_threads_batch = threads;
   params.kv_unified = options.kv_unified;
+  params.kv_paged = options.kv_unified && options.kv_paged;
   params.flash_attn_type = options.flash_attention < 0    ? LLAMA_FLASH_ATTN_TYPE_AUTO
                            : options.flash_attention == 0 ? LLAMA_FLASH_ATTN_TYPE_DISABLED
                                                           : LLAMA_FLASH_ATTN_TYPE_ENABLED;
@@ -96,6 +97,16 @@ Engine::Engine(llama_model* model, const EngineOptions& options, Notify notify)
   params.abort_callback_data = &abort_decode_;
 
   ctx_ = llama_init_from_model(model, params);
+  if (ctx_ == nullptr && params.kv_paged) {
+    // Tell an unsupported memory layout (sliding-window or MLA caches...) from a context too large.
+    auto plain = params;
+    plain.kv_paged = false;
+    if (llama_context* probe = llama_init_from_model(model, plain)) {
+      llama_free(probe);
+      throw InvalidEngineOption("kvPaged", "a model whose attention uses one unified KV cache without sliding windows",
+                                "invalid option kvPaged: paged attention does not support this model's KV cache (see the log)");
+    }
+  }
   if (ctx_ == nullptr) {
     throw std::runtime_error("llama.cpp could not create a context (contextSize " + std::to_string(options.context_size) +
                              " x maxSequences " + std::to_string(options.max_sequences) + "); try smaller values");
@@ -108,6 +119,7 @@ Engine::Engine(llama_model* model, const EngineOptions& options, Notify notify)
   n_ctx_seq_ = std::min<uint32_t>(options.context_size, options.kv_unified ? llama_n_ctx(ctx_) : llama_n_ctx_seq(ctx_));
   n_batch_ = llama_n_batch(ctx_);
   max_queue_ = options.max_queue;
+  kv_paged_ = params.kv_paged;
   deterministic_ = options.deterministic;
   rpc_endpoints_ = options.rpc_endpoints;
   const bool pooled = options.kv_unified && options.kv_budget > 0;

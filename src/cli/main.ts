@@ -93,6 +93,8 @@ serve options (OpenAI-compatible API, chat page at /; no --model: the built-in d
   --kv-budget N         one KV pool of N tokens per model shared by its sequences, instead of
                         room for all at full length; under pressure the lowest-priority sequence
                         is preempted and recomputed later (output unchanged)
+  --kv-paged            paged attention: each sequence attends over its own KV cells only,
+                        through a per-sequence cell list (turns flash attention on)
   --expert-stats        count the tokens routed to each expert of every MoE layer (all models
                         served must be MoE); exported on /metrics as genesis_expert_tokens_total
 ${BENCH_USAGE}${FINGERPRINT_USAGE}`;
@@ -383,6 +385,7 @@ async function serveCommand(argv: string[]): Promise<void> {
       fuse: { type: 'string', multiple: true },
       'expert-stats': { type: 'boolean' },
       'kv-budget': { type: 'string' },
+      'kv-paged': { type: 'boolean' },
     },
   });
   if (values.help) return void process.stdout.write(USAGE);
@@ -416,6 +419,7 @@ async function serveCommand(argv: string[]): Promise<void> {
       maxQueue: int('max-queue', values['max-queue']),
       ...(values['expert-stats'] ? { expertStats: true } : {}),
       ...(values['kv-budget'] !== undefined ? { kvBudget: int('kv-budget', values['kv-budget']) } : {}),
+      ...(values['kv-paged'] ? { kvPaged: true } : {}),
     },
     host: values.host ?? '127.0.0.1',
     port,

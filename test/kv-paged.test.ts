@@ -1,0 +1,144 @@
+/**
+ * Paged attention (kvPaged, native/patches/0004-paged-attention.patch): over the shared KV cache,
+ * each sequence's attention reads only its own cells, listed in position order, instead of every
+ * cell behind a mask. On the CPU each query row is then computed alone, so a sequence's output is
+ * its solo run's, bit for bit, whatever else is in the batch, wherever its cells lie, and after a
+ * preemption and recompute. Without paging, the unified cache with flash attention does not give
+ * that (checked below), which is why test/kv-pool.test.ts runs with flash attention off.
+ */
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+
+import { InvalidOptionError, loadModel, type Model } from '../src/index.js';
+import { makeFixtureModel } from './fixtures/models.js';
+import { BATCH_INVARIANT } from './fixtures/gpu.js';
+
+const base = { contextSize: 256, threads: 2, ...BATCH_INVARIANT } as const;
+const PROMPTS = Array.from({ length: 8 }, (_, i) => `Request number ${i} says hello to the pool of shared memory`);
+const GREEDY = { temperature: 0, ignoreEos: true, maxTokens: 60 } as const;
+
+/**
+ * Each prompt alone, with a stream of its own: the reference every paged run must equal. Long
+ * prompts are compared with paged solo runs: the standard cache prefills them with the tiled flash
+ * attention kernel, paged attention with the per-row one (the same sums, another order).
+ */
+async function soloRuns(path: string, prompts: readonly (string | number[])[], options: { temperature: number; ignoreEos: boolean; maxTokens: number } = GREEDY, paged = false): Promise<number[][]> {
+  const solo = await loadModel(path, { ...base, contextSize: 512, maxSequences: 1, flashAttention: true, kvPaged: paged });
+  try {
+    const out: number[][] = [];
+    for (const p of prompts) out.push((await solo.complete(p, options)).tokens);
+    return out;
+  } finally {
+    await solo.dispose();
+  }
+}
+
+describe('paged attention (kvPaged)', { timeout: 180_000 }, () => {
+  let path: string;
+  let reference: number[][];
+
+  beforeAll(async () => {
+    path = await makeFixtureModel({ arch: 'llama', type: 'q8_0' });
+    reference = await soloRuns(path, PROMPTS);
+  });
+
+  it('gives 8 concurrent requests their solo outputs token for token, where the masked unified cache does not', async () => {
+    const paged = await loadModel(path, { ...base, maxSequences: 8, kvPaged: true });
+    const masked = await loadModel(path, { ...base, maxSequences: 8, kvUnified: true, flashAttention: true });
+    try {
+      expect(paged.info.context.kvPaged).toBe(true);
+      expect(masked.info.context.kvPaged).toBe(false);
+      const got = await Promise.all(PROMPTS.map((p) => paged.complete(p, GREEDY)));
+      expect(got.map((r) => r.tokens)).toEqual(reference);
+      // The same batch over every cell behind a mask sums in another order: some outputs drift.
+      const drift = await Promise.all(PROMPTS.map((p) => masked.complete(p, GREEDY)));
+      expect(drift.filter((r, i) => JSON.stringify(r.tokens) !== JSON.stringify(reference[i])).length).toBeGreaterThan(0);
+    } finally {
+      await paged.dispose();
+      await masked.dispose();
+    }
+  });
+
+  it('completes 4× more requests than the pool holds, preempted ones equal to their uninterrupted runs', async () => {
+    // Each request holds 13 + 60 tokens at the end: 8 need ~580 cells, the pool has 160.
+    const m = await loadModel(path, { ...base, maxSequences: 8, kvBudget: 160, kvPaged: true });
+    try {
+      const got = await Promise.all(PROMPTS.map((p) => m.complete(p, GREEDY)));
+      expect(m.stats().preemptions).toBeGreaterThan(0);
+      expect(got.map((r) => r.tokens)).toEqual(reference);
+      expect(m.stats().active + m.stats().queued + m.stats().kvUsedTokens).toBe(0);
+    } finally {
+      await m.dispose();
+    }
+  });
+
+  it('reads a shared prefix once from the pool: prefix hits skip its prefill and outputs equal solo runs', async () => {
+    const ids = (seed: number, n: number) => Array.from({ length: n }, (_, i) => 200 + ((seed * 7919 + i * 104729) % 15000));
+    const prefix = ids(1, 400);
+    const prompts = [2, 3, 4, 5].map((s) => [...prefix, ...ids(s, 20)]);
+    const short = { temperature: 0, ignoreEos: true, maxTokens: 20 } as const;
+    const cold = await soloRuns(path, prompts, short, true);
+    // 4 × (420 + 20) cells without sharing: more than the pool of 1024.
+    const m = await loadModel(path, { ...base, contextSize: 512, maxSequences: 4, kvBudget: 1024, kvPaged: true });
+    try {
+      await m.complete([...prefix, ...ids(9, 20)], short);
+      const before = m.stats();
+      const results = await Promise.all(prompts.map((p) => m.complete(p, short)));
+      const after = m.stats();
+      expect(results.map((r) => r.tokens)).toEqual(cold);
+      expect(after.cachedPromptTokens - before.cachedPromptTokens).toBeGreaterThanOrEqual(4 * 400);
+      expect(after.decodedTokens - before.decodedTokens).toBeLessThanOrEqual(4 * (20 + 19) + 4);
+      expect(after.preemptions).toBe(0);
+    } finally {
+      await m.dispose();
+    }
+  });
+
+  const shapes: Array<[string, Parameters<typeof makeFixtureModel>[0]]> = [
+    // MLA: the K-only cache, V a view of it
+    [
+      'DeepSeek-V3-shaped (MLA, K-only cache)',
+      { arch: 'deepseek2', type: 'q8_0', nLayer: 2, nEmbd: 256, nHead: 4, headDim: 96, nExpert: 16, nExpertUsed: 4, nFfExp: 64, mla: { kvLoraRank: 64, qLoraRank: 128 }, expertGroups: { count: 4, used: 2 }, expertWeightsScale: 2.5 },
+    ],
+    // hybrid: Gated DeltaNet state plus attention layers
+    ['Qwen3.5-MoE-shaped (hybrid recurrent + attention)', { arch: 'qwen35moe', type: 'f16', nLayer: 4, nEmbd: 64, nHead: 4, nHeadKv: 2, headDim: 16, nFf: 128, nExpert: 16, nExpertUsed: 4, nFfExp: 64 }],
+  ];
+  for (const [name, shape] of shapes) {
+    it(`runs a ${name} model paged, under preemption, equal to its solo runs`, async () => {
+      const p = await makeFixtureModel(shape);
+      const prompts = PROMPTS.slice(0, 6);
+      const expected = await soloRuns(p, prompts);
+      const m = await loadModel(p, { ...base, maxSequences: 6, kvBudget: 160, kvPaged: true });
+      try {
+        const got = await Promise.all(prompts.map((q) => m.complete(q, GREEDY)));
+        expect(m.stats().preemptions).toBeGreaterThan(0);
+        expect(got.map((r) => r.tokens)).toEqual(expected);
+      } finally {
+        await m.dispose();
+      }
+    });
+  }
+
+  it('refuses options it cannot honour, with typed errors naming them', async () => {
+    const bad = [
+      { kvPaged: true, kvUnified: false },
+      { kvPaged: true, flashAttention: false },
+      { kvPaged: 'yes' },
+    ];
+    for (const options of bad) {
+      const err = await loadModel(path, { ...base, ...(options as object) }).catch((e: unknown) => e);
+      expect(err).toBeInstanceOf(InvalidOptionError);
+      expect((err as InvalidOptionError).option).toBe('kvPaged');
+    }
+    let draft: Model | undefined;
+    try {
+      draft = await loadModel(path, { ...base, maxSequences: 1 });
+      const err = await loadModel(path, { ...base, kvPaged: true, draft: { model: draft } }).catch((e: unknown) => e);
+      expect(err).toBeInstanceOf(InvalidOptionError);
+      expect((err as InvalidOptionError).option).toBe('kvPaged');
+    } finally {
+      await draft?.dispose();
+    }
+  });
+
+  afterAll(() => undefined);
+});
