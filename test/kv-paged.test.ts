@@ -6,7 +6,7 @@
  * preemption and recompute. Without paging, the unified cache with flash attention does not give
  * that (checked below), which is why test/kv-pool.test.ts runs with flash attention off.
  */
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { beforeAll, describe, expect, it } from 'vitest';
 
 import { InvalidOptionError, loadModel, type Model } from '../src/index.js';
 import { makeFixtureModel } from './fixtures/models.js';
@@ -139,6 +139,4 @@ describe('paged attention (kvPaged)', { timeout: 180_000 }, () => {
       await draft?.dispose();
     }
   });
-
-  afterAll(() => undefined);
 });

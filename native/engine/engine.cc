@@ -98,7 +98,7 @@ Engine::Engine(llama_model* model, const EngineOptions& options, Notify notify)
 
   ctx_ = llama_init_from_model(model, params);
   if (ctx_ == nullptr && params.kv_paged) {
-    // Tell an unsupported memory layout (sliding-window or MLA caches...) from a context too large.
+    // Tell a KV cache paged attention does not cover (sliding-window, DSA/MSA composites) from a context too large.
     auto plain = params;
     plain.kv_paged = false;
     if (llama_context* probe = llama_init_from_model(model, plain)) {
