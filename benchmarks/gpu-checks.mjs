@@ -7,8 +7,11 @@
 //               and how close the CPU's two best logits were there.
 //   concurrent  N requests at once on the GPU against each run alone, default and deterministic mode
 //   memory      20 load/dispose cycles leave the device's free memory where it was
+//   paged       paged attention (kvPaged) on the GPU against the standard cache on the GPU, fed the
+//               same tokens (logits, greedy path), per architecture; then 16 requests at once in a
+//               pool 4× too small, against each one's solo paged run
 // Prints one line per result and writes checks.json to $OUT. Usage:
-//   node benchmarks/gpu-checks.mjs [logits|concurrent|memory|all]
+//   node benchmarks/gpu-checks.mjs [logits|concurrent|memory|paged|all]
 import { spawnSync } from 'node:child_process';
 import { mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
@@ -181,6 +184,99 @@ async function memoryCheck() {
   return r;
 }
 
+/** Relative L2 distance and largest absolute difference of two logit rows. */
+function distance(a, b) {
+  let diff2 = 0;
+  let ref2 = 0;
+  let abs = 0;
+  for (let i = 0; i < a.length; i++) {
+    const d = a[i] - b[i];
+    diff2 += d * d;
+    ref2 += b[i] * b[i];
+    abs = Math.max(abs, Math.abs(d));
+  }
+  return { rel: Math.sqrt(diff2 / ref2), abs };
+}
+
+const PAGED_FIXTURES = [
+  { name: 'default (tiny llama, f16)', make: () => ensureDefaultModel() },
+  { name: 'qwen3moe f16 2L', make: () => makeSyntheticModel({ arch: 'qwen3moe', vocab: 'qwen2', type: 'f16', nLayer: 2, nEmbd: 256 }) },
+  {
+    name: 'deepseek2 q8_0 2L (MLA)',
+    make: () =>
+      makeSyntheticModel({
+        arch: 'deepseek2', vocab: 'qwen2', type: 'q8_0', nLayer: 2, nEmbd: 256, nHead: 4, headDim: 96, nExpert: 16, nExpertUsed: 4, nFfExp: 64,
+        mla: { kvLoraRank: 64, qLoraRank: 128 }, expertGroups: { count: 4, used: 2 }, expertWeightsScale: 2.5,
+      }),
+  },
+  {
+    name: 'qwen35moe f16 4L (hybrid)',
+    make: () => makeSyntheticModel({ arch: 'qwen35moe', vocab: 'qwen2', type: 'f16', nLayer: 4, nEmbd: 256, nHead: 4, nHeadKv: 2, headDim: 64, nFf: 512, nExpert: 16, nExpertUsed: 4, nFfExp: 64 }),
+  },
+  { name: 'qwen3-30b-a3b:q4_0:2', make: () => ensureBenchModel(parseModelSpec('qwen3-30b-a3b:q4_0:2', { type: 'q4_0' })) },
+  { name: 'llama-3-8b:q4_0:2', make: () => ensureBenchModel(parseModelSpec('llama-3-8b:q4_0:2', { type: 'q4_0' })) },
+];
+
+async function pagedCheck() {
+  const results = [];
+  const gpu = { gpuLayers: 'max', flashAttention: true };
+  const picked = process.env.CHECK_FIXTURES ? process.env.CHECK_FIXTURES.split(',').map(Number) : PAGED_FIXTURES.map((_, i) => i);
+  for (const index of picked) {
+    const f = PAGED_FIXTURES[index];
+    const path = await f.make();
+    const r = { fixture: f.name };
+    try {
+      // One sequence: the standard cache's greedy path, then the paged cache made to follow it.
+      const standard = await loadModel(path, { ...gpu, contextSize: 512, maxSequences: 1 });
+      const ref = await trace(standard);
+      await standard.dispose();
+      const paged = await loadModel(path, { ...gpu, contextSize: 512, maxSequences: 1, kvPaged: true });
+      r.kvPaged = paged.info.context.kvPaged;
+      const forced = await trace(paged, ref.tokens);
+      const own = await trace(paged);
+      await paged.dispose();
+      let maxRel = 0;
+      let maxAbs = 0;
+      let same = 0;
+      forced.logits.forEach((row, step) => {
+        const d = distance(row, ref.logits[step]);
+        maxRel = Math.max(maxRel, d.rel);
+        maxAbs = Math.max(maxAbs, d.abs);
+        if (argmax(row) === ref.tokens[step]) same++;
+      });
+      const parted = own.tokens.findIndex((t, i) => t !== ref.tokens[i]);
+      Object.assign(r, { steps: forced.logits.length, maxRelL2: maxRel, maxAbs, choicesAgree: same, greedyIdenticalTokens: parted < 0 ? STEPS : parted });
+      // 16 requests at once in a pool that holds about a quarter of what they need, each against its
+      // paged solo run (on the GPU, batch composition changes the matrix kernels: counted, not asserted).
+      const prompts = Array.from({ length: 16 }, (_, i) => `Request ${i}: ${PROMPT} in the year ${1400 + i * 7}`);
+      const greedy = { temperature: 0, ignoreEos: true, maxTokens: 64 };
+      const solo = await loadModel(path, { ...gpu, contextSize: 512, maxSequences: 1, kvPaged: true });
+      const soloTokens = [];
+      for (const p of prompts) soloTokens.push((await solo.complete(p, greedy)).tokens);
+      await solo.dispose();
+      const pool = await loadModel(path, { ...gpu, contextSize: 512, maxSequences: 16, kvPaged: true, kvBudget: 384 });
+      const settled = await Promise.allSettled(prompts.map((p) => pool.complete(p, greedy)));
+      const stats = pool.stats();
+      await pool.dispose();
+      const done = settled.filter((s) => s.status === 'fulfilled');
+      const errors = settled.filter((s) => s.status === 'rejected').map((s) => String(s.reason?.message ?? s.reason));
+      const equal = done.filter((s, i) => JSON.stringify(s.value.tokens) === JSON.stringify(soloTokens[i])).length;
+      const complete = done.filter((s) => s.value.tokens.length === greedy.maxTokens).length;
+      Object.assign(r, { pool: { requests: prompts.length, budget: 384, completed: complete, errors, equalToSolo: equal, preemptions: stats.preemptions, leftInPool: stats.kvUsedTokens + stats.active + stats.queued } });
+      say(
+        `paged ${f.name}: kvPaged ${r.kvPaged}; vs standard cache, rel L2 max ${maxRel.toExponential(2)}, max |diff| ${maxAbs.toFixed(4)}, same choice ${same}/${r.steps}, greedy ` +
+          (parted < 0 ? `identical for all ${STEPS}` : `parts at ${parted}`) +
+          `; pool of 384 for 16 requests: ${complete}/16 complete, ${errors.length} errors, ${equal}/16 equal to solo, ${stats.preemptions} preemptions, ${r.pool.leftInPool} left in the pool`,
+      );
+    } catch (error) {
+      r.error = String(error?.stack ?? error);
+      say(`paged ${f.name}: FAILED ${r.error}`);
+    }
+    results.push(r);
+  }
+  return results;
+}
+
 const [what = 'all', ...rest] = process.argv.slice(2);
 if (what === 'cpu-side') {
   await cpuSide(Number(rest[0]), rest[1]);
@@ -200,6 +296,10 @@ if (what === 'cpu-side') {
   }
   if (what === 'memory' || what === 'all') {
     report.memory = await memoryCheck();
+    save();
+  }
+  if (what === 'paged' || what === 'all') {
+    report.paged = await pagedCheck();
     save();
   }
 }

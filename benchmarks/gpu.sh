@@ -5,8 +5,9 @@
 #   here:   npm run build:ts && npm run device:pack          (node, headers, dist + modules, llama.cpp)
 #   there:  device run, carry [".device"], one of
 #             bash benchmarks/gpu.sh build                    CUDA build (sm_90, 16 jobs), bandwidth
-#             bash benchmarks/gpu.sh checks [logits|concurrent|memory]   GPU against CPU, N at once
-#                                                             against solo, memory across reloads
+#             bash benchmarks/gpu.sh checks [logits|concurrent|memory|paged]   GPU against CPU, N at
+#                                                             once against solo, memory across reloads,
+#                                                             paged attention against the standard cache
 #             bash benchmarks/gpu.sh profile [SPEC]           decode-step profile at B=1,8,64 (ncu)
 #             bash benchmarks/gpu.sh tests                    the test suite on the GPU
 #             bash benchmarks/gpu.sh moe [iterations]         MoE routing: upstream's chain vs fused
@@ -142,6 +143,7 @@ moe() {
 # the loader choosing it in a fresh process, and the binary packed in 15 MiB parts for the device tool
 # (join them here: cat cuda-prebuild.xz.part-* | xz -d > genesis-runtime.napi.cuda.node).
 prebuild() {
+  [ -d node_modules/prebuildify ] || tar -xJf "$PACK/tests.tar.xz"
   GENESIS_CUDA=1 node scripts/prebuild.mjs > "$OUT/prebuild.log" 2>&1 || { tail -30 "$OUT/prebuild.log"; return 1; }
   local file=prebuilds/linux-x64/genesis-runtime.napi.cuda.node
   ls -la "$file"

@@ -65,10 +65,10 @@ const modules = closure([...Object.keys(pkg.dependencies), 'node-gyp']);
 log(`app: dist/ and ${modules.length} packages`);
 run('tar', ['-cJf', join(out, 'app.tar.xz'), '-C', repoRoot, 'dist', ...modules]);
 
-// The test suite on the GPU (gpu.sh tests): the test runner, type checker and test-only packages,
-// beyond what app.tar.xz holds.
+// The test suite and the prebuild on the GPU (gpu.sh tests, gpu.sh prebuild): the test runner, type
+// checker, test-only packages and prebuildify, beyond what app.tar.xz holds.
 const inApp = new Set(modules);
-const testModules = closure(['vitest', 'tsx', 'typescript', 'openai', 'playwright-core', '@types/node']).filter((m) => !inApp.has(m));
+const testModules = closure(['vitest', 'tsx', 'typescript', 'openai', 'playwright-core', '@types/node', 'prebuildify']).filter((m) => !inApp.has(m));
 log(`tests: ${testModules.length} more packages`);
 run('tar', ['-cJf', join(out, 'tests.tar.xz'), '-C', repoRoot, ...testModules, 'node_modules/.bin'], { env: { ...process.env, XZ_OPT: '-T2 -9' } });
 

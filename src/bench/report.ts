@@ -151,6 +151,7 @@ function headerFacts(report: BenchReport): Array<[string, string]> {
         `concurrency ${s.concurrency.join(', ')}`,
         ...(s.ppTokens.length ? [`pp ${s.ppTokens.join(', ')}`] : []),
         `tg ${s.tgTokens}`,
+        ...(s.kvPaged ? ['our server with paged attention (--kv-paged)'] : []),
       ].join(' · '),
     ],
   ];

@@ -62,6 +62,8 @@ export interface BenchOptions {
   mixed: { requests: number; arrivalRate: number; promptTokens: [number, number]; genTokens: [number, number]; seed: number };
   /** kv-pool: the KV budget, the longest context a request may have, and the short requests sent. */
   kvPool: { budgetTokens: number; maxContext: number; requests: number; concurrency: number; promptTokens: number; genTokens: number };
+  /** Ours with paged attention over one shared KV pool (--kv-paged) in every server workload. */
+  kvPaged: boolean;
   /** Measure memory bandwidth and compute the roofline (default true). */
   roofline: boolean;
   /** Directory for report.json, report.md and report.html. */
@@ -91,6 +93,7 @@ export function defaultBenchOptions(quick: boolean): Omit<BenchOptions, 'outDir'
       sharedPrefix: { requests: 8, concurrency: 4, prefixTokens: 256, suffixTokens: 16, genTokens: 8 },
       mixed: { requests: 12, arrivalRate: 2, promptTokens: [16, 128], genTokens: [4, 24], seed: 7 },
       kvPool: { budgetTokens: 2048, maxContext: 1024, requests: 32, concurrency: 16, promptTokens: 32, genTokens: 16 },
+      kvPaged: false,
       roofline: true,
     };
   }
@@ -113,6 +116,7 @@ export function defaultBenchOptions(quick: boolean): Omit<BenchOptions, 'outDir'
     sharedPrefix: { requests: 64, concurrency: 16, prefixTokens: 2048, suffixTokens: 64, genTokens: 32 },
     mixed: { requests: 64, arrivalRate: 4, promptTokens: [32, 1024], genTokens: [16, 256], seed: 7 },
     kvPool: { budgetTokens: 8192, maxContext: 4096, requests: 128, concurrency: 64, promptTokens: 64, genTokens: 64 },
+    kvPaged: false,
     roofline: true,
   };
 }
@@ -326,7 +330,7 @@ async function kvPool(o: BenchOptions, path: string, vocabSize: number, progress
     reference = bestLoad(reference, await withServer(() => startLlamaServer({ ...common, parallel: slots, contextPerSequence: k.maxContext }), load));
     progress.step(`kv-pool, round ${round + 1}/${o.repeat}: genesis serve, one pool of ${k.budgetTokens} tokens, ${k.concurrency} sequences`);
     const [stats, peak] = await withServer(
-      () => startGenesisServer({ ...common, parallel: k.concurrency, contextPerSequence: k.maxContext, kvBudget: k.budgetTokens }),
+      () => startGenesisServer({ ...common, parallel: k.concurrency, contextPerSequence: k.maxContext, kvBudget: k.budgetTokens, kvPaged: o.kvPaged }),
       async (server) => {
         const watch = watchActive(server.baseUrl);
         const s = await load(server);
@@ -474,7 +478,7 @@ export async function runBench(o: BenchOptions): Promise<BenchOutcome> {
       for (let round = 0; round < o.repeat; round++) {
         const tag = `round ${round + 1}/${o.repeat}`;
         reference = bestServerRun(reference, await withServer(() => startLlamaServer(settings), (s) => serverWorkloads(o, s, shape.vocabSize, progress, tag)));
-        ours = bestServerRun(ours, await withServer(() => startGenesisServer(settings), (s) => serverWorkloads(o, s, shape.vocabSize, progress, tag)));
+        ours = bestServerRun(ours, await withServer(() => startGenesisServer({ ...settings, kvPaged: o.kvPaged }), (s) => serverWorkloads(o, s, shape.vocabSize, progress, tag)));
       }
       if (!reference || !ours) throw new RangeError('repeat must be at least 1');
       run.latency = ours.latency.map((l, i): LatencyRow => ({
@@ -503,6 +507,7 @@ export async function runBench(o: BenchOptions): Promise<BenchOutcome> {
 
   const settings: BenchSettings = {
     quick: o.quick, threads: o.threads, batchSize: o.batchSize, gpuLayers: o.gpuLayers, split: o.split, repeat: o.repeat, concurrency: o.concurrency, ppTokens: o.ppTokens, tgTokens: o.tgTokens,
+    ...(o.kvPaged ? { kvPaged: true } : {}),
   };
   const report: BenchReport = {
     ...reportHeader({ started, settings, device: { variant: info.variant, name: deviceName, ...(bandwidth ? { bandwidthBytesPerSecond: bandwidth } : {}) } }),

@@ -23,6 +23,8 @@ export interface ServerSettings {
   contextPerSequence: number;
   /** Ours only: one shared KV pool of this many tokens (--kv-budget) instead of parallel × context. */
   kvBudget?: number;
+  /** Ours only: paged attention over one shared KV pool (--kv-paged). */
+  kvPaged?: boolean;
   log?: (line: string) => void;
   /** Time allowed for loading the model and answering /health (default 300 s). */
   startTimeoutMs?: number;
@@ -98,6 +100,7 @@ export async function startGenesisServer(s: ServerSettings): Promise<RunningServ
     '--threads', String(s.threads), '--batch-size', String(s.batchSize), '--gpu-layers', String(s.gpuLayers),
     '--max-tokens-limit', String(s.contextPerSequence), '--drain-timeout', '1', ...splitArgs(s.split, 'genesis'),
     ...(s.kvBudget ? ['--kv-budget', String(s.kvBudget)] : []),
+    ...(s.kvPaged ? ['--kv-paged'] : []),
   ];
   return start('genesis serve', [...genesisCommand(), ...args], port, s);
 }

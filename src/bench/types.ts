@@ -212,6 +212,8 @@ export interface BenchSettings {
   concurrency: number[];
   ppTokens: number[];
   tgTokens: number;
+  /** Our server ran with paged attention over one shared KV pool (--kv-paged). */
+  kvPaged?: boolean;
 }
 
 /** `genesis bench --fusion`: one number of concurrent streams (all figures generated tokens/s). */

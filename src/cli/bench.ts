@@ -30,6 +30,8 @@ export const BENCH_USAGE = `bench options (figures printed next to llama.cpp's o
   --threads N --batch-size N --gpu-layers N
   --split-mode M --tensor-split A,B --main-gpu I --rpc HOST:PORT[,...]
                         several devices or genesis rpc-servers, for ours and every reference alike
+  --kv-paged            our server with paged attention over one shared KV pool (server --kv-paged)
+                        in the server, shared-prefix, mixed and kv-pool workloads
   --no-roofline         skip the bandwidth measurement and roofline
   --determinism N       instead: N greedy requests (e.g. 200) alone, then all at once, in the
                         default and the deterministic mode; how many equal their solo run, and
@@ -106,6 +108,7 @@ export async function benchCommand(argv: string[]): Promise<number> {
       'main-gpu': { type: 'string' },
       rpc: { type: 'string' },
       'no-roofline': { type: 'boolean' },
+      'kv-paged': { type: 'boolean' },
       determinism: { type: 'string' },
       speculative: { type: 'boolean' },
       mtp: { type: 'boolean' },
@@ -156,6 +159,7 @@ export async function benchCommand(argv: string[]): Promise<number> {
   o.batchSize = positive('batch-size', values['batch-size']) ?? o.batchSize;
   o.gpuLayers = positive('gpu-layers', values['gpu-layers'], 0) ?? o.gpuLayers;
   if (values['no-roofline']) o.roofline = false;
+  if (values['kv-paged']) o.kvPaged = true;
   o.split = splitSettings(values);
   if (values.determinism !== undefined) {
     const requests = positive('determinism', values.determinism);
