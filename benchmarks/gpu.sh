@@ -32,6 +32,10 @@
 #   4. tests                                                                 1 min
 #   5. bench --model llama-3-8b:q4_0 --repeat 1 --concurrency 1,8,32,64      3.5 min
 #   6. determinism (DETERMINISM_REQUESTS=128)                                1 min
+# The second lease (2026-11-22) went: build + moe + checks paged + checks memory (7 min);
+# bench server at 64,128,256 (llama-server alone needed 101 s at 128 and the call ran out at 256:
+# keep the server sweep to 64,128 per call); bench server 64 + experts + tests (2.5 min);
+# bench server 128 (2.5 min); bench server 64 unpaged + experts --repeat 2 (1.5 min).
 # Default bench options: both real shapes at Q4_0 with every layer, all weights on the GPU.
 #
 # GPU_SH_REHEARSE=1 runs the same offline steps with the CPU build on a machine without a GPU (a

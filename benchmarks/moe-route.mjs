@@ -1,7 +1,9 @@
 // Routing-step microbenchmark (issue: MoE routing on CUDA): llama.cpp's op chain for MoE routing
 // (build_moe_ffn: softmax/sigmoid, bias, group limit, top-k, weights) against our fused kernel,
-// on the GPU, at several batch sizes, for real models' routing shapes. Each call is launched and
-// waited for, both ways. Prints a table; writes moe-route.json to $OUT.
+// on the GPU, at several batch sizes, for real models' routing shapes. Timed two ways, both sides
+// alike: each call launched and waited for (a launch-and-wait floor of ~20 µs dominates the fused
+// kernel), and the calls queued back to back with one wait at the end, as ops run inside a decode
+// step. Prints a table; writes moe-route.json to $OUT.
 //   node benchmarks/moe-route.mjs [iterations]        (gpu.sh moe)
 import { mkdirSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
@@ -14,8 +16,8 @@ mkdirSync(OUT, { recursive: true });
 const iterations = Number(process.argv[2] ?? 200);
 const gpu = systemInfo().gpuOffload;
 const rows = [];
-console.log('| shape | tokens | upstream chain (µs) | fused (µs) | speed-up | same choices |');
-console.log('|---|--:|--:|--:|--:|---|');
+console.log('| shape | tokens | chain, waited (µs) | fused, waited (µs) | speed-up | chain, queued (µs) | fused, queued (µs) | speed-up | same choices |');
+console.log('|---|--:|--:|--:|--:|--:|--:|--:|---|');
 for (const [name, shape] of Object.entries(MOE_ROUTING_SHAPES)) {
   const random = mulberry32(name.length);
   const p = { ...shape, ...(shape.scoring === 'sigmoid' ? { bias: Float32Array.from({ length: shape.nExpert }, () => (random() - 0.5) / 2.5) } : {}) };
@@ -24,9 +26,18 @@ for (const [name, shape] of Object.entries(MOE_ROUTING_SHAPES)) {
     const chain = moeRoute('graph', x, n, p, { device: gpu ? 'gpu' : 'cpu', iterations });
     const fused = gpu ? moeRoute('fused', x, n, p, { iterations }) : undefined;
     const same = fused ? chain.ids.every((id, i) => id === fused.ids[i]) : undefined;
-    const row = { shape: name, tokens: n, device: chain.device, chainUs: chain.secondsPerCall * 1e6, fusedUs: fused ? fused.secondsPerCall * 1e6 : null, same };
+    const row = {
+      shape: name, tokens: n, device: chain.device, same,
+      chainUs: chain.secondsPerCall * 1e6, fusedUs: fused ? fused.secondsPerCall * 1e6 : null,
+      chainQueuedUs: chain.secondsPerCallPipelined * 1e6, fusedQueuedUs: fused ? fused.secondsPerCallPipelined * 1e6 : null,
+    };
     rows.push(row);
-    console.log(`| ${name} | ${n} | ${row.chainUs.toFixed(1)} | ${fused ? row.fusedUs.toFixed(1) : '-'} | ${fused ? (row.chainUs / row.fusedUs).toFixed(2) : '-'} | ${same ?? '-'} |`);
+    const us = (v) => (v === null ? '-' : v.toFixed(1));
+    const ratio = (a, b) => (b === null ? '-' : (a / b).toFixed(2));
+    console.log(
+      `| ${name} | ${n} | ${us(row.chainUs)} | ${us(row.fusedUs)} | ${ratio(row.chainUs, row.fusedUs)} | ` +
+        `${us(row.chainQueuedUs)} | ${us(row.fusedQueuedUs)} | ${ratio(row.chainQueuedUs, row.fusedQueuedUs)} | ${same ?? '-'} |`,
+    );
   }
 }
 writeFileSync(join(OUT, 'moe-route.json'), JSON.stringify({ date: new Date().toISOString(), iterations, rows }, null, 2));

@@ -7,7 +7,7 @@ import { execFileSync, spawnSync } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import { existsSync, mkdirSync, readdirSync, readFileSync, realpathSync, rmSync, symlinkSync, writeFileSync } from 'node:fs';
 import { homedir, cpus } from 'node:os';
-import { dirname, join, resolve } from 'node:path';
+import { basename, dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 
 export const LLAMA_PACKAGE = 'node-llama-cpp@3.22.1';
@@ -51,7 +51,8 @@ function patchFiles() {
 
 function patchesDigest() {
   const hash = createHash('sha256');
-  for (const file of patchFiles()) hash.update(file).update(readFileSync(file));
+  // Names, not paths: a copy of the checkout elsewhere (the device machine's) holds the same patches.
+  for (const file of patchFiles()) hash.update(basename(file)).update(readFileSync(file));
   return hash.digest('hex');
 }
 

@@ -189,6 +189,7 @@ export interface NativeMoeRoute {
   weights: Float32Array;
   device: string;
   secondsPerCall: number;
+  secondsPerCallPipelined: number;
   counts?: Uint32Array;
 }
 

@@ -34,6 +34,8 @@ export interface MoeRoutingResult {
   device: string;
   /** With `iterations`: mean seconds per call, each launched and waited for. */
   secondsPerCall: number;
+  /** With `iterations`: mean seconds per call, the calls queued back to back and waited for once. */
+  secondsPerCallPipelined: number;
   /** 'fused' with `counts`: how often each expert was chosen, counted on the device. */
   counts?: Uint32Array;
 }

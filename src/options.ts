@@ -15,7 +15,11 @@ export interface LoadModelOptions {
   maxSequences?: number;
   /** Token budget of one engine step (generating tokens + prompt chunks). Default 512. */
   batchSize?: number;
-  /** Layers to offload to the GPU; 'max' offloads all. Default 'max' when the build supports a GPU, else 0. */
+  /**
+   * Layers to offload to the GPU; 'max' offloads all. Default 'max' when the build supports a GPU,
+   * else 0. With 0 (and no rpcServers) the model runs on the CPU alone: unlike llama.cpp's `-ngl 0`,
+   * neither the KV cache nor large batches' matrix products go to a GPU.
+   */
   gpuLayers?: number | 'max';
   /** CPU threads for decoding. Default: all available cores. */
   threads?: number;

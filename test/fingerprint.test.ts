@@ -96,7 +96,7 @@ describe('OML fingerprint checks', () => {
     const file = join(dir, 'pairs.json');
     writeFileSync(file, JSON.stringify(pairs));
     const run = (model: string, out: string) =>
-      spawnSync(process.execPath, ['--import', 'tsx', cli, 'fingerprint', 'check', '--model', model, '--pairs', file, '--out', out, '--threads', '1'], {
+      spawnSync(process.execPath, ['--import', 'tsx', cli, 'fingerprint', 'check', '--model', model, '--pairs', file, '--out', out, '--threads', '1', '--gpu-layers', '0'], {
         encoding: 'utf8',
         timeout: 120_000,
         env: { ...process.env, GENESIS_CONFIG_DIR: join(dir, 'config') },

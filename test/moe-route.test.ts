@@ -72,6 +72,17 @@ describe('MoE routing', () => {
     expect(Array.from(moeRoute('reference', x, 1, { ...p, nGroups: 1, nGroupUsed: 1 }).ids)).toEqual([0, 16, 17, 48]);
   });
 
+  it('times the graph both ways when asked: each call waited for, and queued back to back', () => {
+    const p = { nExpert: 64, nExpertUsed: 4, nGroups: 4, nGroupUsed: 2, scoring: 'sigmoid' as const };
+    const x = Float32Array.from({ length: 64 * 8 }, (_, i) => Math.sin(i * 1.7) * 3);
+    const timed = moeRoute('graph', x, 8, p, { iterations: 5 });
+    expect(timed.secondsPerCall).toBeGreaterThan(0);
+    expect(timed.secondsPerCallPipelined).toBeGreaterThan(0);
+    expectSame(timed, moeRoute('reference', x, 8, p), 1e-6);
+    const untimed = moeRoute('graph', x, 8, p);
+    expect([untimed.secondsPerCall, untimed.secondsPerCallPipelined]).toEqual([0, 0]);
+  });
+
   it('rejects shapes it cannot route with InvalidOptionError naming the parameter', () => {
     const x = new Float32Array(256);
     const bad = (params: Partial<MoeRoutingParams>, n = 1, values = x) => {

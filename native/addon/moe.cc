@@ -96,6 +96,7 @@ Napi::Value MoeRoute(const Napi::CallbackInfo& info) {
   out.Set("weights", weights);
   out.Set("device", r.device);
   out.Set("secondsPerCall", r.seconds_per_call);
+  out.Set("secondsPerCallPipelined", r.seconds_per_call_pipelined);
   if (want_counts && kind == "fused") {
     Napi::Uint32Array c = Napi::Uint32Array::New(env, counts.size());
     std::copy(counts.begin(), counts.end(), c.Data());

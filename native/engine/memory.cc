@@ -98,6 +98,11 @@ ModelParams::ModelParams(const OffloadOptions& offload) : params_(llama_model_de
     devices_ = devices;
     devices_.push_back(nullptr);
     params_.devices = devices_.data();
+  } else if (offload.gpu_layers == 0) {
+    // No layer offloaded means the CPU alone: with the GPUs listed, llama.cpp would still put the
+    // KV cache and compute buffers on one and send large batches' matrix products there.
+    devices_ = {nullptr};
+    params_.devices = devices_.data();
   }
   if (offload.tensor_split.size() > devices.size()) {
     throw OptionError("tensorSplit", "at most one proportion per offload device (" + std::to_string(devices.size()) + ")",

@@ -34,7 +34,8 @@ struct MoeRouteParams {
 struct MoeRouteResult {
   std::vector<int32_t> ids;     // n_tokens × n_expert_used, best first
   std::vector<float> weights;   // the same layout
-  double seconds_per_call = 0;  // moe_route_graph / moe_route_fused with iterations > 0
+  double seconds_per_call = 0;  // moe_route_graph / moe_route_fused with iterations > 0: each call waited for
+  double seconds_per_call_pipelined = 0;  // the same calls queued back to back, one wait at the end
   std::string device;           // where it ran
 };
 
@@ -53,7 +54,8 @@ void moe_route_validate(const MoeRouteParams& p, size_t n_logits, int32_t n_toke
 MoeRouteResult moe_route_reference(const float* logits, int32_t n_tokens, const MoeRouteParams& p);
 
 // gpu: the first GPU backend (throws when there is none); iterations > 0: also times that many
-// graph computes after one warm-up and reports the mean.
+// graph computes after one warm-up and reports the mean, each waited for, and queued back to back
+// (as inside a decode step, where the host does not wait between ops).
 MoeRouteResult moe_route_graph(const float* logits, int32_t n_tokens, const MoeRouteParams& p, bool gpu, int32_t iterations);
 
 // The fused CUDA kernel; counts (optional, n_expert) accumulates how often each expert was chosen,
