@@ -87,6 +87,11 @@ describe('loading', () => {
   });
 
   it('refuses hyperparameters llama.cpp would abort the process on', async () => {
+    const grouped = await makeFixtureModel({
+      arch: 'deepseek2', type: 'q8_0', nLayer: 2, nEmbd: 256, nHead: 4, headDim: 96, nExpert: 16, nExpertUsed: 4, nFfExp: 64,
+      mla: { kvLoraRank: 64, qLoraRank: 128 }, expertGroups: { count: 4, used: 2 }, expertWeightsScale: 2.5,
+    });
+    const hybrid = await makeFixtureModel({ arch: 'qwen35', type: 'f16', nLayer: 4, nEmbd: 64, nHead: 4, nHeadKv: 2, headDim: 16, nFf: 128 });
     const set = (key: string, value: number) => (metadata: Array<{ key: string }>, arch: string) =>
       metadata.map((e) => (e.key === `${arch}.${key}` ? { ...e, value } : e)) as never;
     const cases: Array<[string, string, string, number, RegExp]> = [
@@ -97,6 +102,14 @@ describe('loading', () => {
       // Found by fuzzing: ggml asserts eps >= 0 when rms_norm first runs, aborting the process.
       [llama, 'negative-eps', 'attention.layer_norm_rms_epsilon', -1, /layer_norm_rms_epsilon is -1, expected a finite number >= 0/],
       [moe, 'zero-rope-base', 'rope.freq_base', 0, /rope.freq_base is 0, expected a finite number > 0/],
+      // Group-limited routing: llama.cpp asserts n_group_used < n_expert_groups in its loader.
+      [grouped, 'all-groups-used', 'expert_group_used_count', 4, /expert_group_used_count is 4, expected 1 to 3/],
+      [grouped, 'groups-not-dividing', 'expert_group_count', 3, /expert_count \(16\) is not a multiple of deepseek2.expert_group_count \(3\)/],
+      // Hybrids: a zero interval divides by zero; one longer than the model leaves no attention layer,
+      // and the empty KV cache aborted on first use.
+      [hybrid, 'zero-interval', 'full_attention_interval', 0, /full_attention_interval is 0, expected at least 1/],
+      [hybrid, 'no-attention', 'full_attention_interval', 8, /qwen35 with 4 layers has no attention layer \(one in every 8/],
+      [hybrid, 'no-recurrent', 'full_attention_interval', 1, /qwen35 with 4 layers has no recurrent layer \(full_attention_interval 1 makes every layer attend/],
     ];
     for (const [source, name, key, value, message] of cases) {
       const path = await rewriteMetadata(source, join(dir, `${name}.gguf`), set(key, value));

@@ -219,6 +219,9 @@ function validate(o: ResolvedOptions): void {
     if (!Number.isInteger(o[k]) || o[k] <= 0) throw new RangeError(`fixture option ${k} must be a positive integer, got ${o[k]}`);
   }
   if (o.nHead % o.nHeadKv !== 0) throw new RangeError(`nHead (${o.nHead}) must be divisible by nHeadKv (${o.nHeadKv})`);
+  if ((o.arch === 'qwen35' || o.arch === 'qwen35moe') && o.nLayer < 2) {
+    throw new RangeError(`nLayer must be at least 2 for ${o.arch}: a hybrid needs a Gated DeltaNet layer and an attention layer, got ${o.nLayer}`);
+  }
   if (o.headDim % 2 !== 0) throw new RangeError(`head size (headDim, default nEmbd/nHead) must be even for RoPE, got ${o.headDim}`);
   if (!Number.isFinite(o.mtpStateScale) || o.mtpStateScale < 0) throw new RangeError(`mtpStateScale must be a number ≥ 0, got ${o.mtpStateScale}`);
   if (!Number.isInteger(o.mtpLayers) || o.mtpLayers < 0 || (o.mtpLayers > 0 && o.arch !== 'glm4moe' && o.arch !== 'qwen35' && o.arch !== 'qwen35moe')) {
@@ -357,7 +360,8 @@ async function buildContent(o: ResolvedOptions): Promise<FixtureContent> {
     // rotary pairs, as the real model rotates a quarter of each head.
     const pairs = headDim / 2;
     metadata.push(
-      u32(`${a}.full_attention_interval`, 4),
+      // A slice of fewer than 4 layers still ends with an attention layer.
+      u32(`${a}.full_attention_interval`, Math.min(4, o.nLayer)),
       u32(`${a}.ssm.conv_kernel`, 4),
       u32(`${a}.ssm.state_size`, headDim),
       u32(`${a}.ssm.group_count`, 2),
@@ -450,7 +454,7 @@ async function buildContent(o: ResolvedOptions): Promise<FixtureContent> {
   for (let i = 0; i < o.nLayer + o.mtpLayers; i++) {
     const p = `blk.${i}.`;
     ones(`${p}attn_norm.weight`, o.nEmbd);
-    if (hybrid && i < o.nLayer && (i + 1) % 4 !== 0) {
+    if (hybrid && i < o.nLayer && (i + 1) % Math.min(4, o.nLayer) !== 0) {
       // Gated DeltaNet (linear attention): 2 key heads, 4 value heads, all of headDim.
       const keyDim = 2 * headDim;
       const valueDim = 4 * headDim;
