@@ -3,7 +3,9 @@
 // on the GPU, at several batch sizes, for real models' routing shapes. Timed two ways, both sides
 // alike: each call launched and waited for (a launch-and-wait floor of ~20 µs dominates the fused
 // kernel), and the calls queued back to back with one wait at the end, as ops run inside a decode
-// step. Prints a table; writes moe-route.json to $OUT.
+// step. With expert groups, also llama.cpp's graph with the group limit and top-k in one op
+// (ggml_moe_group_topk, native/patches/0005: what fusedMoeRouting runs), timed queued like the
+// chain. Prints a table; writes moe-route.json to $OUT.
 //   node benchmarks/moe-route.mjs [iterations]        (gpu.sh moe)
 import { mkdirSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
@@ -16,8 +18,8 @@ mkdirSync(OUT, { recursive: true });
 const iterations = Number(process.argv[2] ?? 200);
 const gpu = systemInfo().gpuOffload;
 const rows = [];
-console.log('| shape | tokens | chain, waited (µs) | fused, waited (µs) | speed-up | chain, queued (µs) | fused, queued (µs) | speed-up | same choices |');
-console.log('|---|--:|--:|--:|--:|--:|--:|--:|---|');
+console.log('| shape | tokens | chain, waited (µs) | fused, waited (µs) | speed-up | chain, queued (µs) | fused, queued (µs) | speed-up | graph with op, queued (µs) | speed-up | same choices |');
+console.log('|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|');
 for (const [name, shape] of Object.entries(MOE_ROUTING_SHAPES)) {
   const random = mulberry32(name.length);
   const p = { ...shape, ...(shape.scoring === 'sigmoid' ? { bias: Float32Array.from({ length: shape.nExpert }, () => (random() - 0.5) / 2.5) } : {}) };
@@ -25,18 +27,21 @@ for (const [name, shape] of Object.entries(MOE_ROUTING_SHAPES)) {
     const x = Float32Array.from({ length: shape.nExpert * n }, () => (random() - 0.5) * 8);
     const chain = moeRoute('graph', x, n, p, { device: gpu ? 'gpu' : 'cpu', iterations });
     const fused = gpu ? moeRoute('fused', x, n, p, { iterations }) : undefined;
-    const same = fused ? chain.ids.every((id, i) => id === fused.ids[i]) : undefined;
+    const op = p.nGroups > 1 ? moeRoute('graph-op', x, n, p, { device: gpu ? 'gpu' : 'cpu', iterations }) : undefined;
+    const same = [fused, op].filter(Boolean).every((r) => chain.ids.every((id, i) => id === r.ids[i]));
     const row = {
       shape: name, tokens: n, device: chain.device, same,
       chainUs: chain.secondsPerCall * 1e6, fusedUs: fused ? fused.secondsPerCall * 1e6 : null,
       chainQueuedUs: chain.secondsPerCallPipelined * 1e6, fusedQueuedUs: fused ? fused.secondsPerCallPipelined * 1e6 : null,
+      opQueuedUs: op ? op.secondsPerCallPipelined * 1e6 : null,
     };
     rows.push(row);
     const us = (v) => (v === null ? '-' : v.toFixed(1));
     const ratio = (a, b) => (b === null ? '-' : (a / b).toFixed(2));
     console.log(
       `| ${name} | ${n} | ${us(row.chainUs)} | ${us(row.fusedUs)} | ${ratio(row.chainUs, row.fusedUs)} | ` +
-        `${us(row.chainQueuedUs)} | ${us(row.fusedQueuedUs)} | ${ratio(row.chainQueuedUs, row.fusedQueuedUs)} | ${same ?? '-'} |`,
+        `${us(row.chainQueuedUs)} | ${us(row.fusedQueuedUs)} | ${ratio(row.chainQueuedUs, row.fusedQueuedUs)} | ` +
+        `${us(row.opQueuedUs)} | ${ratio(row.chainQueuedUs, row.opQueuedUs)} | ${same} |`,
     );
   }
 }

@@ -20,6 +20,7 @@ export interface NativeLoadOptions {
   kvUnified: boolean;
   kvBudget: number;
   kvPaged: boolean;
+  fusedMoeRouting: boolean;
   deterministic: boolean;
   promptCache: boolean;
   flashAttention: number;
@@ -141,7 +142,7 @@ export interface NativeModelInfo {
   hybrid: boolean;
   chatTemplate: string | null;
   specialTokens: { bos: number; eos: number; eot: number; addBos: boolean };
-  context: { contextSize: number; maxSequences: number; batchSize: number; totalContext: number; maxQueue: number; expertStats: boolean; kvPaged: boolean };
+  context: { contextSize: number; maxSequences: number; batchSize: number; totalContext: number; maxQueue: number; expertStats: boolean; kvPaged: boolean; fusedMoeRouting: boolean };
   metadata: Record<string, string>;
   /** What sits where: the split as loaded and, per device, its bytes and layers. */
   placement: NativePlacement;

@@ -3,6 +3,8 @@
  * token goes to and with what weights, computed three ways on the same scores:
  *   'reference'  plain C++, the definition
  *   'graph'      llama.cpp's own op chain (build_moe_ffn's routing) on the CPU or a GPU backend
+ *   'graph-op'   the same graph with expert groups chosen by one op, ggml_moe_group_topk
+ *                (native/patches/0005-moe-group-topk.patch), as models load with fusedMoeRouting
  *   'fused'      our fused CUDA kernel (CUDA builds), optionally counting each expert's picks on the
  *                device
  * Synchronous: a diagnostic, not a serving path.
@@ -41,7 +43,7 @@ export interface MoeRoutingResult {
 }
 
 export function moeRoute(
-  kind: 'reference' | 'graph' | 'fused',
+  kind: 'reference' | 'graph' | 'graph-op' | 'fused',
   logits: Float32Array,
   nTokens: number,
   params: MoeRoutingParams,

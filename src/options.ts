@@ -81,6 +81,13 @@ export interface LoadModelOptions {
    */
   expertStats?: boolean;
   /**
+   * Group-limited MoE routing (DeepSeek-V3/Kimi-K2-style expert groups) in one op, where llama.cpp
+   * builds it from nine (native/patches/0005-moe-group-topk.patch): the same experts in the same
+   * order, so the same output. CPU and CUDA. Models without expert groups route as before.
+   * Default false.
+   */
+  fusedMoeRouting?: boolean;
+  /**
    * How the offloaded layers are spread over several devices (llama.cpp's --split-mode):
    * 'layer' (default) gives each device whole layers and their KV cache; 'row' splits each
    * matrix's rows over the GPUs (CUDA); 'tensor' is llama.cpp's tensor parallelism over all the
@@ -247,6 +254,7 @@ export function resolveLoadOptions(
   const useMmap = checkBool('useMmap', options.useMmap) ?? true;
   const cpuMoeLayers = checkInt('cpuMoeLayers', options.cpuMoeLayers, 0, 100000) ?? 0;
   const expertStats = checkBool('expertStats', options.expertStats) ?? false;
+  const fusedMoeRouting = checkBool('fusedMoeRouting', options.fusedMoeRouting) ?? false;
   const maxQueue = options.maxQueue === Infinity ? 0 : (checkInt('maxQueue', options.maxQueue, 1, 2 ** 31 - 1) ?? 0);
   if (options.expectedSha256 !== undefined && (typeof options.expectedSha256 !== 'string' || !/^[0-9a-fA-F]{64}$/.test(options.expectedSha256))) {
     throw new InvalidOptionError('expectedSha256', 'a SHA-256 digest of 64 hex characters', options.expectedSha256);
@@ -303,6 +311,7 @@ export function resolveLoadOptions(
     maxQueue,
     cpuMoeLayers,
     expertStats,
+    fusedMoeRouting,
   };
 }
 

@@ -44,6 +44,11 @@ describe('MoE routing', () => {
         const reference = moeRoute('reference', x, n, p);
         expect(reference.ids).toHaveLength(n * p.nExpertUsed);
         expectSame(reference, moeRoute('graph', x, n, p), 1e-6);
+        // The graph with expert groups chosen by ggml_moe_group_topk (patch 0005): the same experts,
+        // in the same order, and the same weights bit for bit.
+        const op = moeRoute('graph-op', x, n, p);
+        expect(Array.from(op.ids)).toEqual(Array.from(reference.ids));
+        expect(Array.from(op.weights)).toEqual(Array.from(moeRoute('graph', x, n, p).weights));
         // Every token's experts are distinct, inside the kept groups, best first.
         for (let t = 0; t < n; t++) {
           const ids = Array.from(reference.ids.subarray(t * p.nExpertUsed, (t + 1) * p.nExpertUsed));
@@ -69,6 +74,7 @@ describe('MoE routing', () => {
     const grouped = moeRoute('reference', x, 1, p);
     expect(Array.from(grouped.ids)).toEqual([16, 17, 32, 33]);
     expectSame(grouped, moeRoute('graph', x, 1, p), 1e-6);
+    expectSame(grouped, moeRoute('graph-op', x, 1, p), 1e-6);
     expect(Array.from(moeRoute('reference', x, 1, { ...p, nGroups: 1, nGroupUsed: 1 }).ids)).toEqual([0, 16, 17, 48]);
   });
 

@@ -267,6 +267,7 @@ Napi::Object model_info(Napi::Env env, const llama_model* model, const Engine& e
   context.Set("maxQueue", engine.max_queue());
   context.Set("expertStats", engine.expert_stats());
   context.Set("kvPaged", engine.kv_paged());
+  context.Set("fusedMoeRouting", engine.moe_group_topk());
   o.Set("context", context);
   Napi::Object metadata = Napi::Object::New(env);
   const int32_t count = llama_model_meta_count(model);

@@ -503,6 +503,7 @@ LoadBaton load_baton(Napi::Env env, const std::string& path, const Napi::Object&
   baton.engine.flash_attention = get_int(opts, "flashAttention", -1);
   baton.engine.max_queue = static_cast<uint32_t>(std::max(0, get_int(opts, "maxQueue", 0)));
   baton.engine.expert_stats = get_bool(opts, "expertStats", false);
+  baton.engine.moe_group_topk = get_bool(opts, "fusedMoeRouting", false);
   Napi::Value draft = opts.Get("draft");
   if (!draft.IsUndefined() && !draft.IsNull()) {
     baton.draft = NativeModel::HostOf(env, draft);

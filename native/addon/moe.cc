@@ -56,7 +56,9 @@ MoeRouteParams params_from_js(Napi::Env env, Napi::Value value) {
 Napi::Value MoeRoute(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   const std::string kind = info.Length() > 0 && info[0].IsString() ? info[0].As<Napi::String>().Utf8Value() : "";
-  if (kind != "reference" && kind != "graph" && kind != "fused") invalid_option(env, "kind", "'reference', 'graph' or 'fused'");
+  if (kind != "reference" && kind != "graph" && kind != "graph-op" && kind != "fused") {
+    invalid_option(env, "kind", "'reference', 'graph', 'graph-op' or 'fused'");
+  }
   if (info.Length() < 2 || !info[1].IsTypedArray() || info[1].As<Napi::TypedArray>().TypedArrayType() != napi_float32_array) {
     invalid_option(env, "logits", "a Float32Array of nExpert × nTokens scores");
   }
@@ -80,7 +82,7 @@ Napi::Value MoeRoute(const Napi::CallbackInfo& info) {
   try {
     moe_route_validate(p, logits.ElementLength(), n_tokens);
     if (kind == "reference") r = moe_route_reference(logits.Data(), n_tokens, p);
-    if (kind == "graph") r = moe_route_graph(logits.Data(), n_tokens, p, dev == "gpu", iterations);
+    if (kind == "graph" || kind == "graph-op") r = moe_route_graph(logits.Data(), n_tokens, p, dev == "gpu", iterations, kind == "graph-op");
     if (kind == "fused") r = moe_route_fused(logits.Data(), n_tokens, p, iterations, want_counts ? &counts : nullptr);
   } catch (const MoeRouteError& e) {
     invalid_option(env, e.option, e.expected);

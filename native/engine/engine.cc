@@ -71,6 +71,7 @@ llama_context_params engine_context_params(const EngineOptions& options) {
   params.n_threads_batch = threads;
   params.kv_unified = options.kv_unified;
   params.kv_paged = options.kv_unified && options.kv_paged;
+  params.moe_group_topk = options.moe_group_topk;
   params.flash_attn_type = options.flash_attention < 0    ? LLAMA_FLASH_ATTN_TYPE_AUTO
                            : options.flash_attention == 0 ? LLAMA_FLASH_ATTN_TYPE_DISABLED
                                                           : LLAMA_FLASH_ATTN_TYPE_ENABLED;
@@ -120,6 +121,7 @@ Engine::Engine(llama_model* model, const EngineOptions& options, Notify notify)
   n_batch_ = llama_n_batch(ctx_);
   max_queue_ = options.max_queue;
   kv_paged_ = params.kv_paged;
+  moe_group_topk_ = params.moe_group_topk;
   deterministic_ = options.deterministic;
   rpc_endpoints_ = options.rpc_endpoints;
   const bool pooled = options.kv_unified && options.kv_budget > 0;

@@ -41,6 +41,8 @@ struct EngineOptions {
   // Paged attention (with kv_unified and flash attention): each sequence's attention reads only its
   // own cells, through per-sequence index lists (native/patches/0004-paged-attention.patch).
   bool kv_paged = false;
+  // Group-limited MoE routing in one op (native/patches/0005-moe-group-topk.patch).
+  bool moe_group_topk = false;
   bool deterministic = false;    // decode each sequence on its own: output independent of the batch
   // Keep a finished sequence's KV in its slot and reuse its longest common prefix with the next
   // prompt admitted there (llama-server's cache_prompt). Off with deterministic, and with
@@ -172,6 +174,7 @@ class Engine {
   uint32_t batch_size() const { return n_batch_; }
   uint32_t max_queue() const { return max_queue_; }
   bool kv_paged() const { return kv_paged_; }
+  bool moe_group_topk() const { return moe_group_topk_; }
   uint32_t total_context() const;
   const llama_context* context() const { return ctx_; }
   const llama_context* draft_context() const { return draft_ctx_; }
@@ -349,6 +352,7 @@ class Engine {
   uint32_t n_batch_ = 0;
   uint32_t max_queue_ = 0;
   bool kv_paged_ = false;
+  bool moe_group_topk_ = false;
   bool deterministic_ = false;
   bool prompt_cache_ = false;
   // Prefix sharing across slots (KV copied from another sequence's stream): off with the prompt

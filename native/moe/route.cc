@@ -110,7 +110,7 @@ MoeRouteResult moe_route_reference(const float* logits, int32_t n_tokens, const 
   return out;
 }
 
-MoeRouteResult moe_route_graph(const float* logits, int32_t n_tokens, const MoeRouteParams& p, bool gpu, int32_t iterations) {
+MoeRouteResult moe_route_graph(const float* logits, int32_t n_tokens, const MoeRouteParams& p, bool gpu, int32_t iterations, bool group_op) {
   moe_route_validate(p, static_cast<size_t>(p.n_expert) * static_cast<size_t>(n_tokens), n_tokens);
   ggml_backend_dev_t dev = nullptr;
   for (size_t i = 0; i < ggml_backend_dev_count() && dev == nullptr; ++i) {
@@ -132,7 +132,10 @@ MoeRouteResult moe_route_graph(const float* logits, int32_t n_tokens, const MoeR
   // The op chain of llama.cpp's build_moe_ffn (llama-graph.cpp), routing part, op for op.
   ggml_tensor* probs = p.sigmoid ? ggml_sigmoid(ctx, in) : ggml_soft_max(ctx, in);  // [n_expert, n_tokens]
   ggml_tensor* selection = bias ? ggml_add(ctx, probs, bias) : probs;
-  if (p.n_groups > 1) {
+  ggml_tensor* ids = nullptr;
+  if (p.n_groups > 1 && group_op) {
+    ids = ggml_moe_group_topk(ctx, selection, p.n_groups, p.n_group_used, static_cast<int>(k));  // [k, n_tokens]
+  } else if (p.n_groups > 1) {
     const int64_t per = n / p.n_groups;
     ggml_tensor* groups = ggml_reshape_3d(ctx, selection, per, p.n_groups, n_tokens);
     ggml_tensor* scores = ggml_argsort_top_k(ctx, groups, 2);  // [2, n_groups, n_tokens]
@@ -144,7 +147,7 @@ MoeRouteResult moe_route_graph(const float* logits, int32_t n_tokens, const MoeR
     selection = ggml_set_rows(ctx, ggml_fill(ctx, groups, -INFINITY), rows, kept);
     selection = ggml_reshape_2d(ctx, selection, n, n_tokens);
   }
-  ggml_tensor* ids = ggml_argsort_top_k(ctx, selection, k);  // [k, n_tokens]
+  if (ids == nullptr) ids = ggml_argsort_top_k(ctx, selection, k);  // [k, n_tokens]
   ggml_tensor* weights = ggml_get_rows(ctx, ggml_reshape_3d(ctx, probs, 1, n, n_tokens), ids);  // [1, k, n_tokens]
   if (p.norm) {
     weights = ggml_reshape_2d(ctx, weights, k, n_tokens);
@@ -152,7 +155,7 @@ MoeRouteResult moe_route_graph(const float* logits, int32_t n_tokens, const MoeR
     weights = ggml_reshape_3d(ctx, ggml_div(ctx, weights, sum), 1, k, n_tokens);
   }
   if (p.scale != 1.0f) weights = ggml_scale(ctx, weights, p.scale);
-  ids = ggml_cont(ctx, ids);  // argsort_top_k is a view of the first k of each sorted row
+  if (!ggml_is_contiguous(ids)) ids = ggml_cont(ctx, ids);  // argsort_top_k is a view of the first k of each sorted row
   ggml_set_output(ids);
   ggml_set_output(weights);
   ggml_cgraph* graph = ggml_new_graph(ctx);

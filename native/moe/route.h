@@ -56,7 +56,9 @@ MoeRouteResult moe_route_reference(const float* logits, int32_t n_tokens, const 
 // gpu: the first GPU backend (throws when there is none); iterations > 0: also times that many
 // graph computes after one warm-up and reports the mean, each waited for, and queued back to back
 // (as inside a decode step, where the host does not wait between ops).
-MoeRouteResult moe_route_graph(const float* logits, int32_t n_tokens, const MoeRouteParams& p, bool gpu, int32_t iterations);
+// group_op: with expert groups, ggml_moe_group_topk (native/patches/0005-moe-group-topk.patch) in
+// place of the chain's group limit and top-k, as build_moe_ffn with moe_group_topk.
+MoeRouteResult moe_route_graph(const float* logits, int32_t n_tokens, const MoeRouteParams& p, bool gpu, int32_t iterations, bool group_op = false);
 
 // The fused CUDA kernel; counts (optional, n_expert) accumulates how often each expert was chosen,
 // on the device. Throws std::runtime_error on the CPU build or a CUDA error.

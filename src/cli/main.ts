@@ -95,6 +95,8 @@ serve options (OpenAI-compatible API, chat page at /; no --model: the built-in d
                         is preempted and recomputed later (output unchanged)
   --kv-paged            paged attention: each sequence attends over its own KV cells only,
                         through a per-sequence cell list (turns flash attention on)
+  --fused-moe-routing   group-limited MoE routing (DeepSeek-V3-style expert groups) in one op
+                        instead of llama.cpp's nine: same experts, same output
   --expert-stats        count the tokens routed to each expert of every MoE layer (all models
                         served must be MoE); exported on /metrics as genesis_expert_tokens_total
 ${BENCH_USAGE}${FINGERPRINT_USAGE}`;
@@ -386,6 +388,7 @@ async function serveCommand(argv: string[]): Promise<void> {
       'expert-stats': { type: 'boolean' },
       'kv-budget': { type: 'string' },
       'kv-paged': { type: 'boolean' },
+      'fused-moe-routing': { type: 'boolean' },
     },
   });
   if (values.help) return void process.stdout.write(USAGE);
@@ -420,6 +423,7 @@ async function serveCommand(argv: string[]): Promise<void> {
       ...(values['expert-stats'] ? { expertStats: true } : {}),
       ...(values['kv-budget'] !== undefined ? { kvBudget: int('kv-budget', values['kv-budget']) } : {}),
       ...(values['kv-paged'] ? { kvPaged: true } : {}),
+      ...(values['fused-moe-routing'] ? { fusedMoeRouting: true } : {}),
     },
     host: values.host ?? '127.0.0.1',
     port,
