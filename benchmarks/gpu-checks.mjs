@@ -107,16 +107,8 @@ async function logitsCheck() {
     let choiceAgree = 0;
     const n = meta.vocab;
     forcedRun.logits.forEach((g, step) => {
-      const c = cpu.subarray(step * n, (step + 1) * n);
-      let diff2 = 0;
-      let ref2 = 0;
-      for (let i = 0; i < n; i++) {
-        const d = g[i] - c[i];
-        diff2 += d * d;
-        ref2 += c[i] * c[i];
-        worstAbs = Math.max(worstAbs, Math.abs(d));
-      }
-      const rel = Math.sqrt(diff2 / ref2);
+      const { rel, abs } = distance(g, cpu.subarray(step * n, (step + 1) * n));
+      worstAbs = Math.max(worstAbs, abs);
       worstRel = Math.max(worstRel, rel);
       sumRel += rel;
       if (argmax(g) === meta.tokens[step]) choiceAgree++;
