@@ -190,9 +190,10 @@ function distance(a, b) {
   return { rel: Math.sqrt(diff2 / ref2), abs };
 }
 
+const fixture = (name) => FIXTURES.find((f) => f.name.startsWith(name));
 const PAGED_FIXTURES = [
-  { name: 'default (tiny llama, f16)', make: () => ensureDefaultModel() },
-  { name: 'qwen3moe f16 2L', make: () => makeSyntheticModel({ arch: 'qwen3moe', vocab: 'qwen2', type: 'f16', nLayer: 2, nEmbd: 256 }) },
+  fixture('default'),
+  fixture('qwen3moe f16 2L'),
   {
     name: 'deepseek2 q8_0 2L (MLA)',
     make: () =>
@@ -205,8 +206,8 @@ const PAGED_FIXTURES = [
     name: 'qwen35moe f16 4L (hybrid)',
     make: () => makeSyntheticModel({ arch: 'qwen35moe', vocab: 'qwen2', type: 'f16', nLayer: 4, nEmbd: 256, nHead: 4, nHeadKv: 2, headDim: 64, nFf: 512, nExpert: 16, nExpertUsed: 4, nFfExp: 64 }),
   },
-  { name: 'qwen3-30b-a3b:q4_0:2', make: () => ensureBenchModel(parseModelSpec('qwen3-30b-a3b:q4_0:2', { type: 'q4_0' })) },
-  { name: 'llama-3-8b:q4_0:2', make: () => ensureBenchModel(parseModelSpec('llama-3-8b:q4_0:2', { type: 'q4_0' })) },
+  fixture('qwen3-30b-a3b:q4_0:2'),
+  fixture('llama-3-8b:q4_0:2'),
 ];
 
 async function pagedCheck() {

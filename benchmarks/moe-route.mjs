@@ -25,9 +25,10 @@ for (const [name, shape] of Object.entries(MOE_ROUTING_SHAPES)) {
   const p = { ...shape, ...(shape.scoring === 'sigmoid' ? { bias: Float32Array.from({ length: shape.nExpert }, () => (random() - 0.5) / 2.5) } : {}) };
   for (const n of [1, 8, 64, 256]) {
     const x = Float32Array.from({ length: shape.nExpert * n }, () => (random() - 0.5) * 8);
-    const chain = moeRoute('graph', x, n, p, { device: gpu ? 'gpu' : 'cpu', iterations });
+    const graph = { device: gpu ? 'gpu' : 'cpu', iterations };
+    const chain = moeRoute('graph', x, n, p, graph);
     const fused = gpu ? moeRoute('fused', x, n, p, { iterations }) : undefined;
-    const op = p.nGroups > 1 ? moeRoute('graph-op', x, n, p, { device: gpu ? 'gpu' : 'cpu', iterations }) : undefined;
+    const op = p.nGroups > 1 ? moeRoute('graph-op', x, n, p, graph) : undefined;
     const same = [fused, op].filter(Boolean).every((r) => chain.ids.every((id, i) => id === r.ids[i]));
     const row = {
       shape: name, tokens: n, device: chain.device, same,

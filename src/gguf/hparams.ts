@@ -39,23 +39,20 @@ export function checkHyperparameters(file: GgufFile, arch: string): void {
   const experts = uint(file, `${arch}.expert_count`);
   const used = uint(file, `${arch}.expert_used_count`);
   if (experts !== undefined && experts > LLAMA_MAX_EXPERTS) fail(`${arch}.expert_count is ${experts}, expected at most ${LLAMA_MAX_EXPERTS}`);
+  // Expert counts and group-limited routing (llama_model::load_hparams asserts these).
+  const groups = uint(file, `${arch}.expert_group_count`) ?? 0;
+  const groupsUsed = uint(file, `${arch}.expert_group_used_count`) ?? 0;
   if (experts !== undefined && experts > 0) {
     if (used === undefined || used < 1) fail(`${arch}.expert_used_count is ${used ?? 'missing'}, expected 1 to expert_count (${experts})`);
     else if (used > experts) fail(`${arch}.expert_used_count (${used}) exceeds ${arch}.expert_count (${experts})`);
-  }
-  // Group-limited routing (llama_model::load_hparams asserts these).
-  const groups = uint(file, `${arch}.expert_group_count`) ?? 0;
-  const groupsUsed = uint(file, `${arch}.expert_group_used_count`) ?? 0;
-  if (!experts) {
-    if (used) fail(`${arch}.expert_used_count is ${used} on a model without experts (expert_count ${experts ?? 'missing'}), expected 0`);
-    if (groups) fail(`${arch}.expert_group_count is ${groups} on a model without experts (expert_count ${experts ?? 'missing'}), expected 0`);
-  } else if (groups >= experts) {
-    fail(`${arch}.expert_group_count (${groups}) must be below ${arch}.expert_count (${experts})`);
-  } else if (groups > 1) {
-    if (experts % groups !== 0) fail(`${arch}.expert_count (${experts}) is not a multiple of ${arch}.expert_group_count (${groups})`);
-    if (groupsUsed < 1 || groupsUsed >= groups) {
+    if (groups >= experts) fail(`${arch}.expert_group_count (${groups}) must be below ${arch}.expert_count (${experts})`);
+    if (groups > 1 && experts % groups !== 0) fail(`${arch}.expert_count (${experts}) is not a multiple of ${arch}.expert_group_count (${groups})`);
+    if (groups > 1 && (groupsUsed < 1 || groupsUsed >= groups)) {
       fail(`${arch}.expert_group_used_count is ${groupsUsed}, expected 1 to ${groups - 1} (below expert_group_count ${groups})`);
     }
+  } else {
+    if (used) fail(`${arch}.expert_used_count is ${used} on a model without experts (expert_count ${experts ?? 'missing'}), expected 0`);
+    if (groups) fail(`${arch}.expert_group_count is ${groups} on a model without experts (expert_count ${experts ?? 'missing'}), expected 0`);
   }
   // Hybrids: llama.cpp divides by the interval, and a model with no attention layer, or no recurrent
   // one, aborts when the empty half of its memory is first used.
@@ -63,25 +60,17 @@ export function checkHyperparameters(file: GgufFile, arch: string): void {
   if (interval === 0) fail(`${arch}.full_attention_interval is 0, expected at least 1`);
   const defaultInterval = HYBRID_INTERVAL[arch];
   if (defaultInterval !== undefined && layers !== undefined) {
+    const every = interval ?? defaultInterval;
     const trunk = layers - (uint(file, `${arch}.nextn_predict_layers`) ?? 0);
     const pattern = file.metadata.get(`${arch}.attention.recurrent_layers`);
-    const attending =
-      pattern?.type === 'array'
-        ? Array.from(pattern.value as ArrayLike<unknown>).slice(0, trunk).filter((recurrent) => !recurrent).length
-        : Math.floor(trunk / (interval ?? defaultInterval));
+    const listed = pattern?.type === 'array';
+    const attending = listed ? Array.from(pattern.value as ArrayLike<unknown>).slice(0, trunk).filter((recurrent) => !recurrent).length : Math.floor(trunk / every);
+    const model = `${arch} with ${trunk} layer${trunk === 1 ? '' : 's'}`;
     if (trunk >= 1 && attending === 0) {
-      fail(
-        `${arch} with ${trunk} layer${trunk === 1 ? '' : 's'} has no attention layer (` +
-          (pattern?.type === 'array' ? 'attention.recurrent_layers marks every one recurrent' : `one in every ${interval ?? defaultInterval}, full_attention_interval`) +
-          `): expected at least one`,
-      );
+      fail(`${model} has no attention layer (${listed ? 'attention.recurrent_layers marks every one recurrent' : `one in every ${every}, full_attention_interval`}): expected at least one`);
     }
     if (trunk >= 1 && attending === trunk) {
-      fail(
-        `${arch} with ${trunk} layer${trunk === 1 ? '' : 's'} has no recurrent layer (` +
-          (pattern?.type === 'array' ? 'attention.recurrent_layers marks none recurrent' : `full_attention_interval ${interval ?? defaultInterval} makes every layer attend`) +
-          `): expected at least one`,
-      );
+      fail(`${model} has no recurrent layer (${listed ? 'attention.recurrent_layers marks none recurrent' : `full_attention_interval ${every} makes every layer attend`}): expected at least one`);
     }
   }
   // Norm epsilons are asserted non-negative when the graph runs (ggml-cpu rms_norm), not at load.
