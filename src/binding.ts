@@ -20,6 +20,9 @@ export interface NativeLoadOptions {
   kvUnified: boolean;
   kvBudget: number;
   kvPaged: boolean;
+  /** KV cache element types by ggml name ('f16', 'q8_0', ...). */
+  kvCacheTypeK: string;
+  kvCacheTypeV: string;
   fusedMoeRouting: boolean;
   deterministic: boolean;
   promptCache: boolean;
@@ -142,7 +145,7 @@ export interface NativeModelInfo {
   hybrid: boolean;
   chatTemplate: string | null;
   specialTokens: { bos: number; eos: number; eot: number; addBos: boolean };
-  context: { contextSize: number; maxSequences: number; batchSize: number; totalContext: number; maxQueue: number; expertStats: boolean; kvPaged: boolean; fusedMoeRouting: boolean };
+  context: { contextSize: number; maxSequences: number; batchSize: number; totalContext: number; maxQueue: number; expertStats: boolean; kvPaged: boolean; kvCacheType: { k: string; v: string }; fusedMoeRouting: boolean };
   metadata: Record<string, string>;
   /** What sits where: the split as loaded and, per device, its bytes and layers. */
   placement: NativePlacement;

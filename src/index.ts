@@ -6,7 +6,8 @@ export type { FusionMember } from './fusion.js';
 export type { RpcServer, RpcServerOptions } from './rpc.js';
 export { Generation } from './generation.js';
 export type { FinishReason, GenerationChunk, GenerationResult, GenerationTimings } from './generation.js';
-export type { ChatOptions, GenerateOptions, LoadModelOptions, SamplingOptions } from './options.js';
+export type { ChatOptions, GenerateOptions, KvCacheType, LoadModelOptions, SamplingOptions } from './options.js';
+export { KV_CACHE_TYPES } from './options.js';
 export {
   AbortError,
   ContextOverflowError,

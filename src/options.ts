@@ -8,6 +8,10 @@ import { InvalidOptionError } from './errors.js';
 import type { MemoryBudget } from './memory.js';
 import type { Model } from './model.js';
 
+/** KV cache element types llama.cpp accepts for -ctk/-ctv. */
+export const KV_CACHE_TYPES = ['f32', 'f16', 'bf16', 'q8_0', 'q4_0', 'q4_1', 'q5_0', 'q5_1', 'iq4_nl'] as const;
+export type KvCacheType = (typeof KV_CACHE_TYPES)[number];
+
 export interface LoadModelOptions {
   /** Tokens each sequence can hold (prompt + output). Default: the model's training context, at most 4096. */
   contextSize?: number;
@@ -64,6 +68,15 @@ export interface LoadModelOptions {
    * flash attention (turned on; false is refused). CPU and CUDA. Default false.
    */
   kvPaged?: boolean;
+  /**
+   * Element type of the KV cache (llama.cpp's -ctk/-ctv): one type for K and V, or `{ k, v }`.
+   * 'q8_0' holds about half of what 'f16' does per token, 'q4_0' about a quarter, at some cost in
+   * accuracy. A quantized V needs flash attention ('auto' turns it on; false is refused). MLA models
+   * (DeepSeek-V3-style) take one type for both. Paged attention reads every type on the CPU and on
+   * CUDA; CUDA builds without GGML_CUDA_FA_ALL_QUANTS run mixed K/V types' attention on the CPU.
+   * Default 'f16'.
+   */
+  kvCacheType?: KvCacheType | { k: KvCacheType; v: KvCacheType };
   /** Flash attention: 'auto' lets llama.cpp decide. Default 'auto'. */
   flashAttention?: boolean | 'auto';
   /** Memory-map the weights instead of reading them. Default true. */
@@ -251,6 +264,10 @@ export function resolveLoadOptions(
   if (kvPaged && options.draft !== undefined) throw new InvalidOptionError('kvPaged', 'no draft: speculative decoding with paged attention is not supported', true);
   const fa = options.flashAttention;
   if (fa !== undefined && fa !== 'auto' && typeof fa !== 'boolean') throw new InvalidOptionError('flashAttention', "true, false or 'auto'", fa);
+  const kvCacheType = resolveKvCacheType(options.kvCacheType);
+  if (kvCacheType.v !== 'f16' && kvCacheType.v !== 'bf16' && kvCacheType.v !== 'f32' && fa === false) {
+    throw new InvalidOptionError('kvCacheType', `a V type of f16, bf16 or f32 with flashAttention false: a quantized V cache (${kvCacheType.v}) needs flash attention`, options.kvCacheType);
+  }
   const useMmap = checkBool('useMmap', options.useMmap) ?? true;
   const cpuMoeLayers = checkInt('cpuMoeLayers', options.cpuMoeLayers, 0, 100000) ?? 0;
   const expertStats = checkBool('expertStats', options.expertStats) ?? false;
@@ -304,6 +321,8 @@ export function resolveLoadOptions(
     kvUnified,
     kvBudget,
     kvPaged,
+    kvCacheTypeK: kvCacheType.k,
+    kvCacheTypeV: kvCacheType.v,
     deterministic,
     promptCache,
     flashAttention: kvPaged ? 1 : fa === undefined || fa === 'auto' ? -1 : fa ? 1 : 0,
@@ -313,6 +332,19 @@ export function resolveLoadOptions(
     expertStats,
     fusedMoeRouting,
   };
+}
+
+/** kvCacheType as K and V types: a name for both, or { k, v }. */
+function resolveKvCacheType(value: unknown): { k: KvCacheType; v: KvCacheType } {
+  if (value === undefined) return { k: 'f16', v: 'f16' };
+  const isType = (x: unknown): x is KvCacheType => typeof x === 'string' && (KV_CACHE_TYPES as readonly string[]).includes(x);
+  const expected = `one of ${KV_CACHE_TYPES.join(', ')}, or { k, v } of those`;
+  if (isType(value)) return { k: value, v: value };
+  if (value !== null && typeof value === 'object' && !Array.isArray(value)) {
+    const { k, v, ...rest } = value as Record<string, unknown>;
+    if (isType(k) && isType(v) && Object.keys(rest).length === 0) return { k, v };
+  }
+  throw new InvalidOptionError('kvCacheType', expected, value);
 }
 
 /** 'host:port' endpoints: an IPv4 address or a host name (llama.cpp's RPC client speaks IPv4), and a port in [1, 65535]; no duplicates. */

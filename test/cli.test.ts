@@ -38,6 +38,12 @@ describe('genesis CLI', () => {
     const fitted = genesis('plan', path, '--context-size', '1024', '--max-sequences', '2', '--threads', '1', '--gpu-layers', '0', '--memory-budget', String(json.total - json.devices[0].kvCache / 2));
     expect(fitted.status, fitted.stderr).toBe(0);
     expect(fitted.stdout).toMatch(/plan: contextSize 512, gpuLayers 0/);
+    // --cache-type-k/-v: an f32 cache takes twice f16's bytes; a type that is not one is named.
+    const f32 = JSON.parse(genesis('plan', path, '--context-size', '1024', '--max-sequences', '2', '--threads', '1', '--gpu-layers', '0', '--cache-type-k', 'f32', '--cache-type-v', 'f32', '--json').stdout);
+    expect(f32.devices[0].kvCache).toBe(2 * json.devices[0].kvCache);
+    const typo = genesis('plan', path, '--threads', '1', '--gpu-layers', '0', '--cache-type-v', 'q8');
+    expect(typo.status).toBe(1);
+    expect(typo.stderr).toMatch(/kvCacheType/);
     const none = genesis('plan', path, '--memory-budget', '1M', '--threads', '1', '--gpu-layers', '0');
     expect(none.status).toBe(1);
     expect(none.stderr).toMatch(/^genesis: MEMORY_BUDGET: .* over the 1\.0 MiB budget by/);

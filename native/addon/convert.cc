@@ -267,6 +267,10 @@ Napi::Object model_info(Napi::Env env, const llama_model* model, const Engine& e
   context.Set("maxQueue", engine.max_queue());
   context.Set("expertStats", engine.expert_stats());
   context.Set("kvPaged", engine.kv_paged());
+  Napi::Object kv_type = Napi::Object::New(env);
+  kv_type.Set("k", ggml_type_name(engine.type_k()));
+  kv_type.Set("v", ggml_type_name(engine.type_v()));
+  context.Set("kvCacheType", kv_type);
   context.Set("fusedMoeRouting", engine.moe_group_topk());
   o.Set("context", context);
   Napi::Object metadata = Napi::Object::New(env);

@@ -456,6 +456,19 @@ bool get_bool(const Napi::Object& obj, const char* key, bool fallback) {
   return v.IsBoolean() ? v.As<Napi::Boolean>().Value() : fallback;
 }
 
+// A KV cache type by its ggml name: the types llama.cpp's -ctk/-ctv accept. Absent: F16.
+ggml_type kv_cache_type(Napi::Env env, const Napi::Object& obj, const char* key) {
+  static const ggml_type allowed[] = {GGML_TYPE_F32,  GGML_TYPE_F16,  GGML_TYPE_BF16, GGML_TYPE_Q8_0,  GGML_TYPE_Q4_0,
+                                      GGML_TYPE_Q4_1, GGML_TYPE_Q5_0, GGML_TYPE_Q5_1, GGML_TYPE_IQ4_NL};
+  Napi::Value v = obj.Get(key);
+  if (v.IsUndefined()) return GGML_TYPE_F16;
+  const std::string name = v.IsString() ? v.As<Napi::String>().Utf8Value() : std::string();
+  for (ggml_type t : allowed) {
+    if (name == ggml_type_name(t)) return t;
+  }
+  throw CodedError(env, "INVALID_OPTION", std::string("invalid option kvCacheType: expected f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1 or iq4_nl"));
+}
+
 // The options loadModel and estimateMemory share (validated in src/options.ts first).
 LoadBaton load_baton(Napi::Env env, const std::string& path, const Napi::Object& opts) {
   LoadBaton baton;
@@ -498,6 +511,8 @@ LoadBaton load_baton(Napi::Env env, const std::string& path, const Napi::Object&
   baton.engine.kv_unified = get_bool(opts, "kvUnified", false);
   baton.engine.kv_budget = static_cast<uint32_t>(std::max(0, get_int(opts, "kvBudget", 0)));
   baton.engine.kv_paged = get_bool(opts, "kvPaged", false);
+  baton.engine.type_k = kv_cache_type(env, opts, "kvCacheTypeK");
+  baton.engine.type_v = kv_cache_type(env, opts, "kvCacheTypeV");
   baton.engine.deterministic = get_bool(opts, "deterministic", false);
   baton.engine.prompt_cache = get_bool(opts, "promptCache", true);
   baton.engine.flash_attention = get_int(opts, "flashAttention", -1);

@@ -72,6 +72,8 @@ llama_context_params engine_context_params(const EngineOptions& options) {
   params.kv_unified = options.kv_unified;
   params.kv_paged = options.kv_unified && options.kv_paged;
   params.moe_group_topk = options.moe_group_topk;
+  params.type_k = options.type_k;
+  params.type_v = options.type_v;
   params.flash_attn_type = options.flash_attention < 0    ? LLAMA_FLASH_ATTN_TYPE_AUTO
                            : options.flash_attention == 0 ? LLAMA_FLASH_ATTN_TYPE_DISABLED
                                                           : LLAMA_FLASH_ATTN_TYPE_ENABLED;
@@ -98,6 +100,20 @@ Engine::Engine(llama_model* model, const EngineOptions& options, Notify notify)
   params.abort_callback_data = &abort_decode_;
 
   ctx_ = llama_init_from_model(model, params);
+  if (ctx_ == nullptr && (params.type_k != GGML_TYPE_F16 || params.type_v != GGML_TYPE_F16)) {
+    // Tell KV types this model cannot hold (a block size that does not divide its head size, K and
+    // V types that differ on an MLA model) from a context too large.
+    auto plain = params;
+    plain.type_k = GGML_TYPE_F16;
+    plain.type_v = GGML_TYPE_F16;
+    if (llama_context* probe = llama_init_from_model(model, plain)) {
+      llama_free(probe);
+      throw InvalidEngineOption("kvCacheType",
+                                "types this model's KV cache can hold: a block size dividing its head size, and one type for K and V on MLA models",
+                                std::string("invalid option kvCacheType: this model cannot hold a KV cache of K ") + ggml_type_name(params.type_k) +
+                                    " and V " + ggml_type_name(params.type_v) + " (see the log)");
+    }
+  }
   if (ctx_ == nullptr && params.kv_paged) {
     // Tell a KV cache paged attention does not cover (sliding-window, DSA/MSA composites) from a context too large.
     auto plain = params;
@@ -121,6 +137,8 @@ Engine::Engine(llama_model* model, const EngineOptions& options, Notify notify)
   n_batch_ = llama_n_batch(ctx_);
   max_queue_ = options.max_queue;
   kv_paged_ = params.kv_paged;
+  type_k_ = params.type_k;
+  type_v_ = params.type_v;
   moe_group_topk_ = params.moe_group_topk;
   deterministic_ = options.deterministic;
   rpc_endpoints_ = options.rpc_endpoints;

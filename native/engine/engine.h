@@ -41,6 +41,9 @@ struct EngineOptions {
   // Paged attention (with kv_unified and flash attention): each sequence's attention reads only its
   // own cells, through per-sequence index lists (native/patches/0004-paged-attention.patch).
   bool kv_paged = false;
+  // KV cache element types (llama.cpp's -ctk/-ctv). A quantized V needs flash attention.
+  ggml_type type_k = GGML_TYPE_F16;
+  ggml_type type_v = GGML_TYPE_F16;
   // Group-limited MoE routing in one op (native/patches/0005-moe-group-topk.patch).
   bool moe_group_topk = false;
   bool deterministic = false;    // decode each sequence on its own: output independent of the batch
@@ -174,6 +177,8 @@ class Engine {
   uint32_t batch_size() const { return n_batch_; }
   uint32_t max_queue() const { return max_queue_; }
   bool kv_paged() const { return kv_paged_; }
+  ggml_type type_k() const { return type_k_; }
+  ggml_type type_v() const { return type_v_; }
   bool moe_group_topk() const { return moe_group_topk_; }
   uint32_t total_context() const;
   const llama_context* context() const { return ctx_; }
@@ -352,6 +357,8 @@ class Engine {
   uint32_t n_batch_ = 0;
   uint32_t max_queue_ = 0;
   bool kv_paged_ = false;
+  ggml_type type_k_ = GGML_TYPE_F16;
+  ggml_type type_v_ = GGML_TYPE_F16;
   bool moe_group_topk_ = false;
   bool deterministic_ = false;
   bool prompt_cache_ = false;

@@ -19,7 +19,7 @@ import { GenesisError } from '../errors.js';
 import { estimateMemory, planMemory, type DeviceMemoryEstimate } from '../memory.js';
 import { isLoopback, startRpcServer } from '../rpc.js';
 import { loadModel, type Model } from '../model.js';
-import type { GenerateOptions, LoadModelOptions } from '../options.js';
+import type { GenerateOptions, KvCacheType, LoadModelOptions } from '../options.js';
 import { ServerConfigError } from '../server/app.js';
 import type { FusedModelSpec } from '../server/fused.js';
 import { serve, type ServeModelSpec } from '../server/serve.js';
@@ -56,6 +56,8 @@ generate options:
   --system TEXT         system message (with --chat)
 model options:
   --context-size N --max-sequences N --threads N --gpu-layers N|max --batch-size N
+  --cache-type-k T --cache-type-v T    KV cache types: f16 (default), q8_0, q4_0, q4_1, q5_0, q5_1,
+                                       iq4_nl, bf16, f32 (a quantized V turns flash attention on)
   --split-mode none|layer|row|tensor   how offloaded layers spread over several devices (layer)
   --tensor-split A,B,...               share per offload device, RPC devices first (e.g. 3,1)
   --main-gpu I                         device index for --split-mode none
@@ -108,6 +110,8 @@ const modelOptions = {
   'batch-size': { type: 'string' },
   threads: { type: 'string', short: 't' },
   'gpu-layers': { type: 'string' },
+  'cache-type-k': { type: 'string' },
+  'cache-type-v': { type: 'string' },
   'split-mode': { type: 'string' },
   'tensor-split': { type: 'string' },
   'main-gpu': { type: 'string' },
@@ -139,9 +143,16 @@ function loadOptions(values: Record<string, unknown>): LoadModelOptions {
     batchSize: int('batch-size', values['batch-size'] as string | undefined),
     threads: int('threads', values.threads as string | undefined),
     gpuLayers: gpu === 'max' ? 'max' : int('gpu-layers', gpu),
+    ...kvCacheTypes(values['cache-type-k'] as string | undefined, values['cache-type-v'] as string | undefined),
     ...splitSettings(values as Parameters<typeof splitSettings>[0]),
     onProgress: process.stderr.isTTY ? progressBar('loading') : undefined,
   };
+}
+
+/** --cache-type-k/-v as kvCacheType (either alone leaves the other f16, as in llama.cpp); checked by loadModel. */
+function kvCacheTypes(k: string | undefined, v: string | undefined): Pick<LoadModelOptions, 'kvCacheType'> {
+  if (k === undefined && v === undefined) return {};
+  return { kvCacheType: { k: (k ?? 'f16') as KvCacheType, v: (v ?? 'f16') as KvCacheType } };
 }
 
 /** "0-3", "0-1,5": layer indices as ranges. */
