@@ -8,7 +8,8 @@
 //   concurrent  N requests at once on the GPU against each run alone, default and deterministic mode
 //   memory      20 load/dispose cycles leave the device's free memory where it was
 //   paged       paged attention (kvPaged) on the GPU against the standard cache on the GPU, fed the
-//               same tokens (logits, greedy path), per architecture; then 16 requests at once in a
+//               same tokens (logits, greedy path), per architecture and for q8_0 and q4_0 KV caches
+//               (kvCacheType); then 16 requests at once in a
 //               pool 4× too small, against each one's solo paged run
 // Prints one line per result and writes checks.json to $OUT. Usage:
 //   node benchmarks/gpu-checks.mjs [logits|concurrent|memory|paged|all]
@@ -208,14 +209,17 @@ const PAGED_FIXTURES = [
   },
   fixture('qwen3-30b-a3b:q4_0:2'),
   fixture('llama-3-8b:q4_0:2'),
+  // quantized KV caches (kvCacheType), gathered as they are stored
+  { ...fixture('qwen3-30b-a3b:q4_0:2'), name: 'qwen3-30b-a3b:q4_0:2, q8_0 KV', kvCacheType: 'q8_0' },
+  { ...fixture('llama-3-8b:q4_0:2'), name: 'llama-3-8b:q4_0:2, q4_0 KV', kvCacheType: 'q4_0' },
 ];
 
 async function pagedCheck() {
   const results = [];
-  const gpu = { gpuLayers: 'max', flashAttention: true };
   const picked = process.env.CHECK_FIXTURES ? process.env.CHECK_FIXTURES.split(',').map(Number) : PAGED_FIXTURES.map((_, i) => i);
   for (const index of picked) {
     const f = PAGED_FIXTURES[index];
+    const gpu = { gpuLayers: 'max', flashAttention: true, ...(f.kvCacheType ? { kvCacheType: f.kvCacheType } : {}) };
     const path = await f.make();
     const r = { fixture: f.name };
     try {

@@ -49,7 +49,15 @@ export interface EngineStats {
   steps: number;
   /** Tokens decoded (prompt + generated) since load. */
   decodedTokens: number;
-  /** Prompt tokens reused from a slot's prompt cache instead of decoded, since load. */
+  /**
+   * Prompt tokens of the requests admitted since load. A request preempted from the KV pool counts
+   * again when it is admitted again, with the tokens it had generated.
+   */
+  promptTokens: number;
+  /**
+   * Of those, the tokens reused from the prompt cache or another sequence's KV instead of decoded:
+   * cachedPromptTokens / promptTokens is the prefix cache's hit rate.
+   */
   cachedPromptTokens: number;
   /** Tokens held in the KV cache by active sequences. */
   kvUsedTokens: number;

@@ -238,6 +238,9 @@ describe('shared KV pool (kvBudget)', { timeout: 120_000 }, () => {
       expect(statuses.every((s) => s === 200)).toBe(true);
       const text = await (await fetch(`${handle.url}/metrics`)).text();
       expect(text).toMatch(/^genesis_preemptions_total\{model="pool"\} [1-9]\d*$/m);
+      // Readmitted requests count their prompts again; nothing was cached before the first finished.
+      expect(text).toMatch(/^genesis_engine_prompt_tokens_total\{model="pool"\} [1-9]\d*$/m);
+      expect(text).toMatch(/^genesis_prompt_cache_hit_ratio\{model="pool"\} (0|0\.\d+)$/m);
       expect(text).toMatch(/^genesis_kv_capacity_tokens\{model="pool"\} (1[6-9]\d|2\d\d)$/m);
     } finally {
       await handle.stop();

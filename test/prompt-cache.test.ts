@@ -33,12 +33,16 @@ describe('prompt cache', () => {
       const after = cached.stats();
       const reused = after.cachedPromptTokens - before.cachedPromptTokens;
       const decoded = after.decodedTokens - before.decodedTokens;
+      expect(after.promptTokens - before.promptTokens).toBe(prompt.length);
       // The first turn computes everything; later turns reuse the 200-token shared prefix.
       expect(reused).toBe(turn === 0 ? 0 : 200);
       expect(decoded).toBe(prompt.length - reused + 12 - 1);
       expect(r.tokens).toEqual((await uncached.complete(prompt, greedy)).tokens);
     }
     expect(uncached.stats().cachedPromptTokens).toBe(0);
+    // Hit rate: 2 of 3 turns reused 200 of their 210 tokens.
+    const s = cached.stats();
+    expect(s.cachedPromptTokens / s.promptTokens).toBeCloseTo((2 * 200) / (3 * 210), 9);
   });
 
   it('picks the free slot that shares the longest prefix, and a multi-turn chat reuses its history', async () => {

@@ -906,6 +906,7 @@ Napi::Value NativeModel::Stats(const Napi::CallbackInfo& info) {
   out.Set("queued", s.queued);
   out.Set("steps", static_cast<double>(s.steps));
   out.Set("decodedTokens", static_cast<double>(s.decoded_tokens));
+  out.Set("promptTokens", static_cast<double>(s.prompt_tokens));
   out.Set("cachedPromptTokens", static_cast<double>(s.cached_prompt_tokens));
   out.Set("kvUsedTokens", static_cast<double>(s.kv_used_tokens));
   out.Set("draftTokens", static_cast<double>(s.draft_tokens));

@@ -593,8 +593,9 @@ void Engine::start(Slot& slot, Pending p, size_t cached, Slot* donor, size_t don
     slot.mtp_tokens.resize(rows);
     slot.mtp_h.resize(rows * static_cast<size_t>(n_embd_));
   }
-  if (keep > 0) {
+  {
     std::lock_guard<std::mutex> lock(mu_);
+    stats_.prompt_tokens += slot.request.prompt.size();
     stats_.cached_prompt_tokens += keep;
   }
   slot.prefilled = keep;

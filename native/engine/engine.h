@@ -144,6 +144,7 @@ struct EngineStats {
   uint32_t queued = 0;
   uint64_t steps = 0;
   uint64_t decoded_tokens = 0;
+  uint64_t prompt_tokens = 0;         // prompt tokens of admitted requests (again when readmitted)
   uint64_t cached_prompt_tokens = 0;  // prompt tokens taken from a slot's cache instead of decoded
   uint64_t kv_used_tokens = 0;  // tokens held in the KV cache by active sequences
   uint64_t draft_tokens = 0;    // speculative decoding: tokens the draft model proposed
