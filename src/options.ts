@@ -72,9 +72,9 @@ export interface LoadModelOptions {
    * Element type of the KV cache (llama.cpp's -ctk/-ctv): one type for K and V, or `{ k, v }`.
    * 'q8_0' holds about half of what 'f16' does per token, 'q4_0' about a quarter, at some cost in
    * accuracy. A quantized V needs flash attention ('auto' turns it on; false is refused). MLA models
-   * (DeepSeek-V3-style) take one type for both. Paged attention reads every type on the CPU and on
-   * CUDA; CUDA builds without GGML_CUDA_FA_ALL_QUANTS run mixed K/V types' attention on the CPU.
-   * Default 'f16'.
+   * (DeepSeek-V3-style) take one type for both. Paged attention reads every type. On CUDA, flash
+   * attention takes every type but iq4_nl (K/V pairs without a kernel of their own are converted to
+   * f16 for it; iq4_nl's attention runs on the CPU). Default 'f16'.
    */
   kvCacheType?: KvCacheType | { k: KvCacheType; v: KvCacheType };
   /** Flash attention: 'auto' lets llama.cpp decide. Default 'auto'. */
