@@ -97,6 +97,13 @@ describe('KV cache types (kvCacheType)', { timeout: 180_000 }, () => {
     expect(blocks).toBeInstanceOf(InvalidOptionError);
     expect((blocks as InvalidOptionError).option).toBe('kvCacheType');
     expect((blocks as Error).message).toMatch(/K q8_0 and V q8_0/);
+    // MLA keeps K and V in one latent cache: one type for both.
+    const mla = await makeFixtureModel({ arch: 'deepseek2', type: 'q8_0', nLayer: 2, nEmbd: 256, nHead: 4, headDim: 96, nExpert: 16, nExpertUsed: 4, nFfExp: 64, mla: { kvLoraRank: 64, qLoraRank: 128 } });
+    const split = await loadModel(mla, { ...base, kvCacheType: { k: 'q8_0', v: 'f16' } }).catch((e: unknown) => e);
+    expect(split).toBeInstanceOf(InvalidOptionError);
+    expect((split as InvalidOptionError).option).toBe('kvCacheType');
+    const same = await loadModel(mla, { ...base, kvCacheType: 'q8_0' });
+    await same.dispose();
     // ... and the model still loads with a type it can hold.
     const ok = await loadModel(small, { ...base, kvCacheType: 'bf16' });
     try {
