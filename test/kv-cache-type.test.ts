@@ -16,11 +16,13 @@ const GREEDY = { temperature: 0, ignoreEos: true, maxTokens: 48 } as const;
 // Head size 32: a multiple of the quantized types' 32-element blocks.
 const SHAPE = { arch: 'llama', type: 'q8_0', nEmbd: 128, nHead: 4, nHeadKv: 2 } as const;
 
-async function run(path: string, options: LoadModelOptions, prompts: readonly string[]): Promise<number[][]> {
-  const m = await loadModel(path, { ...base, ...options });
+/** Each prompt alone on one sequence of the standard cache, with no prompt cache between them. */
+async function soloRuns(path: string, options: LoadModelOptions): Promise<number[][]> {
+  const m = await loadModel(path, { ...base, ...options, maxSequences: 1, flashAttention: true, promptCache: false });
   try {
-    const got = await Promise.all(prompts.map((p) => m.complete(p, GREEDY)));
-    return got.map((r) => r.tokens);
+    const out: number[][] = [];
+    for (const p of PROMPTS) out.push((await m.complete(p, GREEDY)).tokens);
+    return out;
   } finally {
     await m.dispose();
   }
@@ -32,14 +34,12 @@ describe('KV cache types (kvCacheType)', { timeout: 180_000 }, () => {
 
   beforeAll(async () => {
     path = await makeFixtureModel(SHAPE);
-    f16 = [];
-    for (const p of PROMPTS) f16.push(...(await run(path, { maxSequences: 1, flashAttention: true }, [p])));
+    f16 = await soloRuns(path, {});
   });
 
   for (const type of ['q8_0', 'q4_0'] as const) {
     it(`reads a ${type} cache through the paged cell lists: concurrent and preempted requests equal solo runs of the standard ${type} cache`, async () => {
-      const solo: number[][] = [];
-      for (const p of PROMPTS) solo.push(...(await run(path, { maxSequences: 1, flashAttention: true, kvCacheType: type }, [p])));
+      const solo = await soloRuns(path, { kvCacheType: type });
       // The type is really used: rounding the keys and values changes some greedy paths of this model.
       expect(solo).not.toEqual(f16);
       const paged = await loadModel(path, { ...base, maxSequences: 6, kvPaged: true, kvCacheType: type });
