@@ -147,6 +147,20 @@ describe('markdown report', () => {
       '| a\\|b &lt;i>x&lt;/i> | tg | tg128 | gen tokens/s | 89.8 | 100.0 (llama-bench) | 0.898 | 0.90 | ✗ |',
     );
   });
+
+  it('never counts a target as met when requests failed: a server that drops requests finishes sooner', () => {
+    // The H100 run at --batch-size 8192: llama-server failed 135 of 192 requests, and the raw ratio
+    // read 2.68.
+    const row: RatioRow = {
+      model: 'm', workload: 'server', label: 'c=64', metric: 'output throughput', unit: 't/s', ours: 1106.3, reference: 412.7,
+      referenceTool: 'llama-server', ratio: 1106.3 / 412.7, target: 1, failed: { ours: 0, reference: 135 },
+    };
+    expect(formatRatioTable([row]).split('\n')[2]).toBe('| m | server | c=64 | output throughput (t/s) | 1106.3 | 412.7 (llama-server) | 2.68 | 1.00 | ✗ (failed requests: 0 ours, 135 reference) |');
+    const noTarget = { ...row, metric: 'TTFT p50 (lower is better)', unit: 'ms', target: undefined };
+    expect(formatRatioTable([noTarget]).split('\n')[2]).toMatch(/\| 2\.68 \|  \| \(failed requests: 0 ours, 135 reference\) \|$/);
+    const html = renderHtml({ ...report, ratios: [row] });
+    expect(html).toContain('<td class="missed">✗ (failed requests: 0 ours, 135 reference)</td>');
+  });
 });
 
 describe('expert load section', () => {

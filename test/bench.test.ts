@@ -210,7 +210,9 @@ describe('genesis bench end to end (tiny model, real llama.cpp tools)', () => {
     const dir = join(out, 'experts');
     const r = spawnSync(
       process.execPath,
-      ['--import', 'tsx', cli, 'bench', '--quick', '--model', 'tiny-mtp:q8_0:2', '--workloads', 'experts', '--threads', '1', '--repeat', '1', '--concurrency', '2', '--out', dir],
+      ['--import', 'tsx', cli, 'bench', '--quick', '--model', 'tiny-mtp:q8_0:2', '--workloads', 'experts', '--threads', '1', '--repeat', '1', '--concurrency', '2', '--out', dir,
+        // Loads ours with fusedMoeRouting (a model without expert groups routes as before).
+        '--fused-moe-routing'],
       { encoding: 'utf8', timeout: 600_000 },
     );
     expect(r.status, r.stderr.slice(-3000)).toBe(0);
@@ -228,6 +230,8 @@ describe('genesis bench end to end (tiny model, real llama.cpp tools)', () => {
     }
     expect(report.ratios.map((x) => [x.workload, x.referenceTool, x.target])).toEqual([['experts', 'genesis, statistics off', 0.99]]);
     expect(readFileSync(join(dir, 'report.md'), 'utf8')).toMatch(/layer 1 \|[ ·░▒▓█]{8}\|/);
+    expect(report.settings.fusedMoeRouting).toBe(true);
+    expect(readFileSync(join(dir, 'report.md'), 'utf8')).toContain('ours with fused group-limited MoE routing (--fused-moe-routing)');
   }, 600_000);
 
   it('rejects unknown presets, workloads and bad lists with usage errors', () => {

@@ -59,6 +59,7 @@ function duration(seconds: number): string {
 /** Whether a ratio meets its target; float noise (0.8999999999 against 0.9) does not fail it. */
 function meets(row: RatioRow): boolean | undefined {
   if (row.target === undefined || row.target === null) return undefined;
+  if (row.failed) return false;
   return row.ratio >= row.target - 1e-9;
 }
 
@@ -152,6 +153,7 @@ function headerFacts(report: BenchReport): Array<[string, string]> {
         ...(s.ppTokens.length ? [`pp ${s.ppTokens.join(', ')}`] : []),
         `tg ${s.tgTokens}`,
         ...(s.kvPaged ? ['our server with paged attention (--kv-paged)'] : []),
+        ...(s.fusedMoeRouting ? ['ours with fused group-limited MoE routing (--fused-moe-routing)'] : []),
       ].join(' · '),
     ],
   ];
@@ -449,9 +451,9 @@ function ratioRows(ratios: RatioRow[]): string[][] {
       metricLabel(r),
       formatValue(r.ours, r.unit),
       `${formatValue(r.reference, r.unit)} (${r.referenceTool})`,
-      fixed(r.ratio, met === false ? missDigits(r.ratio, r.target as number) : 2),
+      fixed(r.ratio, met === false && !r.failed ? missDigits(r.ratio, r.target as number) : 2),
       met === undefined ? '' : ratio(r.target),
-      met === undefined ? '' : met ? '✓' : '✗',
+      (met === undefined ? '' : met ? '✓' : '✗') + (r.failed ? `${met === undefined ? '' : ' '}(failed requests: ${r.failed.ours} ours, ${r.failed.reference} reference)` : ''),
     ];
   });
 }
@@ -823,7 +825,7 @@ figcaption{font-weight:600;font-size:.9rem;margin-bottom:.3rem}
 function htmlTable(t: Table): string {
   const cls = (k: number) => (t.align[k] === 'right' ? ' class="num"' : '');
   const cell = (c: string, k: number) => {
-    const marker = c === '✓' ? ' class="met"' : c === '✗' ? ' class="missed"' : cls(k);
+    const marker = c === '✓' ? ' class="met"' : c === '✗' || c.startsWith('✗ (') ? ' class="missed"' : cls(k);
     return `<td${marker}>${esc(c)}</td>`;
   };
   return (

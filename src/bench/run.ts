@@ -64,6 +64,8 @@ export interface BenchOptions {
   kvPool: { budgetTokens: number; maxContext: number; requests: number; concurrency: number; promptTokens: number; genTokens: number };
   /** Ours with paged attention over one shared KV pool (--kv-paged) in every server workload. */
   kvPaged: boolean;
+  /** Ours with fusedMoeRouting (models with expert groups route through one op). */
+  fusedMoeRouting: boolean;
   /** Measure memory bandwidth and compute the roofline (default true). */
   roofline: boolean;
   /** Directory for report.json, report.md and report.html. */
@@ -94,6 +96,7 @@ export function defaultBenchOptions(quick: boolean): Omit<BenchOptions, 'outDir'
       mixed: { requests: 12, arrivalRate: 2, promptTokens: [16, 128], genTokens: [4, 24], seed: 7 },
       kvPool: { budgetTokens: 2048, maxContext: 1024, requests: 32, concurrency: 16, promptTokens: 32, genTokens: 16 },
       kvPaged: false,
+      fusedMoeRouting: false,
       roofline: true,
     };
   }
@@ -117,6 +120,7 @@ export function defaultBenchOptions(quick: boolean): Omit<BenchOptions, 'outDir'
     mixed: { requests: 64, arrivalRate: 4, promptTokens: [32, 1024], genTokens: [16, 256], seed: 7 },
     kvPool: { budgetTokens: 8192, maxContext: 4096, requests: 128, concurrency: 64, promptTokens: 64, genTokens: 64 },
     kvPaged: false,
+    fusedMoeRouting: false,
     roofline: true,
   };
 }
@@ -144,7 +148,7 @@ const best = (a: number | undefined, b: number): number => Math.max(a ?? 0, b);
 async function singleStream(o: BenchOptions, path: string, progress: Progress): Promise<SingleStreamRow[]> {
   const reference = new Map<string, number>();
   const ours = new Map<string, number>();
-  const model = { path, threads: o.threads, batchSize: o.batchSize, gpuLayers: o.gpuLayers, split: o.split };
+  const model = { path, threads: o.threads, batchSize: o.batchSize, gpuLayers: o.gpuLayers, split: o.split, fusedMoeRouting: o.fusedMoeRouting };
   for (let round = 0; round < o.repeat; round++) {
     progress.step(`single stream, round ${round + 1}/${o.repeat}: llama-bench pp ${o.ppTokens.join(',')} tg ${o.tgTokens}`);
     for (const r of await llamaBench({ model: path, threads: o.threads, batchSize: o.batchSize, gpuLayers: o.gpuLayers, split: o.split, pp: o.ppTokens, tg: o.tgTokens, repetitions: 1, log: o.log })) {
@@ -177,6 +181,7 @@ async function batched(o: BenchOptions, path: string, progress: Progress): Promi
     progress.step(`batched, round ${round + 1}/${o.repeat}: genesis B=${npl.join(',')}`);
     const figures = await runInWorker({
       kind: 'batched', path, threads: o.threads, batchSize: o.batchSize, gpuLayers: o.gpuLayers, split: o.split, concurrency: npl, promptTokens: pp, genTokens: tg, seed: 100 + round,
+      fusedMoeRouting: o.fusedMoeRouting,
     });
     for (const B of npl) keep(ours, B, figures[String(B)]!);
   }
@@ -274,7 +279,7 @@ async function expertLoad(o: BenchOptions, path: string, progress: Progress): Pr
       progress.step(`experts, round ${round + 1}/${o.repeat}: genesis B=${B}, expert statistics ${on ? 'on' : 'off'}`);
       const figures = await runInWorker({
         kind: 'batched', path, threads: o.threads, batchSize: o.batchSize, gpuLayers: o.gpuLayers, split: o.split, concurrency: [B], promptTokens: pp, genTokens: tg,
-        seed: 300 + round, expertStats: on,
+        seed: 300 + round, expertStats: on, fusedMoeRouting: o.fusedMoeRouting,
       });
       const tps = figures[String(B)]!.tg;
       if (on) {
@@ -365,9 +370,10 @@ async function withServer<T>(start: () => Promise<RunningServer>, body: (s: Runn
 
 function ratioRows(runs: BenchModelRun[]): RatioRow[] {
   const rows: RatioRow[] = [];
-  const add = (r: Omit<RatioRow, 'ratio'>, lowerIsBetter = false) => {
+  const add = (r: Omit<RatioRow, 'ratio'>, lowerIsBetter = false, load?: { ours: LoadStats; reference: LoadStats }) => {
     if (!(r.ours > 0) || !(r.reference > 0)) return;
-    rows.push({ ...r, ratio: lowerIsBetter ? r.reference / r.ours : r.ours / r.reference });
+    const failed = load && load.ours.errors + load.reference.errors > 0 ? { ours: load.ours.errors, reference: load.reference.errors } : undefined;
+    rows.push({ ...r, ratio: lowerIsBetter ? r.reference / r.ours : r.ours / r.reference, ...(failed ? { failed } : {}) });
   };
   for (const run of runs) {
     const model = run.name;
@@ -381,14 +387,14 @@ function ratioRows(runs: BenchModelRun[]): RatioRow[] {
       });
     }
     for (const l of run.latency) {
-      add({ model, workload: 'server', label: `c=${l.concurrency}`, metric: 'output throughput', unit: 't/s', ours: l.ours.outputTokensPerSecond, reference: l.reference.outputTokensPerSecond, referenceTool: 'llama-server', target: 1.0 });
-      add({ model, workload: 'server', label: `c=${l.concurrency}`, metric: 'TTFT p50 (lower is better)', unit: 'ms', ours: l.ours.ttftMs.p50, reference: l.reference.ttftMs.p50, referenceTool: 'llama-server' }, true);
+      add({ model, workload: 'server', label: `c=${l.concurrency}`, metric: 'output throughput', unit: 't/s', ours: l.ours.outputTokensPerSecond, reference: l.reference.outputTokensPerSecond, referenceTool: 'llama-server', target: 1.0 }, false, l);
+      add({ model, workload: 'server', label: `c=${l.concurrency}`, metric: 'TTFT p50 (lower is better)', unit: 'ms', ours: l.ours.ttftMs.p50, reference: l.reference.ttftMs.p50, referenceTool: 'llama-server' }, true, l);
     }
     if (run.kvPool) {
       const k = run.kvPool;
       const label = `budget ${k.budgetTokens}, ctx ${k.maxContext}`;
-      add({ model, workload: 'kv-pool', label, metric: 'sequences held at once', unit: 'seqs', ours: k.oursSequences, reference: k.referenceSequences, referenceTool: 'llama-server', target: 8 });
-      add({ model, workload: 'kv-pool', label, metric: 'output throughput', unit: 't/s', ours: k.ours.outputTokensPerSecond, reference: k.reference.outputTokensPerSecond, referenceTool: 'llama-server' });
+      add({ model, workload: 'kv-pool', label, metric: 'sequences held at once', unit: 'seqs', ours: k.oursSequences, reference: k.referenceSequences, referenceTool: 'llama-server', target: 8 }, false, k);
+      add({ model, workload: 'kv-pool', label, metric: 'output throughput', unit: 't/s', ours: k.ours.outputTokensPerSecond, reference: k.reference.outputTokensPerSecond, referenceTool: 'llama-server' }, false, k);
     }
     if (run.experts) {
       const e = run.experts;
@@ -399,8 +405,8 @@ function ratioRows(runs: BenchModelRun[]): RatioRow[] {
     }
     for (const [workload, r] of [['shared-prefix', run.sharedPrefix], ['mixed', run.mixed]] as const) {
       if (!r) continue;
-      add({ model, workload, label: workload, metric: 'output throughput', unit: 't/s', ours: r.ours.outputTokensPerSecond, reference: r.reference.outputTokensPerSecond, referenceTool: 'llama-server' });
-      add({ model, workload, label: workload, metric: 'TTFT p50 (lower is better)', unit: 'ms', ours: r.ours.ttftMs.p50, reference: r.reference.ttftMs.p50, referenceTool: 'llama-server' }, true);
+      add({ model, workload, label: workload, metric: 'output throughput', unit: 't/s', ours: r.ours.outputTokensPerSecond, reference: r.reference.outputTokensPerSecond, referenceTool: 'llama-server' }, false, r);
+      add({ model, workload, label: workload, metric: 'TTFT p50 (lower is better)', unit: 'ms', ours: r.ours.ttftMs.p50, reference: r.reference.ttftMs.p50, referenceTool: 'llama-server' }, true, r);
       const pc = workload === 'shared-prefix' ? run.sharedPrefix?.prefixCache : undefined;
       if (pc) {
         add({ model, workload, label: 'prefix cached', metric: 'TTFT, prefix cached (lower is better)', unit: 'ms', ours: pc.ours.cachedMs, reference: pc.reference.cachedMs, referenceTool: 'llama-server' }, true);
@@ -478,7 +484,7 @@ export async function runBench(o: BenchOptions): Promise<BenchOutcome> {
       for (let round = 0; round < o.repeat; round++) {
         const tag = `round ${round + 1}/${o.repeat}`;
         reference = bestServerRun(reference, await withServer(() => startLlamaServer(settings), (s) => serverWorkloads(o, s, shape.vocabSize, progress, tag)));
-        ours = bestServerRun(ours, await withServer(() => startGenesisServer({ ...settings, kvPaged: o.kvPaged }), (s) => serverWorkloads(o, s, shape.vocabSize, progress, tag)));
+        ours = bestServerRun(ours, await withServer(() => startGenesisServer({ ...settings, kvPaged: o.kvPaged, fusedMoeRouting: o.fusedMoeRouting }), (s) => serverWorkloads(o, s, shape.vocabSize, progress, tag)));
       }
       if (!reference || !ours) throw new RangeError('repeat must be at least 1');
       run.latency = ours.latency.map((l, i): LatencyRow => ({
@@ -508,6 +514,7 @@ export async function runBench(o: BenchOptions): Promise<BenchOutcome> {
   const settings: BenchSettings = {
     quick: o.quick, threads: o.threads, batchSize: o.batchSize, gpuLayers: o.gpuLayers, split: o.split, repeat: o.repeat, concurrency: o.concurrency, ppTokens: o.ppTokens, tgTokens: o.tgTokens,
     ...(o.kvPaged ? { kvPaged: true } : {}),
+    ...(o.fusedMoeRouting ? { fusedMoeRouting: true } : {}),
   };
   const report: BenchReport = {
     ...reportHeader({ started, settings, device: { variant: info.variant, name: deviceName, ...(bandwidth ? { bandwidthBytesPerSecond: bandwidth } : {}) } }),

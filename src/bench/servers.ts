@@ -25,6 +25,7 @@ export interface ServerSettings {
   kvBudget?: number;
   /** Ours only: paged attention over one shared KV pool (--kv-paged). */
   kvPaged?: boolean;
+  fusedMoeRouting?: boolean;
   log?: (line: string) => void;
   /** Time allowed for loading the model and answering /health (default 300 s). */
   startTimeoutMs?: number;
@@ -101,6 +102,7 @@ export async function startGenesisServer(s: ServerSettings): Promise<RunningServ
     '--max-tokens-limit', String(s.contextPerSequence), '--drain-timeout', '1', ...splitArgs(s.split, 'genesis'),
     ...(s.kvBudget ? ['--kv-budget', String(s.kvBudget)] : []),
     ...(s.kvPaged ? ['--kv-paged'] : []),
+    ...(s.fusedMoeRouting ? ['--fused-moe-routing'] : []),
   ];
   return start('genesis serve', [...genesisCommand(), ...args], port, s);
 }

@@ -190,6 +190,11 @@ export interface RatioRow {
   ratio: number;
   /** Target ratio from the benchmark issue, where there is one. */
   target?: number;
+  /**
+   * Requests that failed, on either side, where the figures come from a load run: the comparison
+   * then does not hold (a server that fails requests finishes sooner), and the target is not met.
+   */
+  failed?: { ours: number; reference: number };
 }
 
 /** Several devices: the same split for ours (loadModel options) and the references (-sm/-ts/-mg/--rpc). */
@@ -214,6 +219,8 @@ export interface BenchSettings {
   tgTokens: number;
   /** Our server ran with paged attention over one shared KV pool (--kv-paged). */
   kvPaged?: boolean;
+  /** Ours ran with group-limited MoE routing in one op (--fused-moe-routing). */
+  fusedMoeRouting?: boolean;
 }
 
 /** `genesis bench --fusion`: one number of concurrent streams (all figures generated tokens/s). */

@@ -20,6 +20,8 @@ export interface WorkerModel {
   gpuLayers: number;
   split?: SplitSettings;
   seed: number;
+  /** loadModel's fusedMoeRouting (bench --fused-moe-routing). */
+  fusedMoeRouting?: boolean;
 }
 
 export type WorkerJob =
@@ -47,7 +49,8 @@ async function warm(model: Model, random: () => number, tokens: number): Promise
 
 async function single(job: Extract<WorkerJob, { kind: 'single' }>): Promise<Record<string, number>> {
   const contextSize = Math.max(...job.ppTokens, job.tgTokens + 1) + 1;
-  const model = await loadModel(job.path, { contextSize, maxSequences: 1, batchSize: job.batchSize, threads: job.threads, gpuLayers: job.gpuLayers, ...job.split });
+  const model = await loadModel(job.path, { contextSize, maxSequences: 1, batchSize: job.batchSize, threads: job.threads, gpuLayers: job.gpuLayers, ...job.split,
+    ...(job.fusedMoeRouting ? { fusedMoeRouting: true } : {}) });
   const out: Record<string, number> = {};
   try {
     const random = mulberry32(job.seed);
@@ -72,6 +75,7 @@ async function batched(job: Extract<WorkerJob, { kind: 'batched' }>): Promise<Re
   const model = await loadModel(job.path, {
     contextSize: pp + tg + 1, maxSequences: Math.max(...job.concurrency), batchSize: job.batchSize, threads: job.threads, gpuLayers: job.gpuLayers, ...job.split,
     ...(job.expertStats ? { expertStats: true } : {}),
+    ...(job.fusedMoeRouting ? { fusedMoeRouting: true } : {}),
   });
   const out: Record<string, { tg: number; total: number }> & Partial<ExpertCounts> = {};
   try {

@@ -32,6 +32,8 @@ export const BENCH_USAGE = `bench options (figures printed next to llama.cpp's o
                         several devices or genesis rpc-servers, for ours and every reference alike
   --kv-paged            our server with paged attention over one shared KV pool (server --kv-paged)
                         in the server, shared-prefix, mixed and kv-pool workloads
+  --fused-moe-routing   ours with group-limited MoE routing in one op (loadModel fusedMoeRouting) in
+                        the single, batched and server workloads
   --no-roofline         skip the bandwidth measurement and roofline
   --determinism N       instead: N greedy requests (e.g. 200) alone, then all at once, in the
                         default and the deterministic mode; how many equal their solo run, and
@@ -109,6 +111,7 @@ export async function benchCommand(argv: string[]): Promise<number> {
       rpc: { type: 'string' },
       'no-roofline': { type: 'boolean' },
       'kv-paged': { type: 'boolean' },
+      'fused-moe-routing': { type: 'boolean' },
       determinism: { type: 'string' },
       speculative: { type: 'boolean' },
       mtp: { type: 'boolean' },
@@ -160,6 +163,7 @@ export async function benchCommand(argv: string[]): Promise<number> {
   o.gpuLayers = positive('gpu-layers', values['gpu-layers'], 0) ?? o.gpuLayers;
   if (values['no-roofline']) o.roofline = false;
   if (values['kv-paged']) o.kvPaged = true;
+  if (values['fused-moe-routing']) o.fusedMoeRouting = true;
   o.split = splitSettings(values);
   if (values.determinism !== undefined) {
     const requests = positive('determinism', values.determinism);
