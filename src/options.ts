@@ -45,7 +45,8 @@ export interface LoadModelOptions {
    * Keep a finished request's KV cache in its sequence slot and reuse the longest common prefix
    * with the next prompt admitted there (the free slot sharing the longest prefix is chosen), as
    * llama-server's cache_prompt does: multi-turn chats and shared system prompts skip most of
-   * their prefill. Default true; off with deterministic, and with kvUnified unless kvBudget is set.
+   * their prefill. Default true; off with deterministic, and with kvUnified unless kvBudget or kvPaged
+   * is set.
    */
   promptCache?: boolean;
   /**
@@ -64,7 +65,9 @@ export interface LoadModelOptions {
    * Paged attention over the shared KV (implies kvUnified): each sequence's attention reads only its
    * own cells, through a per-sequence index list, where the unified cache runs every sequence over
    * every cell behind a mask (work growing with the square of the concurrency). Each micro-batch
-   * then carries an equal number of tokens per sequence, as with one stream per sequence. Needs
+   * then carries an equal number of tokens per sequence, as with one stream per sequence. The cache
+   * is one pool, as with kvBudget (admission, preemption, finished sequences kept as a prompt cache,
+   * shared prefixes held once): of kvBudget tokens when set, else contextSize × maxSequences. Needs
    * flash attention (turned on; false is refused). CPU and CUDA. Default false.
    */
   kvPaged?: boolean;
@@ -319,7 +322,10 @@ export function resolveLoadOptions(
     ...(draftMtp ? { draftMtp } : {}),
     threads,
     kvUnified,
-    kvBudget,
+    // Paged attention always runs over one pool: without a budget, of the whole cache, so that
+    // admission, preemption and the prompt cache (finished sequences' cells kept until the room is
+    // needed, prefixes shared by reference) work as with kvBudget.
+    kvBudget: kvBudget > 0 ? kvBudget : kvPaged ? Math.min(contextSize * maxSequences, 2 ** 31 - 1) : 0,
     kvPaged,
     kvCacheTypeK: kvCacheType.k,
     kvCacheTypeV: kvCacheType.v,

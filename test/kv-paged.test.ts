@@ -93,6 +93,26 @@ describe('paged attention (kvPaged)', { timeout: 180_000 }, () => {
     }
   });
 
+  it('without kvBudget pools the whole cache, so a finished prompt is still reused (multi-turn)', async () => {
+    // The H100 shared-prefix run found paged attention without a budget computing every prompt in
+    // full: the prompt cache needs the pool's bookkeeping, which kvPaged now always has.
+    const m = await loadModel(path, { ...base, maxSequences: 4, kvPaged: true });
+    try {
+      expect(m.info.context.totalContext).toBe(256 * 4);
+      expect(m.stats().kvCapacityTokens).toBe(256 * 4);
+      const turn1 = 'A long first turn of a chat, which the second turn repeats before adding its own question:';
+      const first = await m.complete(turn1, { ...GREEDY, maxTokens: 8 });
+      const before = m.stats();
+      const second = await m.complete(turn1 + first.text + ' and then?', { ...GREEDY, maxTokens: 8 });
+      const after = m.stats();
+      expect(after.cachedPromptTokens - before.cachedPromptTokens).toBeGreaterThanOrEqual(first.usage.promptTokens);
+      expect(after.promptTokens - before.promptTokens).toBe(second.usage.promptTokens);
+      expect(second.usage.completionTokens).toBe(8);
+    } finally {
+      await m.dispose();
+    }
+  });
+
   const shapes: Array<[string, Parameters<typeof makeFixtureModel>[0]]> = [
     // MLA: the K-only cache, V a view of it
     [
