@@ -234,6 +234,33 @@ describe('genesis bench end to end (tiny model, real llama.cpp tools)', () => {
     expect(readFileSync(join(dir, 'report.md'), 'utf8')).toContain('ours with fused group-limited MoE routing (--fused-moe-routing)');
   }, 600_000);
 
+  it('measures fused MoE routing on against off on a model with expert groups, and skips one without', async () => {
+    const grouped = await makeFixtureModel({
+      arch: 'deepseek2', type: 'q8_0', nLayer: 2, nEmbd: 128, nHead: 2, headDim: 96, nExpert: 32, nExpertUsed: 6, nFfExp: 32,
+      mla: { kvLoraRank: 64, qLoraRank: 96 }, expertGroups: { count: 8, used: 3 }, expertWeightsScale: 2.5,
+    });
+    expect((await describeModel(grouped)).expertGroups).toEqual({ count: 8, used: 3 });
+    const dir = join(out, 'routing');
+    const r = spawnSync(
+      process.execPath,
+      ['--import', 'tsx', cli, 'bench', '--quick', '--model', grouped, '--model', 'tiny:q8_0:2', '--workloads', 'routing', '--threads', '1', '--repeat', '1', '--concurrency', '1,2', '--out', dir],
+      { encoding: 'utf8', timeout: 600_000 },
+    );
+    expect(r.status, r.stderr.slice(-3000)).toBe(0);
+    expect(r.stderr).toMatch(/routing, round 1\/1: genesis B=1,2, fused MoE routing on/);
+    expect(r.stderr).toMatch(/routing: skipped \(tiny:q8_0:2L has no expert groups\)/);
+    const report = JSON.parse(readFileSync(join(dir, 'report.json'), 'utf8')) as BenchReport;
+    const [withGroups, without] = report.runs;
+    expect(without!.routing).toBeUndefined();
+    expect(withGroups!.routing!.rows.map((x) => x.concurrency)).toEqual([1, 2]);
+    for (const x of withGroups!.routing!.rows) expect(Math.min(x.fusedOn, x.fusedOff)).toBeGreaterThan(0);
+    expect(report.ratios.map((x) => [x.workload, x.label, x.referenceTool])).toEqual([
+      ['routing', 'B=1', 'genesis, fused routing off'],
+      ['routing', 'B=2', 'genesis, fused routing off'],
+    ]);
+    expect(readFileSync(join(dir, 'report.md'), 'utf8')).toContain('Fused MoE routing (fusedMoeRouting on vs off)');
+  }, 600_000);
+
   it('rejects unknown presets, workloads and bad lists with usage errors', () => {
     for (const args of [['--model', 'nosuch-model'], ['--workloads', 'single,warp'], ['--concurrency', '1,0'], ['--model', 'llama-3-8b:q4_0:99']]) {
       const r = spawnSync(process.execPath, ['--import', 'tsx', cli, 'bench', ...args], { encoding: 'utf8', timeout: 60_000 });

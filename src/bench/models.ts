@@ -213,6 +213,7 @@ export async function describeModel(path: string, preset = 'file'): Promise<Benc
   // The weight type is that of most matrix parameters (norms and routers stay F32).
   const type = [...types].sort((a, b) => b[1] - a[1])[0]?.[0] ?? 'unknown';
   const nExpert = num('expert_count');
+  const groups = num('expert_group_count') ?? 0;
   return {
     preset,
     arch,
@@ -223,6 +224,7 @@ export async function describeModel(path: string, preset = 'file'): Promise<Benc
     nHeadKv: num('attention.head_count_kv') ?? nHead,
     headDim: num('attention.key_length') ?? (nHead ? nEmbd / nHead : 0),
     ...(nExpert ? { nExpert, nExpertUsed: num('expert_used_count') ?? 0, nFfExp: num('expert_feed_forward_length') ?? 0 } : { nFf: num('feed_forward_length') ?? 0 }),
+    ...(nExpert && groups > 1 ? { expertGroups: { count: groups, used: num('expert_group_used_count') ?? 0 } } : {}),
     vocabSize: tokens?.type === 'array' ? tokens.value.length : (num('vocab_size') ?? 0),
     fileBytes: statSync(path).size,
     params,

@@ -359,6 +359,24 @@ function modelBlocks(run: BenchModelRun, index: number, charts: ChartSlot[]): Bl
       ),
     });
   }
+  if (run.routing) {
+    const r = run.routing;
+    blocks.push({ kind: 'heading', level: 3, text: 'Fused MoE routing (fusedMoeRouting on vs off)' });
+    blocks.push({
+      kind: 'table',
+      table: table(
+        [
+          ['B', 'right'],
+          ['prompt', 'right'],
+          ['gen', 'right'],
+          ['off t/s', 'right'],
+          ['on t/s', 'right'],
+          ['on / off', 'right'],
+        ],
+        r.rows.map((x) => [String(x.concurrency), String(r.promptTokens), String(r.genTokens), tps(x.fusedOff), tps(x.fusedOn), x.fusedOff > 0 ? fixed(x.fusedOn / x.fusedOff, 3) : '—']),
+      ),
+    });
+  }
   if (run.experts) {
     const e = run.experts;
     blocks.push({ kind: 'heading', level: 3, text: 'Expert load (expert statistics on vs off)' });

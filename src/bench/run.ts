@@ -34,11 +34,11 @@ import { renderHtml, renderMarkdown, formatRatioTable } from './report.js';
 import { roofline } from './roofline.js';
 import { startGenesisServer, startLlamaServer, type RunningServer } from './servers.js';
 import type {
-  BatchedRow, BenchModelRun, BenchReport, BenchSettings, ExpertsResult, KvPoolResult, LatencyRow, PrefixCacheTtft, LoadStats, MixedResult, RatioRow, SharedPrefixResult, SingleStreamRow, SplitSettings,
+  BatchedRow, BenchModelRun, BenchReport, BenchSettings, ExpertsResult, KvPoolResult, RoutingResult, LatencyRow, PrefixCacheTtft, LoadStats, MixedResult, RatioRow, SharedPrefixResult, SingleStreamRow, SplitSettings,
 } from './types.js';
 
-export type Workload = 'single' | 'batched' | 'server' | 'shared-prefix' | 'mixed' | 'kv-pool' | 'experts';
-export const WORKLOADS: readonly Workload[] = ['single', 'batched', 'server', 'shared-prefix', 'mixed', 'kv-pool', 'experts'];
+export type Workload = 'single' | 'batched' | 'server' | 'shared-prefix' | 'mixed' | 'kv-pool' | 'experts' | 'routing';
+export const WORKLOADS: readonly Workload[] = ['single', 'batched', 'server', 'shared-prefix', 'mixed', 'kv-pool', 'experts', 'routing'];
 
 export interface BenchOptions {
   /** Preset specs (generated on first use) or paths of GGUF files. */
@@ -293,6 +293,29 @@ async function expertLoad(o: BenchOptions, path: string, progress: Progress): Pr
   return { concurrency: B, promptTokens: pp, genTokens: tg, statsOn, statsOff, layers };
 }
 
+/**
+ * fusedMoeRouting on against off: the batched workload's sweep, each side in fresh processes,
+ * interleaved with the order alternating between rounds, best of each. What decides whether the
+ * one-op group-limited routing pays end to end, on top of its microbenchmark (gpu.sh moe).
+ */
+async function routingAb(o: BenchOptions, path: string, progress: Progress): Promise<RoutingResult> {
+  const { promptTokens: pp, genTokens: tg } = o.batched;
+  const on = new Map<number, number>();
+  const off = new Map<number, number>();
+  for (let round = 0; round < o.repeat; round++) {
+    for (const fused of round % 2 === 0 ? [false, true] : [true, false]) {
+      progress.step(`routing, round ${round + 1}/${o.repeat}: genesis B=${o.concurrency.join(',')}, fused MoE routing ${fused ? 'on' : 'off'}`);
+      const figures = await runInWorker({
+        kind: 'batched', path, threads: o.threads, batchSize: o.batchSize, gpuLayers: o.gpuLayers, split: o.split, concurrency: o.concurrency, promptTokens: pp, genTokens: tg,
+        seed: 400 + round, fusedMoeRouting: fused,
+      });
+      const into = fused ? on : off;
+      for (const B of o.concurrency) into.set(B, best(into.get(B), figures[String(B)]!.tg));
+    }
+  }
+  return { promptTokens: pp, genTokens: tg, rows: o.concurrency.map((B) => ({ concurrency: B, fusedOn: on.get(B) ?? 0, fusedOff: off.get(B) ?? 0 })) };
+}
+
 /** The most sequences the server reports active (genesis_active_sequences), polled until stopped. */
 function watchActive(baseUrl: string): { stop: () => Promise<number> } {
   let peak = 0;
@@ -403,6 +426,9 @@ function ratioRows(runs: BenchModelRun[]): RatioRow[] {
         referenceTool: 'genesis, statistics off', target: 0.99,
       });
     }
+    for (const r of run.routing?.rows ?? []) {
+      add({ model, workload: 'routing', label: `B=${r.concurrency}`, metric: 'decode, fused MoE routing on', unit: 't/s', ours: r.fusedOn, reference: r.fusedOff, referenceTool: 'genesis, fused routing off' });
+    }
     for (const [workload, r] of [['shared-prefix', run.sharedPrefix], ['mixed', run.mixed]] as const) {
       if (!r) continue;
       add({ model, workload, label: workload, metric: 'output throughput', unit: 't/s', ours: r.ours.outputTokensPerSecond, reference: r.reference.outputTokensPerSecond, referenceTool: 'llama-server' }, false, r);
@@ -431,6 +457,7 @@ function stepsPerModel(o: BenchOptions): number {
   if (o.workloads.has('single')) n += 2 * o.repeat;
   if (o.workloads.has('batched')) n += 2 * o.repeat;
   if (o.workloads.has('experts')) n += 2 * o.repeat; // dense models skip them in one step each
+  if (o.workloads.has('routing')) n += 2 * o.repeat; // models without expert groups, likewise
   if (o.workloads.has('kv-pool')) n += 2 * o.repeat;
   const serverSteps = (o.workloads.has('server') ? o.concurrency.length : 0) + (o.workloads.has('shared-prefix') ? 1 : 0) + (o.workloads.has('mixed') ? 1 : 0);
   return n + 2 * o.repeat * serverSteps;
@@ -474,6 +501,13 @@ export async function runBench(o: BenchOptions): Promise<BenchOutcome> {
         run.experts = await expertLoad(o, path, progress);
       } else {
         for (let i = 0; i < 2 * o.repeat; i++) progress.step(`experts: skipped (${label} has no routed experts)`);
+      }
+    }
+    if (o.workloads.has('routing')) {
+      if (shape.expertGroups) {
+        run.routing = await routingAb(o, path, progress);
+      } else {
+        for (let i = 0; i < 2 * o.repeat; i++) progress.step(`routing: skipped (${label} has no expert groups)`);
       }
     }
     const serving = ['server', 'shared-prefix', 'mixed'].some((w) => o.workloads.has(w as Workload));

@@ -120,6 +120,8 @@ export interface BenchModelShape {
   nExpert?: number;
   nExpertUsed?: number;
   nFfExp?: number;
+  /** Expert groups (DeepSeek-V3-style group-limited routing): how many, and how many kept. */
+  expertGroups?: { count: number; used: number };
   vocabSize: number;
   fileBytes: number;
   /** Total parameter count. */
@@ -137,6 +139,7 @@ export interface BenchModelRun {
   mixed?: MixedResult;
   roofline?: RooflineRow[];
   experts?: ExpertsResult;
+  routing?: RoutingResult;
   kvPool?: KvPoolResult;
 }
 
@@ -174,10 +177,20 @@ export interface ExpertsResult {
   layers: Array<{ layer: number; counts: number[] }>;
 }
 
+/**
+ * fusedMoeRouting on against off (a model with expert groups): batched decode at each concurrency
+ * of the sweep, in fresh interleaved processes, best of each.
+ */
+export interface RoutingResult {
+  promptTokens: number;
+  genTokens: number;
+  rows: Array<{ concurrency: number; fusedOn: number; fusedOff: number }>;
+}
+
 /** One line of the ratio table: what the harness prints last. */
 export interface RatioRow {
   model: string;
-  /** 'pp', 'tg', 'batched', 'server', 'shared-prefix', 'mixed', 'experts'. */
+  /** 'pp', 'tg', 'batched', 'server', 'shared-prefix', 'mixed', 'experts', 'routing', 'kv-pool'. */
   workload: string;
   /** e.g. 'pp512', 'B=8'. */
   label: string;
