@@ -36,6 +36,12 @@
 # bench server at 64,128,256 (llama-server alone needed 101 s at 128 and the call ran out at 256:
 # keep the server sweep to 64,128 per call); bench server 64 + experts + tests (2.5 min);
 # bench server 128 (2.5 min); bench server 64 unpaged + experts --repeat 2 (1.5 min).
+# The third (2026-11-22) went: build + moe + checks paged (5.5 min); bench experts --repeat 2 + tests
+# (2.5); kv-pool test alone + bench deepseek-v3:q4_0:1 single,batched (6; the 6.5 GB slice is
+# generated there in about 2 min); bench server at --batch-size 2048/4096/8192 and c=64/128/256, one
+# or two per call (1-3 min each: with -b 2048 llama-server finishes c=256 in 93 s); shared-prefix
+# paged and not (1 min each); test files one by one, 8 at a time (1 min). A fresh machine's start and
+# a CPU rebuild (GPU_SH_REHEARSE=1 build) did not fit the last 6 minutes.
 # Default bench options: both real shapes at Q4_0 with every layer, all weights on the GPU.
 #
 # GPU_SH_REHEARSE=1 runs the same offline steps with the CPU build on a machine without a GPU (a
