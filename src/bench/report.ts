@@ -362,38 +362,12 @@ function modelBlocks(run: BenchModelRun, index: number, charts: ChartSlot[]): Bl
   if (run.routing) {
     const r = run.routing;
     blocks.push({ kind: 'heading', level: 3, text: 'Fused MoE routing (fusedMoeRouting on vs off)' });
-    blocks.push({
-      kind: 'table',
-      table: table(
-        [
-          ['B', 'right'],
-          ['prompt', 'right'],
-          ['gen', 'right'],
-          ['off t/s', 'right'],
-          ['on t/s', 'right'],
-          ['on / off', 'right'],
-        ],
-        r.rows.map((x) => [String(x.concurrency), String(r.promptTokens), String(r.genTokens), tps(x.fusedOff), tps(x.fusedOn), x.fusedOff > 0 ? fixed(x.fusedOn / x.fusedOff, 3) : '—']),
-      ),
-    });
+    blocks.push(onOffTable('', r.promptTokens, r.genTokens, r.rows.map((x) => ({ concurrency: x.concurrency, on: x.fusedOn, off: x.fusedOff }))));
   }
   if (run.experts) {
     const e = run.experts;
     blocks.push({ kind: 'heading', level: 3, text: 'Expert load (expert statistics on vs off)' });
-    blocks.push({
-      kind: 'table',
-      table: table(
-        [
-          ['B', 'right'],
-          ['prompt', 'right'],
-          ['gen', 'right'],
-          ['statistics off t/s', 'right'],
-          ['statistics on t/s', 'right'],
-          ['on / off', 'right'],
-        ],
-        [[String(e.concurrency), String(e.promptTokens), String(e.genTokens), tps(e.statsOff), tps(e.statsOn), e.statsOff > 0 ? fixed(e.statsOn / e.statsOff, 3) : '—']],
-      ),
-    });
+    blocks.push(onOffTable('statistics ', e.promptTokens, e.genTokens, [{ concurrency: e.concurrency, on: e.statsOn, off: e.statsOff }]));
     if (e.layers.length) {
       blocks.push({
         kind: 'note',
@@ -434,6 +408,24 @@ function modelBlocks(run: BenchModelRun, index: number, charts: ChartSlot[]): Bl
     });
   }
   return blocks;
+}
+
+/** Decode throughput of one feature off and on, per batch size (the experts and routing workloads). */
+function onOffTable(what: string, promptTokens: number, genTokens: number, rows: Array<{ concurrency: number; on: number; off: number }>): Block {
+  return {
+    kind: 'table',
+    table: table(
+      [
+        ['B', 'right'],
+        ['prompt', 'right'],
+        ['gen', 'right'],
+        [`${what}off t/s`, 'right'],
+        [`${what}on t/s`, 'right'],
+        ['on / off', 'right'],
+      ],
+      rows.map((x) => [String(x.concurrency), String(promptTokens), String(genTokens), tps(x.off), tps(x.on), x.off > 0 ? fixed(x.on / x.off, 3) : '—']),
+    ),
+  };
 }
 
 const RATIO_COLUMNS: Array<[string, Align]> = [
