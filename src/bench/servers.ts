@@ -25,6 +25,7 @@ export interface ServerSettings {
   kvBudget?: number;
   /** Ours only: paged attention over one shared KV pool (--kv-paged). */
   kvPaged?: boolean;
+  /** Ours only: group-limited MoE routing in one op (--fused-moe-routing). */
   fusedMoeRouting?: boolean;
   log?: (line: string) => void;
   /** Time allowed for loading the model and answering /health (default 300 s). */
