@@ -26,6 +26,7 @@ export interface NativeLoadOptions {
   fusedMoeRouting: boolean;
   deterministic: boolean;
   promptCache: boolean;
+  stateCheckpoints: number;
   flashAttention: number;
   useMmap: boolean;
   maxQueue: number;

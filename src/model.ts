@@ -78,6 +78,13 @@ export interface EngineStats {
    */
   sharedPrefixCopies: number;
   /**
+   * Recurrent and hybrid models (stateCheckpoints): prompts that started from a copy of a
+   * sequence's recurrent state, their tokens up to it counting in cachedPromptTokens; and the host
+   * memory the copies hold now.
+   */
+  stateCheckpointRestores: number;
+  stateCheckpointBytes: number;
+  /**
    * Where the engine's time went since load, in seconds: whole steps (admission, scheduling,
    * decoding, sampling, drafting); the llama_decode call (graph build and, on a GPU, kernel
    * launches); the wait for the device to finish a step; sampling and draft verification.

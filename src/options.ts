@@ -50,6 +50,16 @@ export interface LoadModelOptions {
    */
   promptCache?: boolean;
   /**
+   * Recurrent and hybrid models (Qwen3.5, Mamba...) with the prompt cache: their state cannot be cut
+   * back to a shorter prefix, so without copies a cached prefix is reused only where the state sits
+   * exactly at its end (a chat's next turn). With this many copies per sequence (default 4), taken
+   * in host memory where a prompt crosses each multiple of batchSize tokens, a prompt that shares
+   * part of the cached tokens (a system prompt, an edited turn) restarts from the nearest copy at or
+   * below the shared prefix, as llama-server's context checkpoints do. Each copy is one sequence's
+   * recurrent state (`stats().stateCheckpointBytes`). 0 turns them off. Not with drafts.
+   */
+  stateCheckpoints?: number;
+  /**
    * One KV pool of this many tokens shared by all sequences (implies kvUnified), instead of room for
    * every sequence at full length (contextSize × maxSequences). Each sequence may still grow to
    * contextSize (at most the budget). A request is admitted when its prompt fits beside what the
@@ -263,6 +273,7 @@ export function resolveLoadOptions(
   const kvUnified = (checkBool('kvUnified', options.kvUnified) ?? false) || kvBudget > 0 || kvPaged;
   const deterministic = checkBool('deterministic', options.deterministic) ?? false;
   const promptCache = checkBool('promptCache', options.promptCache) ?? true;
+  const stateCheckpoints = checkInt('stateCheckpoints', options.stateCheckpoints, 0, 64) ?? 4;
   if (deterministic && kvUnified) throw new InvalidOptionError('deterministic', 'kvUnified false: a shared KV buffer couples the sequences', true);
   if (kvPaged && options.draft !== undefined) throw new InvalidOptionError('kvPaged', 'no draft: speculative decoding with paged attention is not supported', true);
   const fa = options.flashAttention;
@@ -331,6 +342,7 @@ export function resolveLoadOptions(
     kvCacheTypeV: kvCacheType.v,
     deterministic,
     promptCache,
+    stateCheckpoints,
     flashAttention: kvPaged ? 1 : fa === undefined || fa === 'auto' ? -1 : fa ? 1 : 0,
     useMmap,
     maxQueue,

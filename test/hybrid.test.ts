@@ -5,7 +5,8 @@
  */
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 
-import { loadModel, type Model } from '../src/index.js';
+import { InvalidOptionError, loadModel, type Model } from '../src/index.js';
+import { serve } from '../src/server/serve.js';
 import { makeFixtureModel } from './fixtures/models.js';
 
 const shape = { arch: 'qwen35', type: 'f16', nLayer: 4, nEmbd: 64, nHead: 4, nHeadKv: 2, headDim: 16, nFf: 128 } as const;
@@ -43,6 +44,62 @@ describe('hybrid recurrent models (Qwen3.5 shape)', () => {
     } finally {
       await fresh.dispose();
       await m.dispose();
+    }
+  });
+
+  it('restarts a prompt sharing part of the cache from a copy of the recurrent state, with the output of a fresh model', async () => {
+    // Copies every batchSize (16) prompt tokens: a 50-token prompt leaves copies after 16, 32 and 48.
+    const ids = (seed: number, n: number) => Array.from({ length: n }, (_, i) => 100 + ((seed * 7919 + i * 104729) % 5000));
+    const system = ids(1, 40);
+    const first = [...system, ...ids(2, 10)];
+    const second = [...system, ...ids(3, 12)];
+    const load = { ...options, maxSequences: 1, batchSize: 16 };
+    // Layers at full strength (the suite's model has quiet ones for its MTP): the output depends on
+    // the state, so a wrong copy shows.
+    const loud = await makeFixtureModel(shape);
+    const m = await loadModel(loud, load);
+    const without = await loadModel(loud, { ...load, stateCheckpoints: 0 });
+    const fresh = await loadModel(loud, { ...load, promptCache: false });
+    try {
+      for (const model of [m, without]) await model.complete(first, greedy);
+      expect(m.stats().stateCheckpointBytes).toBeGreaterThan(0);
+      expect(without.stats().stateCheckpointBytes).toBe(0);
+      const [before, beforeWithout] = [m.stats(), without.stats()];
+      // Sampled with a seed: a different state shifts the probabilities, and some draws with them.
+      const sampled = { maxTokens: 48, temperature: 1.5, seed: 7, ignoreEos: true };
+      const expected = (await fresh.complete(second, sampled)).tokens;
+      expect((await m.complete(second, sampled)).tokens).toEqual(expected);
+      expect((await without.complete(second, sampled)).tokens).toEqual(expected);
+      const [after, afterWithout] = [m.stats(), without.stats()];
+      // The 40 shared tokens: restarted from the copy after 32 of them, the rest computed.
+      expect(after.stateCheckpointRestores - before.stateCheckpointRestores).toBe(1);
+      expect(after.cachedPromptTokens - before.cachedPromptTokens).toBe(32);
+      // Without copies the state cannot go back: all of it is computed again.
+      expect(afterWithout.cachedPromptTokens - beforeWithout.cachedPromptTokens).toBe(0);
+      expect(afterWithout.stateCheckpointRestores).toBe(0);
+    } finally {
+      await Promise.all([m.dispose(), without.dispose(), fresh.dispose()]);
+    }
+    const error = await loadModel(path, { ...load, stateCheckpoints: -1 }).catch((e: unknown) => e);
+    expect((error as InvalidOptionError).option).toBe('stateCheckpoints');
+
+    // The server: two chats with one system prompt; the second restarts from the first's copy.
+    const handle = await serve({ models: [{ name: 'hybrid', path: loud }], load, port: 0, handleSignals: false, log: () => {} });
+    try {
+      const system = 'You are a careful assistant. Answer briefly, in plain words, and never invent facts.\n';
+      for (const question of ['What is a river?', 'Why is the sky blue?']) {
+        const r = await fetch(`${handle.url}/v1/completions`, {
+          method: 'POST',
+          headers: { 'content-type': 'application/json' },
+          body: JSON.stringify({ model: 'hybrid', prompt: system + question, max_tokens: 4, temperature: 0 }),
+        });
+        expect(r.status).toBe(200);
+      }
+      const text = await (await fetch(`${handle.url}/metrics`)).text();
+      expect(text).toMatch(/^genesis_state_checkpoint_restores_total\{model="hybrid"\} 1$/m);
+      expect(text).toMatch(/^genesis_state_checkpoint_bytes\{model="hybrid"\} [1-9]\d*$/m);
+    } finally {
+      await handle.stop();
     }
   });
 

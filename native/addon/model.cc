@@ -515,6 +515,7 @@ LoadBaton load_baton(Napi::Env env, const std::string& path, const Napi::Object&
   baton.engine.type_v = kv_cache_type(env, opts, "kvCacheTypeV");
   baton.engine.deterministic = get_bool(opts, "deterministic", false);
   baton.engine.prompt_cache = get_bool(opts, "promptCache", true);
+  baton.engine.state_checkpoints = static_cast<uint32_t>(std::max(0, get_int(opts, "stateCheckpoints", 4)));
   baton.engine.flash_attention = get_int(opts, "flashAttention", -1);
   baton.engine.max_queue = static_cast<uint32_t>(std::max(0, get_int(opts, "maxQueue", 0)));
   baton.engine.expert_stats = get_bool(opts, "expertStats", false);
@@ -912,6 +913,8 @@ Napi::Value NativeModel::Stats(const Napi::CallbackInfo& info) {
   out.Set("draftTokens", static_cast<double>(s.draft_tokens));
   out.Set("acceptedDraftTokens", static_cast<double>(s.draft_accepted));
   out.Set("sharedPrefixCopies", static_cast<double>(s.shared_prefix_copies));
+  out.Set("stateCheckpointRestores", static_cast<double>(s.state_checkpoint_restores));
+  out.Set("stateCheckpointBytes", static_cast<double>(s.state_checkpoint_bytes));
   out.Set("preemptions", static_cast<double>(s.preemptions));
   Napi::Object time = Napi::Object::New(env);
   time.Set("step", static_cast<double>(s.step_ns) / 1e9);

@@ -149,6 +149,12 @@ Engine::Engine(llama_model* model, const EngineOptions& options, Notify notify)
   prompt_cache_ = options.prompt_cache && (!options.kv_unified || pooled) && !options.deterministic;
   // A recurrent or hybrid state is not a prefix of KV cells, and the MTP context holds no copy.
   share_prefix_ = prompt_cache_ && !recurrent && !(options.mtp && drafting);
+  // Recurrent state copies for the prompt cache, where the state cannot be cut back (not with
+  // drafts: the draft contexts hold their own states).
+  if (prompt_cache_ && recurrent && !drafting && options.state_checkpoints > 0) {
+    checkpoint_every_ = llama_n_batch(ctx_);
+    max_checkpoints_ = options.state_checkpoints;
+  }
   if (pooled) {
     if (drafting) {
       free_native();
@@ -637,16 +643,74 @@ void Engine::drop_kv(Slot& s) {
   llama_memory_seq_rm(llama_get_memory(ctx_), s.seq, -1, -1);
   s.kv_tokens.clear();
   s.segments.clear();
+  drop_checkpoints(s, 0);
 }
 
 void Engine::trim_kv(Slot& s, size_t keep) {
   // Also when kv_tokens is no longer than keep: cells a copy or a failed decode left are dropped.
   if (!llama_memory_seq_rm(llama_get_memory(ctx_), s.seq, static_cast<llama_pos>(keep), -1)) {
-    drop_kv(s);  // a recurrent state cannot be cut back to a position: start afresh
+    // A recurrent state cannot be cut back to a position: back to a copy of it at or below keep
+    // where there is one, else start afresh.
+    if (!restore_checkpoint(s, keep)) drop_kv(s);
     return;
   }
   if (s.kv_tokens.size() > keep) s.kv_tokens.resize(keep);
   while (!s.segments.empty() && s.segments.back().start >= keep) s.segments.pop_back();
+  drop_checkpoints(s, keep);
+}
+
+void Engine::save_checkpoint(Slot& s) {
+  const size_t tokens = s.kv_tokens.size();
+  if (!s.checkpoints.empty() && s.checkpoints.back().tokens >= tokens) return;
+  const size_t size = llama_state_seq_get_size_ext(ctx_, s.seq, LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY);
+  if (size == 0) return;
+  Slot::StateCheckpoint c{tokens, std::vector<uint8_t>(size)};
+  if (llama_state_seq_get_data_ext(ctx_, c.data.data(), size, s.seq, LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY) != size) return;
+  uint64_t freed = 0;
+  s.checkpoints.push_back(std::move(c));
+  if (s.checkpoints.size() > max_checkpoints_) {
+    // Keep them spread out: drop the one (not the oldest, not the newest) closest to the one before.
+    size_t drop = 1;
+    for (size_t i = 2; i + 1 < s.checkpoints.size(); ++i) {
+      if (s.checkpoints[i].tokens - s.checkpoints[i - 1].tokens < s.checkpoints[drop].tokens - s.checkpoints[drop - 1].tokens) drop = i;
+    }
+    if (s.checkpoints.size() == 2) drop = 0;  // max_checkpoints_ 1: only the newest
+    freed = s.checkpoints[drop].data.size();
+    s.checkpoints.erase(s.checkpoints.begin() + static_cast<std::ptrdiff_t>(drop));
+  }
+  std::lock_guard<std::mutex> lock(mu_);
+  stats_.state_checkpoint_bytes += size;
+  stats_.state_checkpoint_bytes -= freed;
+}
+
+bool Engine::restore_checkpoint(Slot& s, size_t keep) {
+  keep = std::min(keep, s.kv_tokens.size());
+  auto it = std::find_if(s.checkpoints.rbegin(), s.checkpoints.rend(), [&](const Slot::StateCheckpoint& c) { return c.tokens <= keep; });
+  if (it == s.checkpoints.rend()) return false;
+  const size_t tokens = it->tokens;
+  // The state copy replaces the recurrent part; then the attention cells past it go (the state now
+  // ends there, so the cut is allowed).
+  if (llama_state_seq_set_data_ext(ctx_, it->data.data(), it->data.size(), s.seq, LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY) != it->data.size() ||
+      !llama_memory_seq_rm(llama_get_memory(ctx_), s.seq, static_cast<llama_pos>(tokens), -1)) {
+    return false;  // the caller drops the sequence whole
+  }
+  s.kv_tokens.resize(tokens);
+  while (!s.segments.empty() && s.segments.back().start >= tokens) s.segments.pop_back();
+  drop_checkpoints(s, tokens);
+  std::lock_guard<std::mutex> lock(mu_);
+  stats_.state_checkpoint_restores++;
+  return true;
+}
+
+void Engine::drop_checkpoints(Slot& s, size_t keep) {
+  uint64_t freed = 0;
+  while (!s.checkpoints.empty() && s.checkpoints.back().tokens > keep) {
+    freed += s.checkpoints.back().data.size();
+    s.checkpoints.pop_back();
+  }
+  if (freed == 0) return;
+  std::lock_guard<std::mutex> lock(mu_);
+  stats_.state_checkpoint_bytes -= freed;
 }
 
 bool Engine::evict_cached(const Slot* keep_a, const Slot* keep_b) {
@@ -782,6 +846,12 @@ void Engine::step() {
     if (!deterministic_ && budget == 0) break;
     if (room == 0) break;
     uint32_t n = static_cast<uint32_t>(std::min<size_t>(deterministic_ ? n_batch_ : budget, s->request.prompt.size() - s->prefilled));
+    if (checkpoint_every_ > 0) {
+      // A chunk ends at the next multiple of the batch size, where the state is copied (as a solo
+      // prefill's chunks do anyway).
+      const size_t next = (s->prefilled / checkpoint_every_ + 1) * checkpoint_every_;
+      if (next < s->request.prompt.size()) n = static_cast<uint32_t>(std::min<size_t>(n, next - s->prefilled));
+    }
     n = static_cast<uint32_t>(std::min<uint64_t>(n, room));
     if (room != UINT64_MAX) room -= n;
     take[static_cast<size_t>(s->seq)] = n;
@@ -881,6 +951,13 @@ void Engine::decode(const std::vector<size_t>& which, const std::vector<uint32_t
   }
   // What each slot's stream now holds (for the prompt cache).
   for (int32_t k = 0; k < batch_.n_tokens; ++k) slots_[static_cast<size_t>(batch_.seq_id[k][0])].kv_tokens.push_back(batch_.token[k]);
+  if (checkpoint_every_ > 0) {
+    for (size_t i : which) {
+      Slot& s = slots_[i];
+      const size_t at = s.kv_tokens.size();
+      if (s.busy && s.prefilled < s.request.prompt.size() && at == s.prefilled && at % checkpoint_every_ == 0) save_checkpoint(s);
+    }
+  }
   const auto sample_started = std::chrono::steady_clock::now();
   choose_all(which);
   for (size_t i : which) {

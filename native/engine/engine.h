@@ -51,6 +51,12 @@ struct EngineOptions {
   // prompt admitted there (llama-server's cache_prompt). Off with deterministic, and with
   // kv_unified unless kv_budget is set.
   bool prompt_cache = true;
+  // Recurrent and hybrid models (a state that cannot be cut back to a prefix): with the prompt cache,
+  // each sequence keeps up to this many copies of its recurrent state, taken in host memory where a
+  // prompt crosses a multiple of batch_size tokens, so a later prompt sharing only part of the cached
+  // tokens restarts from the nearest copy at or below the shared prefix (llama-server's context
+  // checkpoints). 0: off (the prefix is then reused only where the state sits exactly at its end).
+  uint32_t state_checkpoints = 4;
   int32_t flash_attention = -1;  // -1: llama.cpp decides, 0: off, 1: on
   uint32_t max_queue = 0;        // requests waiting for a sequence before submit refuses; 0: no limit
   // RPC servers holding part of the model: after each decode the engine checks their connections,
@@ -152,6 +158,8 @@ struct EngineStats {
   uint64_t shared_prefix_copies = 0;  // prompts started from another sequence's KV (copied)
   uint64_t preemptions = 0;           // sequences preempted for room in the shared KV pool
   uint64_t kv_pool_tokens = 0;        // cells of the shared KV pool (0: one stream per sequence)
+  uint64_t state_checkpoint_restores = 0;  // prompts started from a recurrent-state copy
+  uint64_t state_checkpoint_bytes = 0;     // host memory those copies hold now
   // Where the engine thread's time goes, in nanoseconds since load: whole steps (admission,
   // scheduling, decode, sampling, drafting), the llama_decode call itself (graph build and, on a
   // GPU, kernel launches), the wait for the device to finish the step's work, and sampling
@@ -246,6 +254,13 @@ class Engine {
       size_t start;
     };
     std::vector<Segment> segments;
+    // Recurrent and hybrid models: copies of the recurrent state after the first `tokens` of
+    // kv_tokens, oldest first (EngineOptions::state_checkpoints).
+    struct StateCheckpoint {
+      size_t tokens;
+      std::vector<uint8_t> data;
+    };
+    std::vector<StateCheckpoint> checkpoints;
     uint64_t released_at = 0;            // release order; 0: never used (for least-recently-used ties)
     uint64_t admitted_order = 0;
     uint64_t order = 0;            // the request's arrival order (kept through preemption)
@@ -330,6 +345,12 @@ class Engine {
   // Drops a slot's cells (and its cache of them), or those from position keep on.
   void drop_kv(Slot& slot);
   void trim_kv(Slot& slot, size_t keep);
+  // Recurrent state copies: take one of the slot's state now (its prefill at a multiple of
+  // checkpoint_every_); go back to the newest at or below `keep` tokens (false: none usable).
+  void save_checkpoint(Slot& slot);
+  bool restore_checkpoint(Slot& slot, size_t keep);
+  // Drops the slot's copies past `keep` tokens (all with 0), keeping the byte count.
+  void drop_checkpoints(Slot& slot, size_t keep);
   // Drops the least recently used finished sequence's cached cells, other than keep_a's and
   // keep_b's; false when there is none.
   bool evict_cached(const Slot* keep_a, const Slot* keep_b);
@@ -368,6 +389,8 @@ class Engine {
   bool share_prefix_ = false;
   uint32_t pool_cells_ = 0;  // shared KV pool with a budget (kv_unified + kv_budget); 0: none
   uint64_t next_origin_ = 1;  // Slot::Segment origins
+  size_t checkpoint_every_ = 0;     // recurrent state copies every this many prompt tokens; 0: none
+  size_t max_checkpoints_ = 0;      // per sequence
   bool recurrent_ = false;    // the model keeps a recurrent state (recurrent or hybrid)
   uint64_t releases_ = 0;
   std::vector<llama_token_data> scratch_;  // candidates for sampling (engine thread)

@@ -102,6 +102,7 @@ export class ServerMetrics {
     engineGauge('genesis_active_sequences', 'Sequences generating or prefilling.', (s) => s.active);
     engineGauge('genesis_kv_used_tokens', 'Tokens held in the KV cache by active sequences.', (s) => s.kvUsedTokens);
     engineGauge('genesis_kv_capacity_tokens', 'Tokens the KV cache can hold (contextSize × maxSequences).', (s) => s.kvCapacityTokens);
+    engineGauge('genesis_state_checkpoint_bytes', 'Recurrent and hybrid models: host memory held by copies of sequences\' recurrent states (stateCheckpoints).', (s) => s.stateCheckpointBytes);
     engineGauge('genesis_prompt_cache_hit_ratio', 'Share of admitted prompt tokens reused from the prompt cache instead of decoded, since load.', (s) => (s.promptTokens > 0 ? s.cachedPromptTokens / s.promptTokens : 0));
     // Totals read at scrape time (prom-client counters have no set(): reset, then add).
     const scrapedCounter = (name: string, help: string, each: (add: (model: string, value: number) => void) => void) =>
@@ -121,6 +122,7 @@ export class ServerMetrics {
     engineCounter('genesis_decoded_tokens_total', 'Tokens decoded (prompt + generated) since load.', (s) => s.decodedTokens);
     engineCounter('genesis_preemptions_total', 'Sequences preempted to make room in the shared KV pool (kvBudget) and recomputed later, since load.', (s) => s.preemptions);
     engineCounter('genesis_shared_prefix_copies_total', 'Prompts started from another sequence\'s KV cache (copied, not computed again), since load.', (s) => s.sharedPrefixCopies);
+    engineCounter('genesis_state_checkpoint_restores_total', 'Recurrent and hybrid models: prompts started from a copy of a recurrent state (stateCheckpoints), since load.', (s) => s.stateCheckpointRestores);
     engineCounter('genesis_engine_prompt_tokens_total', 'Prompt tokens of the requests the engine admitted (again when a preempted one is readmitted), since load.', (s) => s.promptTokens);
     engineCounter('genesis_prompt_cache_tokens_total', 'Prompt tokens reused from a slot\'s prompt cache instead of decoded, since load.', (s) => s.cachedPromptTokens);
     engineCounter('genesis_draft_tokens_total', 'Speculative decoding: tokens the draft model proposed, since load.', (s) => s.draftTokens);
