@@ -44,6 +44,9 @@ describe('genesis CLI', () => {
     const typo = genesis('plan', path, '--threads', '1', '--gpu-layers', '0', '--cache-type-v', 'q8');
     expect(typo.status).toBe(1);
     expect(typo.stderr).toMatch(/kvCacheType/);
+    const checkpoints = genesis('plan', path, '--threads', '1', '--gpu-layers', '0', '--state-checkpoints', '65');
+    expect(checkpoints.status).toBe(1);
+    expect(checkpoints.stderr).toMatch(/stateCheckpoints/);
     const none = genesis('plan', path, '--memory-budget', '1M', '--threads', '1', '--gpu-layers', '0');
     expect(none.status).toBe(1);
     expect(none.stderr).toMatch(/^genesis: MEMORY_BUDGET: .* over the 1\.0 MiB budget by/);

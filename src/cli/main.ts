@@ -58,6 +58,8 @@ model options:
   --context-size N --max-sequences N --threads N --gpu-layers N|max --batch-size N
   --cache-type-k T --cache-type-v T    KV cache types: f16 (default), q8_0, q4_0, q4_1, q5_0, q5_1,
                                        iq4_nl, bf16, f32 (a quantized V turns flash attention on)
+  --state-checkpoints N                recurrent and hybrid models: copies of each sequence's state
+                                       kept for the prompt cache (default 4, 0: none)
   --split-mode none|layer|row|tensor   how offloaded layers spread over several devices (layer)
   --tensor-split A,B,...               share per offload device, RPC devices first (e.g. 3,1)
   --main-gpu I                         device index for --split-mode none
@@ -112,6 +114,7 @@ const modelOptions = {
   'gpu-layers': { type: 'string' },
   'cache-type-k': { type: 'string' },
   'cache-type-v': { type: 'string' },
+  'state-checkpoints': { type: 'string' },
   'split-mode': { type: 'string' },
   'tensor-split': { type: 'string' },
   'main-gpu': { type: 'string' },
@@ -144,6 +147,7 @@ function loadOptions(values: Record<string, unknown>): LoadModelOptions {
     threads: int('threads', values.threads as string | undefined),
     gpuLayers: gpu === 'max' ? 'max' : int('gpu-layers', gpu),
     ...kvCacheTypes(values['cache-type-k'] as string | undefined, values['cache-type-v'] as string | undefined),
+    stateCheckpoints: int('state-checkpoints', values['state-checkpoints'] as string | undefined),
     ...splitSettings(values as Parameters<typeof splitSettings>[0]),
     onProgress: process.stderr.isTTY ? progressBar('loading') : undefined,
   };
