@@ -56,7 +56,8 @@ export interface LoadModelOptions {
    * in host memory where a prompt crosses each multiple of batchSize tokens, a prompt that shares
    * part of the cached tokens (a system prompt, an edited turn) restarts from the nearest copy at or
    * below the shared prefix, as llama-server's context checkpoints do. Each copy is one sequence's
-   * recurrent state (`stats().stateCheckpointBytes`). 0 turns them off. Not with drafts.
+   * recurrent state (`stats().stateCheckpointBytes`). Another sequence's prompt sharing those
+   * tokens can start from a copy too. 0 turns them off. Not with drafts.
    */
   stateCheckpoints?: number;
   /**

@@ -147,14 +147,15 @@ Engine::Engine(llama_model* model, const EngineOptions& options, Notify notify)
   // With one stream per sequence, or in the shared pool (where finished sequences' cells stay as a
   // cache until the room is needed, and copies share cells by reference).
   prompt_cache_ = options.prompt_cache && (!options.kv_unified || pooled) && !options.deterministic;
-  // A recurrent or hybrid state is not a prefix of KV cells, and the MTP context holds no copy.
-  share_prefix_ = prompt_cache_ && !recurrent && !(options.mtp && drafting);
   // Recurrent state copies for the prompt cache, where the state cannot be cut back (not with
   // drafts: the draft contexts hold their own states).
   if (prompt_cache_ && recurrent && !drafting && options.state_checkpoints > 0) {
     checkpoint_every_ = llama_n_batch(ctx_);
     max_checkpoints_ = options.state_checkpoints;
   }
+  // A recurrent or hybrid state is not a prefix of KV cells: it is shared through those copies
+  // only. The MTP context holds no copy.
+  share_prefix_ = prompt_cache_ && (!recurrent || checkpoint_every_ > 0) && !(options.mtp && drafting);
   if (pooled) {
     if (drafting) {
       free_native();
@@ -491,7 +492,7 @@ void Engine::admit() {
     size_t chosen_lcp = 0;
     for (auto& slot : slots_) {
       if (slot.busy) continue;
-      const size_t lcp = prompt_cache_ ? common_prefix(slot.kv_tokens, prompt) : 0;
+      const size_t lcp = prompt_cache_ ? reusable(slot, common_prefix(slot.kv_tokens, prompt)) : 0;
       if (chosen == nullptr || lcp > chosen_lcp || (lcp == chosen_lcp && slot.released_at < chosen->released_at)) {
         chosen = &slot;
         chosen_lcp = lcp;
@@ -507,12 +508,16 @@ void Engine::admit() {
       size_t pending = 0;
       for (auto& other : slots_) {
         if (&other == chosen) continue;
-        const size_t held = common_prefix(other.kv_tokens, prompt);
+        const size_t held = reusable(other, common_prefix(other.kv_tokens, prompt));
         if (held > donor_lcp) {
           donor = &other;
           donor_lcp = held;
         }
-        if (other.busy && other.prefilled < other.request.prompt.size()) pending = std::max(pending, common_prefix(other.request.prompt, prompt));
+        if (other.busy && other.prefilled < other.request.prompt.size()) {
+          size_t coming = common_prefix(other.request.prompt, prompt);
+          if (checkpoint_every_ > 0) coming -= coming % checkpoint_every_;  // where its state copies will be
+          pending = std::max(pending, coming);
+        }
       }
       if (pending >= kSharedPrefixMin && pending > std::max(chosen_lcp, donor_lcp) + kSharedPrefixMin) continue;  // deferred
       if (donor_lcp < chosen_lcp + kSharedPrefixMin) donor = nullptr;
@@ -578,10 +583,17 @@ void Engine::start(Slot& slot, Pending p, size_t cached, Slot* donor, size_t don
     // sequence llama.cpp copies the stream's data whole, at the next decode; in the shared pool the
     // cells are shared by reference. The donor's cells below the prefix do not change meanwhile: a
     // sequence only appends.
-    llama_memory_seq_rm(mem, slot.seq, -1, -1);
+    drop_kv(slot);
     llama_memory_seq_cp(mem, donor->seq, slot.seq, -1, -1);
     slot.kv_tokens.assign(donor->kv_tokens.begin(), donor->kv_tokens.begin() + static_cast<std::ptrdiff_t>(donor_tokens));
     slot.segments = donor->segments;
+    if (checkpoint_every_ > 0) {
+      // The copied state is the donor's latest; the copy of it at donor_tokens is what trim_kv
+      // below goes back to (unless the donor's state ends right there).
+      for (const auto& c : donor->checkpoints) {
+        if (c.tokens == donor_tokens) add_checkpoint(slot, Slot::StateCheckpoint{c.tokens, c.data});
+      }
+    }
     slot.mtp_tokens.clear();
     slot.mtp_h.clear();
     lcp = donor_tokens;
@@ -666,6 +678,23 @@ void Engine::save_checkpoint(Slot& s) {
   if (size == 0) return;
   Slot::StateCheckpoint c{tokens, std::vector<uint8_t>(size)};
   if (llama_state_seq_get_data_ext(ctx_, c.data.data(), size, s.seq, LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY) != size) return;
+  add_checkpoint(s, std::move(c));
+}
+
+size_t Engine::reusable(const Slot& s, size_t shared) const {
+  if (checkpoint_every_ == 0 || shared == 0) return shared;
+  // A state that ends right at the shared prefix (an idle sequence's whole cache), else the newest
+  // copy at or below it.
+  if (!s.busy && shared == s.kv_tokens.size()) return shared;
+  size_t best = 0;
+  for (const auto& c : s.checkpoints) {
+    if (c.tokens <= shared) best = c.tokens;
+  }
+  return best;
+}
+
+void Engine::add_checkpoint(Slot& s, Slot::StateCheckpoint c) {
+  const uint64_t size = c.data.size();
   uint64_t freed = 0;
   s.checkpoints.push_back(std::move(c));
   if (s.checkpoints.size() > max_checkpoints_) {

@@ -348,7 +348,11 @@ class Engine {
   // Recurrent state copies: take one of the slot's state now (its prefill at a multiple of
   // checkpoint_every_); go back to the newest at or below `keep` tokens (false: none usable).
   void save_checkpoint(Slot& slot);
+  void add_checkpoint(Slot& slot, Slot::StateCheckpoint checkpoint);
   bool restore_checkpoint(Slot& slot, size_t keep);
+  // Of `shared` tokens of the slot's cache that a prompt starts with, those it can reuse: all of
+  // them, except for a recurrent state, which only restarts from its end or from a copy.
+  size_t reusable(const Slot& slot, size_t shared) const;
   // Drops the slot's copies past `keep` tokens (all with 0), keeping the byte count.
   void drop_checkpoints(Slot& slot, size_t keep);
   // Drops the least recently used finished sequence's cached cells, other than keep_a's and
