@@ -27,6 +27,8 @@ export interface NativeLoadOptions {
   deterministic: boolean;
   promptCache: boolean;
   stateCheckpoints: number;
+  /** Bytes all state copies may hold together. */
+  stateCheckpointMemory: number;
   flashAttention: number;
   useMmap: boolean;
   maxQueue: number;

@@ -2,7 +2,7 @@
  * Public option types with their defaults, and validation that turns impossible values into
  * InvalidOptionError before anything reaches native code.
  */
-import { availableParallelism } from 'node:os';
+import { availableParallelism, totalmem } from 'node:os';
 import type { NativeLoadOptions, NativeSubmitOptions } from './binding.js';
 import { InvalidOptionError } from './errors.js';
 import type { MemoryBudget } from './memory.js';
@@ -60,6 +60,12 @@ export interface LoadModelOptions {
    * tokens can start from a copy too. 0 turns them off. Not with drafts.
    */
   stateCheckpoints?: number;
+  /**
+   * Host memory, in bytes, that all those copies of a model may hold together (default a quarter of
+   * the machine's memory). Over it, the copies least recently taken or used go first; each
+   * sequence's newest copy goes last, and the copy just taken always stays.
+   */
+  stateCheckpointMemory?: number;
   /**
    * One KV pool of this many tokens shared by all sequences (implies kvUnified), instead of room for
    * every sequence at full length (contextSize × maxSequences). Each sequence may still grow to
@@ -275,6 +281,7 @@ export function resolveLoadOptions(
   const deterministic = checkBool('deterministic', options.deterministic) ?? false;
   const promptCache = checkBool('promptCache', options.promptCache) ?? true;
   const stateCheckpoints = checkInt('stateCheckpoints', options.stateCheckpoints, 0, 64) ?? 4;
+  const stateCheckpointMemory = checkInt('stateCheckpointMemory', options.stateCheckpointMemory, 1, Number.MAX_SAFE_INTEGER) ?? Math.floor(totalmem() / 4);
   if (deterministic && kvUnified) throw new InvalidOptionError('deterministic', 'kvUnified false: a shared KV buffer couples the sequences', true);
   if (kvPaged && options.draft !== undefined) throw new InvalidOptionError('kvPaged', 'no draft: speculative decoding with paged attention is not supported', true);
   const fa = options.flashAttention;
@@ -344,6 +351,7 @@ export function resolveLoadOptions(
     deterministic,
     promptCache,
     stateCheckpoints,
+    stateCheckpointMemory,
     flashAttention: kvPaged ? 1 : fa === undefined || fa === 'auto' ? -1 : fa ? 1 : 0,
     useMmap,
     maxQueue,

@@ -47,6 +47,9 @@ describe('genesis CLI', () => {
     const checkpoints = genesis('plan', path, '--threads', '1', '--gpu-layers', '0', '--state-checkpoints', '65');
     expect(checkpoints.status).toBe(1);
     expect(checkpoints.stderr).toMatch(/stateCheckpoints/);
+    const memory = genesis('plan', path, '--threads', '1', '--gpu-layers', '0', '--state-checkpoint-memory', 'lots');
+    expect(memory.status).toBe(2);
+    expect(memory.stderr).toMatch(/--state-checkpoint-memory expects a size/);
     const none = genesis('plan', path, '--memory-budget', '1M', '--threads', '1', '--gpu-layers', '0');
     expect(none.status).toBe(1);
     expect(none.stderr).toMatch(/^genesis: MEMORY_BUDGET: .* over the 1\.0 MiB budget by/);

@@ -65,11 +65,14 @@ describe('hybrid recurrent models (Qwen3.5 shape)', () => {
     const greedyAlone = [(await fresh.complete(second, greedy)).tokens, (await fresh.complete(third, greedy)).tokens];
     await fresh.dispose();
 
+    let oneCopy = 0;
     const m = await loadModel(loud, load);
     const without = await loadModel(loud, { ...load, stateCheckpoints: 0 });
     try {
       for (const model of [m, without]) await model.complete(first, greedy);
-      expect(m.stats().stateCheckpointBytes).toBeGreaterThan(0);
+      // Copies after 16, 32 and 48 tokens, one sequence's state each.
+      oneCopy = m.stats().stateCheckpointBytes / 3;
+      expect(Number.isInteger(oneCopy) && oneCopy > 0).toBe(true);
       expect(without.stats().stateCheckpointBytes).toBe(0);
       const [before, beforeWithout] = [m.stats(), without.stats()];
       expect((await m.complete(second, sampled)).tokens).toEqual(expected);
@@ -104,8 +107,23 @@ describe('hybrid recurrent models (Qwen3.5 shape)', () => {
     } finally {
       await pair.dispose();
     }
-    const error = await loadModel(path, { ...load, stateCheckpoints: -1 }).catch((e: unknown) => e);
-    expect((error as InvalidOptionError).option).toBe('stateCheckpoints');
+    // A memory limit under two copies: only the newest (after 48 tokens) stays, so the second
+    // prompt, which shares 40, finds none to restart from.
+    const tight = await loadModel(loud, { ...load, stateCheckpointMemory: 1 });
+    try {
+      await tight.complete(first, greedy);
+      const held = tight.stats();
+      expect(held.stateCheckpointBytes).toBe(oneCopy);
+      expect((await tight.complete(second, sampled)).tokens).toEqual(expected);
+      expect(tight.stats().cachedPromptTokens - held.cachedPromptTokens).toBe(0);
+      expect(tight.stats().stateCheckpointRestores).toBe(0);
+    } finally {
+      await tight.dispose();
+    }
+    for (const [option, value] of [['stateCheckpoints', -1], ['stateCheckpointMemory', 0]] as const) {
+      const error = await loadModel(path, { ...load, [option]: value }).catch((e: unknown) => e);
+      expect((error as InvalidOptionError).option).toBe(option);
+    }
 
     // The server: two chats with one system prompt; the second restarts from the first's copy.
     const handle = await serve({ models: [{ name: 'hybrid', path: loud }], load, port: 0, handleSignals: false, log: () => {} });

@@ -516,6 +516,11 @@ LoadBaton load_baton(Napi::Env env, const std::string& path, const Napi::Object&
   baton.engine.deterministic = get_bool(opts, "deterministic", false);
   baton.engine.prompt_cache = get_bool(opts, "promptCache", true);
   baton.engine.state_checkpoints = static_cast<uint32_t>(std::max(0, get_int(opts, "stateCheckpoints", 4)));
+  {
+    const Napi::Value v = opts.Get("stateCheckpointMemory");
+    const double bytes = v.IsNumber() ? v.As<Napi::Number>().DoubleValue() : 0.0;
+    baton.engine.state_checkpoint_memory = bytes > 0 && bytes < 9.0e18 ? static_cast<uint64_t>(bytes) : 0;
+  }
   baton.engine.flash_attention = get_int(opts, "flashAttention", -1);
   baton.engine.max_queue = static_cast<uint32_t>(std::max(0, get_int(opts, "maxQueue", 0)));
   baton.engine.expert_stats = get_bool(opts, "expertStats", false);

@@ -152,6 +152,7 @@ Engine::Engine(llama_model* model, const EngineOptions& options, Notify notify)
   if (prompt_cache_ && recurrent && !drafting && options.state_checkpoints > 0) {
     checkpoint_every_ = llama_n_batch(ctx_);
     max_checkpoints_ = options.state_checkpoints;
+    checkpoint_memory_ = options.state_checkpoint_memory;
   }
   // A recurrent or hybrid state is not a prefix of KV cells: it is shared through those copies
   // only. The MTP context holds no copy.
@@ -590,8 +591,11 @@ void Engine::start(Slot& slot, Pending p, size_t cached, Slot* donor, size_t don
     if (checkpoint_every_ > 0) {
       // The copied state is the donor's latest; the copy of it at donor_tokens is what trim_kv
       // below goes back to (unless the donor's state ends right there).
-      for (const auto& c : donor->checkpoints) {
-        if (c.tokens == donor_tokens) add_checkpoint(slot, Slot::StateCheckpoint{c.tokens, c.data});
+      for (auto& c : donor->checkpoints) {
+        if (c.tokens != donor_tokens) continue;
+        c.used = ++checkpoint_clock_;
+        add_checkpoint(slot, Slot::StateCheckpoint{c.tokens, c.data});
+        break;
       }
     }
     slot.mtp_tokens.clear();
@@ -696,6 +700,7 @@ size_t Engine::reusable(const Slot& s, size_t shared) const {
 void Engine::add_checkpoint(Slot& s, Slot::StateCheckpoint c) {
   const uint64_t size = c.data.size();
   uint64_t freed = 0;
+  c.used = ++checkpoint_clock_;
   s.checkpoints.push_back(std::move(c));
   if (s.checkpoints.size() > max_checkpoints_) {
     // Keep them spread out: drop the one (not the oldest, not the newest) closest to the one before.
@@ -707,9 +712,39 @@ void Engine::add_checkpoint(Slot& s, Slot::StateCheckpoint c) {
     freed = s.checkpoints[drop].data.size();
     s.checkpoints.erase(s.checkpoints.begin() + static_cast<std::ptrdiff_t>(drop));
   }
+  count_checkpoint_bytes(size, freed);
+  // Over the memory limit: the least recently taken or used copies go, each sequence's newest last.
+  while (checkpoint_memory_ > 0 && checkpoint_bytes_ > checkpoint_memory_) {
+    Slot* owner = nullptr;
+    size_t index = 0;
+    for (auto& slot : slots_) {
+      for (size_t i = 0; i + 1 < slot.checkpoints.size(); ++i) {
+        if (owner == nullptr || slot.checkpoints[i].used < owner->checkpoints[index].used) {
+          owner = &slot;
+          index = i;
+        }
+      }
+    }
+    if (owner == nullptr) {
+      for (auto& slot : slots_) {
+        if (&slot == &s || slot.checkpoints.empty()) continue;
+        if (owner == nullptr || slot.checkpoints.back().used < owner->checkpoints[index].used) {
+          owner = &slot;
+          index = slot.checkpoints.size() - 1;
+        }
+      }
+    }
+    if (owner == nullptr) break;  // only the copy just taken is left
+    const uint64_t bytes = owner->checkpoints[index].data.size();
+    owner->checkpoints.erase(owner->checkpoints.begin() + static_cast<std::ptrdiff_t>(index));
+    count_checkpoint_bytes(0, bytes);
+  }
+}
+
+void Engine::count_checkpoint_bytes(uint64_t added, uint64_t freed) {
+  checkpoint_bytes_ = checkpoint_bytes_ + added - freed;
   std::lock_guard<std::mutex> lock(mu_);
-  stats_.state_checkpoint_bytes += size;
-  stats_.state_checkpoint_bytes -= freed;
+  stats_.state_checkpoint_bytes = checkpoint_bytes_;
 }
 
 bool Engine::restore_checkpoint(Slot& s, size_t keep) {
@@ -717,6 +752,7 @@ bool Engine::restore_checkpoint(Slot& s, size_t keep) {
   auto it = std::find_if(s.checkpoints.rbegin(), s.checkpoints.rend(), [&](const Slot::StateCheckpoint& c) { return c.tokens <= keep; });
   if (it == s.checkpoints.rend()) return false;
   const size_t tokens = it->tokens;
+  it->used = ++checkpoint_clock_;
   // The state copy replaces the recurrent part; then the attention cells past it go (the state now
   // ends there, so the cut is allowed).
   if (llama_state_seq_set_data_ext(ctx_, it->data.data(), it->data.size(), s.seq, LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY) != it->data.size() ||
@@ -737,9 +773,7 @@ void Engine::drop_checkpoints(Slot& s, size_t keep) {
     freed += s.checkpoints.back().data.size();
     s.checkpoints.pop_back();
   }
-  if (freed == 0) return;
-  std::lock_guard<std::mutex> lock(mu_);
-  stats_.state_checkpoint_bytes -= freed;
+  if (freed > 0) count_checkpoint_bytes(0, freed);
 }
 
 bool Engine::evict_cached(const Slot* keep_a, const Slot* keep_b) {

@@ -57,6 +57,9 @@ struct EngineOptions {
   // tokens restarts from the nearest copy at or below the shared prefix (llama-server's context
   // checkpoints). 0: off (the prefix is then reused only where the state sits exactly at its end).
   uint32_t state_checkpoints = 4;
+  // Host memory all those copies may hold together (0: no limit); over it, the least recently taken
+  // or used copies go first (a sequence's newest copy stays).
+  uint64_t state_checkpoint_memory = 0;
   int32_t flash_attention = -1;  // -1: llama.cpp decides, 0: off, 1: on
   uint32_t max_queue = 0;        // requests waiting for a sequence before submit refuses; 0: no limit
   // RPC servers holding part of the model: after each decode the engine checks their connections,
@@ -259,6 +262,7 @@ class Engine {
     struct StateCheckpoint {
       size_t tokens;
       std::vector<uint8_t> data;
+      uint64_t used = 0;  // when it was taken or last restored (checkpoint_clock_)
     };
     std::vector<StateCheckpoint> checkpoints;
     uint64_t released_at = 0;            // release order; 0: never used (for least-recently-used ties)
@@ -355,6 +359,8 @@ class Engine {
   size_t reusable(const Slot& slot, size_t shared) const;
   // Drops the slot's copies past `keep` tokens (all with 0), keeping the byte count.
   void drop_checkpoints(Slot& slot, size_t keep);
+  // The byte count changed by `added` minus `freed` (published in stats_).
+  void count_checkpoint_bytes(uint64_t added, uint64_t freed);
   // Drops the least recently used finished sequence's cached cells, other than keep_a's and
   // keep_b's; false when there is none.
   bool evict_cached(const Slot* keep_a, const Slot* keep_b);
@@ -395,6 +401,9 @@ class Engine {
   uint64_t next_origin_ = 1;  // Slot::Segment origins
   size_t checkpoint_every_ = 0;     // recurrent state copies every this many prompt tokens; 0: none
   size_t max_checkpoints_ = 0;      // per sequence
+  uint64_t checkpoint_memory_ = 0;  // all sequences' copies together; 0: no limit
+  uint64_t checkpoint_bytes_ = 0;   // what they hold now (stats_.state_checkpoint_bytes, unlocked)
+  uint64_t checkpoint_clock_ = 0;
   bool recurrent_ = false;    // the model keeps a recurrent state (recurrent or hybrid)
   uint64_t releases_ = 0;
   std::vector<llama_token_data> scratch_;  // candidates for sampling (engine thread)

@@ -60,6 +60,8 @@ model options:
                                        iq4_nl, bf16, f32 (a quantized V turns flash attention on)
   --state-checkpoints N                recurrent and hybrid models: copies of each sequence's state
                                        kept for the prompt cache (default 4, 0: none)
+  --state-checkpoint-memory SIZE       host memory all those copies may hold (default: a quarter
+                                       of the machine's), e.g. 8G
   --split-mode none|layer|row|tensor   how offloaded layers spread over several devices (layer)
   --tensor-split A,B,...               share per offload device, RPC devices first (e.g. 3,1)
   --main-gpu I                         device index for --split-mode none
@@ -115,6 +117,7 @@ const modelOptions = {
   'cache-type-k': { type: 'string' },
   'cache-type-v': { type: 'string' },
   'state-checkpoints': { type: 'string' },
+  'state-checkpoint-memory': { type: 'string' },
   'split-mode': { type: 'string' },
   'tensor-split': { type: 'string' },
   'main-gpu': { type: 'string' },
@@ -148,6 +151,7 @@ function loadOptions(values: Record<string, unknown>): LoadModelOptions {
     gpuLayers: gpu === 'max' ? 'max' : int('gpu-layers', gpu),
     ...kvCacheTypes(values['cache-type-k'] as string | undefined, values['cache-type-v'] as string | undefined),
     stateCheckpoints: int('state-checkpoints', values['state-checkpoints'] as string | undefined),
+    stateCheckpointMemory: bytes('state-checkpoint-memory', values['state-checkpoint-memory'] as string | undefined),
     ...splitSettings(values as Parameters<typeof splitSettings>[0]),
     onProgress: process.stderr.isTTY ? progressBar('loading') : undefined,
   };
