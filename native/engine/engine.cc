@@ -14,6 +14,7 @@
 #include <cstring>
 #include <stdexcept>
 #include <unordered_map>
+#include <utility>
 
 namespace genesis {
 
@@ -664,11 +665,17 @@ void Engine::drop_kv(Slot& s) {
 
 void Engine::trim_kv(Slot& s, size_t keep) {
   // Also when kv_tokens is no longer than keep: cells a copy or a failed decode left are dropped.
-  if (!llama_memory_seq_rm(llama_get_memory(ctx_), s.seq, static_cast<llama_pos>(keep), -1)) {
+  llama_memory_t mem = llama_get_memory(ctx_);
+  if (!llama_memory_seq_rm(mem, s.seq, static_cast<llama_pos>(keep), -1)) {
     // A recurrent state cannot be cut back to a position: back to a copy of it at or below keep
-    // where there is one, else start afresh.
-    if (!restore_checkpoint(s, keep)) drop_kv(s);
-    return;
+    // (the state then ends there, so the cut is allowed), else start afresh.
+    keep = restore_checkpoint(s, keep);
+    if (keep == kNoCheckpoint || !llama_memory_seq_rm(mem, s.seq, static_cast<llama_pos>(keep), -1)) {
+      drop_kv(s);
+      return;
+    }
+    std::lock_guard<std::mutex> lock(mu_);
+    stats_.state_checkpoint_restores++;
   }
   if (s.kv_tokens.size() > keep) s.kv_tokens.resize(keep);
   while (!s.segments.empty() && s.segments.back().start >= keep) s.segments.pop_back();
@@ -713,24 +720,21 @@ void Engine::add_checkpoint(Slot& s, Slot::StateCheckpoint c) {
     s.checkpoints.erase(s.checkpoints.begin() + static_cast<std::ptrdiff_t>(drop));
   }
   count_checkpoint_bytes(size, freed);
-  // Over the memory limit: the least recently taken or used copies go, each sequence's newest last.
+  // Over the memory limit: the least recently taken or used copies go, each sequence's newest last;
+  // the copy just taken stays.
   while (checkpoint_memory_ > 0 && checkpoint_bytes_ > checkpoint_memory_) {
     Slot* owner = nullptr;
     size_t index = 0;
+    std::pair<bool, uint64_t> oldest{};  // (a sequence's newest, when taken or used)
     for (auto& slot : slots_) {
-      for (size_t i = 0; i + 1 < slot.checkpoints.size(); ++i) {
-        if (owner == nullptr || slot.checkpoints[i].used < owner->checkpoints[index].used) {
+      for (size_t i = 0; i < slot.checkpoints.size(); ++i) {
+        const bool newest = i + 1 == slot.checkpoints.size();
+        if (newest && &slot == &s) continue;
+        const std::pair<bool, uint64_t> key{newest, slot.checkpoints[i].used};
+        if (owner == nullptr || key < oldest) {
           owner = &slot;
           index = i;
-        }
-      }
-    }
-    if (owner == nullptr) {
-      for (auto& slot : slots_) {
-        if (&slot == &s || slot.checkpoints.empty()) continue;
-        if (owner == nullptr || slot.checkpoints.back().used < owner->checkpoints[index].used) {
-          owner = &slot;
-          index = slot.checkpoints.size() - 1;
+          oldest = key;
         }
       }
     }
@@ -747,24 +751,14 @@ void Engine::count_checkpoint_bytes(uint64_t added, uint64_t freed) {
   stats_.state_checkpoint_bytes = checkpoint_bytes_;
 }
 
-bool Engine::restore_checkpoint(Slot& s, size_t keep) {
+size_t Engine::restore_checkpoint(Slot& s, size_t keep) {
   keep = std::min(keep, s.kv_tokens.size());
   auto it = std::find_if(s.checkpoints.rbegin(), s.checkpoints.rend(), [&](const Slot::StateCheckpoint& c) { return c.tokens <= keep; });
-  if (it == s.checkpoints.rend()) return false;
-  const size_t tokens = it->tokens;
+  if (it == s.checkpoints.rend()) return kNoCheckpoint;
   it->used = ++checkpoint_clock_;
-  // The state copy replaces the recurrent part; then the attention cells past it go (the state now
-  // ends there, so the cut is allowed).
-  if (llama_state_seq_set_data_ext(ctx_, it->data.data(), it->data.size(), s.seq, LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY) != it->data.size() ||
-      !llama_memory_seq_rm(llama_get_memory(ctx_), s.seq, static_cast<llama_pos>(tokens), -1)) {
-    return false;  // the caller drops the sequence whole
-  }
-  s.kv_tokens.resize(tokens);
-  while (!s.segments.empty() && s.segments.back().start >= tokens) s.segments.pop_back();
-  drop_checkpoints(s, tokens);
-  std::lock_guard<std::mutex> lock(mu_);
-  stats_.state_checkpoint_restores++;
-  return true;
+  // The copy replaces the recurrent part of the state only; the attention cells stay.
+  const size_t n = it->data.size();
+  return llama_state_seq_set_data_ext(ctx_, it->data.data(), n, s.seq, LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY) == n ? it->tokens : kNoCheckpoint;
 }
 
 void Engine::drop_checkpoints(Slot& s, size_t keep) {

@@ -350,10 +350,12 @@ class Engine {
   void drop_kv(Slot& slot);
   void trim_kv(Slot& slot, size_t keep);
   // Recurrent state copies: take one of the slot's state now (its prefill at a multiple of
-  // checkpoint_every_); go back to the newest at or below `keep` tokens (false: none usable).
+  // checkpoint_every_); put the newest at or below `keep` tokens back as the recurrent state, and
+  // return its token count (kNoCheckpoint: none usable; trim_kv then cuts the attention cells).
   void save_checkpoint(Slot& slot);
   void add_checkpoint(Slot& slot, Slot::StateCheckpoint checkpoint);
-  bool restore_checkpoint(Slot& slot, size_t keep);
+  static constexpr size_t kNoCheckpoint = static_cast<size_t>(-1);
+  size_t restore_checkpoint(Slot& slot, size_t keep);
   // Of `shared` tokens of the slot's cache that a prompt starts with, those it can reuse: all of
   // them, except for a recurrent state, which only restarts from its end or from a copy.
   size_t reusable(const Slot& slot, size_t shared) const;
