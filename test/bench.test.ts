@@ -12,7 +12,7 @@ import { expectedExperts, roofline, weightBytesPerStep } from '../src/bench/roof
 import type { BenchReport } from '../src/bench/types.js';
 import { readGguf } from '../src/gguf/index.js';
 import { loadModel } from '../src/index.js';
-import { makeFixtureModel } from './fixtures/models.js';
+import { DEEPSEEK_GROUPED, makeFixtureModel } from './fixtures/models.js';
 
 describe('benchmark model specs', () => {
   it('parses preset[:type[:layers]] with defaults', () => {
@@ -235,10 +235,7 @@ describe('genesis bench end to end (tiny model, real llama.cpp tools)', () => {
   }, 600_000);
 
   it('measures fused MoE routing on against off on a model with expert groups, and skips one without', async () => {
-    const grouped = await makeFixtureModel({
-      arch: 'deepseek2', type: 'q8_0', nLayer: 2, nEmbd: 128, nHead: 2, headDim: 96, nExpert: 32, nExpertUsed: 6, nFfExp: 32,
-      mla: { kvLoraRank: 64, qLoraRank: 96 }, expertGroups: { count: 8, used: 3 }, expertWeightsScale: 2.5,
-    });
+    const grouped = await makeFixtureModel(DEEPSEEK_GROUPED);
     expect((await describeModel(grouped)).expertGroups).toEqual({ count: 8, used: 3 });
     const dir = join(out, 'routing');
     const r = spawnSync(

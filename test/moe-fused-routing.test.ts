@@ -8,24 +8,8 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 
 import { InvalidOptionError, loadModel, type Model } from '../src/index.js';
-import { makeFixtureModel } from './fixtures/models.js';
+import { DEEPSEEK_GROUPED, makeFixtureModel } from './fixtures/models.js';
 import { BATCH_INVARIANT } from './fixtures/gpu.js';
-
-// 32 experts in 8 groups of 4, 3 groups kept, 6 experts used: routing the groups really limit.
-const GROUPED = {
-  arch: 'deepseek2',
-  type: 'q8_0',
-  nLayer: 3,
-  nEmbd: 128,
-  nHead: 2,
-  headDim: 96,
-  nExpert: 32,
-  nExpertUsed: 6,
-  nFfExp: 32,
-  mla: { kvLoraRank: 64, qLoraRank: 96 },
-  expertGroups: { count: 8, used: 3 },
-  expertWeightsScale: 2.5,
-} as const;
 
 const load = { contextSize: 256, maxSequences: 4, threads: 2, expertStats: true, ...BATCH_INVARIANT } as const;
 const greedy = { temperature: 0, ignoreEos: true, maxTokens: 32 } as const;
@@ -36,7 +20,7 @@ describe('fused group-limited MoE routing (fusedMoeRouting)', { timeout: 180_000
   let fused: Model;
 
   beforeAll(async () => {
-    const path = await makeFixtureModel(GROUPED);
+    const path = await makeFixtureModel(DEEPSEEK_GROUPED);
     chain = await loadModel(path, load);
     fused = await loadModel(path, { ...load, fusedMoeRouting: true });
   });
