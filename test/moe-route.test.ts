@@ -116,13 +116,16 @@ describe('MoE routing', () => {
 
   describe.skipIf(!GPU)('on the GPU', () => {
     for (const [name, p] of shapes()) {
-      it(`${name}: the fused kernel and upstream's chain on the GPU equal the reference (1 to 256 tokens), and the kernel counts each pick`, () => {
+      it(`${name}: the fused kernel, upstream's chain and the graph with the group op on the GPU equal the reference (1 to 256 tokens), and the kernel counts each pick`, () => {
         for (const n of [1, 8, 64, 256]) {
           const x = logits(p.nExpert * n, 100 + n);
           const reference = moeRoute('reference', x, n, p);
           const fused = moeRoute('fused', x, n, p, { counts: true });
           expectSame(fused, reference, 1e-5);
           expectSame(moeRoute('graph', x, n, p, { device: 'gpu' }), reference, 1e-5);
+          // With expert groups, ggml-cuda runs the graph with ggml_moe_group_topk as one fused
+          // top-k MoE kernel with the group limit (patch 0009): the same experts, weights to 1e-5.
+          if ((p.nGroups ?? 1) > 1) expectSame(moeRoute('graph-op', x, n, p, { device: 'gpu' }), reference, 1e-5);
           const picks = new Uint32Array(p.nExpert);
           for (const id of reference.ids) picks[id]!++;
           expect(Array.from(fused.counts!)).toEqual(Array.from(picks));

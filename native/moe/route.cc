@@ -159,8 +159,11 @@ MoeRouteResult moe_route_graph(const float* logits, int32_t n_tokens, const MoeR
   ggml_set_output(ids);
   ggml_set_output(weights);
   ggml_cgraph* graph = ggml_new_graph(ctx);
-  ggml_build_forward_expand(graph, ids);
+  // The weights first, as build_moe_ffn expands them ("so that topk-moe can be used"): the nodes then
+  // come in the order ggml-cuda's top-k MoE fusion matches (gating, reshape, bias, top-k, get_rows,
+  // normalisation, scale), so the GPU runs what it runs inside a model.
   ggml_build_forward_expand(graph, weights);
+  ggml_build_forward_expand(graph, ids);
 
   ggml_gallocr_ptr alloc(ggml_gallocr_new(ggml_backend_get_default_buffer_type(backend.get())));
   if (!ggml_gallocr_alloc_graph(alloc.get(), graph)) throw std::runtime_error("could not allocate the routing graph");
