@@ -42,6 +42,9 @@
 # or two per call (1-3 min each: with -b 2048 llama-server finishes c=256 in 93 s); shared-prefix
 # paged and not (1 min each); test files one by one, 8 at a time (1 min). A fresh machine's start and
 # a CPU rebuild (GPU_SH_REHEARSE=1 build) did not fit the last 6 minutes.
+# The fourth (2026-11-22) went: build + moe + tests (6 min); build + moe + test files one by one, 8
+# at a time (8.5); build + bench routing (killed in slice generation at 250 s) + shared-prefix paged
+# (5.5); bench routing again (killed at 400 s, still generating: bench models now share expert bytes).
 # Default bench options: both real shapes at Q4_0 with every layer, all weights on the GPU.
 #
 # GPU_SH_REHEARSE=1 runs the same offline steps with the CPU build on a machine without a GPU (a

@@ -70,6 +70,42 @@ describe('shared layer weights', () => {
   });
 });
 
+describe('shared expert weights', () => {
+  it('gives every routed expert expert 0’s bytes, in both layers, and still routes, loads and generates', async () => {
+    const options = { arch: 'qwen3moe', nLayer: 2, nEmbd: 64, nHead: 2, headDim: 64, nFfExp: 32, type: 'q4_0', shareLayerWeights: true, shareExpertWeights: true } as const;
+    const path = await makeFixtureModel(options);
+    // A file of its own: the option is part of the cache key.
+    expect(path).not.toBe(await makeFixtureModel({ ...options, shareExpertWeights: false }));
+    const gguf = await readGguf(path);
+    const bytes = readFileSync(path);
+    const tensor = (name: string) => {
+      const t = gguf.tensors.find((x) => x.name === name)!;
+      return bytes.subarray(gguf.dataOffset + t.offset, gguf.dataOffset + t.offset + t.byteSize);
+    };
+    const slices = (name: string) => {
+      const t = tensor(name);
+      const nExpert = gguf.tensors.find((x) => x.name === name)!.shape.at(-1)!;
+      return Array.from({ length: nExpert }, (_, e) => createHash('sha256').update(t.subarray((e * t.length) / nExpert, ((e + 1) * t.length) / nExpert)).digest('hex'));
+    };
+    for (const name of ['blk.0.ffn_up_exps.weight', 'blk.1.ffn_down_exps.weight']) {
+      const s = slices(name);
+      expect(s.length).toBe(8);
+      expect(new Set(s).size, name).toBe(1);
+    }
+    // The router and the attention stay random: different experts per token, different matrices.
+    expect(createHash('sha256').update(tensor('blk.0.attn_q.weight')).digest('hex')).not.toBe(createHash('sha256').update(tensor('blk.0.attn_k.weight')).digest('hex'));
+    const model = await loadModel(path, { contextSize: 64, threads: 1, expertStats: true });
+    try {
+      const r = await model.complete('shared experts', { maxTokens: 8, temperature: 0, ignoreEos: true });
+      expect(r.usage.completionTokens).toBe(8);
+      const used = (await model.expertStats()).layers[0]!.counts.filter((c) => c > 0).length;
+      expect(used).toBeGreaterThan(2);
+    } finally {
+      await model.dispose();
+    }
+  });
+});
+
 describe('roofline', () => {
   it('expects k experts at batch 1 and approaches all of them at large batches', () => {
     expect(expectedExperts(128, 8, 1)).toBeCloseTo(8, 10);

@@ -85,6 +85,14 @@ export interface SyntheticModelOptions {
    */
   shareLayerWeights?: boolean;
   /**
+   * Give every routed expert of a layer expert 0's weights (same bytes, each expert still its own
+   * slice of the 3-D expert tensors). A DeepSeek-V3 layer's experts are 11 billion parameters, four
+   * minutes of generation; with this, one expert's 44 million. Speed is unaffected: each expert's
+   * slice is still read from its own memory, and routing (the router's weights) stays random; only
+   * the experts' outputs no longer differ. Default false.
+   */
+  shareExpertWeights?: boolean;
+  /**
    * Scale the matrices of layers `from` and up by `scale` (their norms stay 1): those layers then
    * add little to the residual stream, so the model predicts nearly what its first `from` layers
    * alone predict while costing every layer's compute. With the same seed, a `from`-layer model is
@@ -193,6 +201,7 @@ function resolve(options: SyntheticModelOptions): ResolvedOptions {
     name: options.name ?? `genesis-fixture-${arch}-${vocab}-${type}`,
     tieEmbeddings: options.tieEmbeddings ?? false,
     shareLayerWeights: options.shareLayerWeights ?? false,
+    shareExpertWeights: options.shareExpertWeights ?? false,
     quietLayers: options.quietLayers ?? null,
     mtpLayers: options.mtpLayers ?? 0,
     mtpStateScale: options.mtpStateScale ?? 1,
@@ -424,8 +433,18 @@ async function buildContent(o: ResolvedOptions): Promise<FixtureContent> {
     const layer = /^blk\.(\d+)\./.exec(name);
     const quiet = o.quietLayers !== null && layer !== null && Number(layer[1]) >= o.quietLayers.from ? o.quietLayers.scale : 1;
     scale *= quiet;
+    // Random values of `source`'s seed, or with shareExpertWeights for a 3-D expert tensor, expert
+    // 0's slice encoded once and repeated for every expert (a slice is whole rows: its own blocks).
+    const values = (source: string): Float32Array | Uint8Array => {
+      if (!o.shareExpertWeights || shape.length !== 3 || !name.includes('_exps.')) return uniform(o.seed, source, n, scale);
+      const [cols, rows, experts] = shape as [number, number, number];
+      const one = encodeTensorData({ name, type, shape: [cols, rows, 1] }, uniform(o.seed, source, cols * rows, scale));
+      const out = new Uint8Array(one.length * experts);
+      for (let e = 0; e < experts; e++) out.set(one, e * one.length);
+      return out;
+    };
     if (!o.shareLayerWeights || !layer) {
-      tensors.push({ name, type, shape, data: () => uniform(o.seed, name, n, scale) });
+      tensors.push({ name, type, shape, data: () => values(name) });
       return;
     }
     // Layers are written in order: layer 0 encodes each shared tensor once (once more scaled for
@@ -438,7 +457,7 @@ async function buildContent(o: ResolvedOptions): Promise<FixtureContent> {
       type,
       shape,
       data: () => {
-        const bytes = shared.get(key) ?? encodeTensorData({ name, type, shape }, uniform(o.seed, source, n, scale));
+        const bytes = shared.get(key) ?? encodeTensorData({ name, type, shape }, values(source));
         if (last) shared.delete(key);
         else shared.set(key, bytes);
         return bytes;
@@ -553,7 +572,7 @@ export async function makeSyntheticModel(options: SyntheticModelOptions = {}): P
   const cacheDir = options.cacheDir ?? defaultModelCacheDir();
   const vocabStat = await stat(vocabPath(o.vocab, o.vocabDir)).catch(() => undefined);
   // The vocab file's size stands in for its content so a different llama.cpp checkout gets a new name.
-  const { vocabDir: _vocabDir, quietLayers, mtpLayers, mtpStateScale, expertBias, ...hashed } = o;
+  const { vocabDir: _vocabDir, quietLayers, mtpLayers, mtpStateScale, expertBias, shareExpertWeights, ...hashed } = o;
   // Options added later are hashed only when set, so earlier files keep their names.
   const key = JSON.stringify({
     v: GENERATOR_VERSION,
@@ -562,6 +581,7 @@ export async function makeSyntheticModel(options: SyntheticModelOptions = {}): P
     ...(quietLayers ? { quietLayers } : {}),
     ...(mtpLayers ? { mtpLayers, mtpStateScale } : {}),
     ...(expertBias ? { expertBias } : {}),
+    ...(shareExpertWeights ? { shareExpertWeights } : {}),
   });
   const hash = createHash('sha256').update(key).digest('hex').slice(0, 16);
   const path = join(cacheDir, `${o.arch}-${o.vocab}-${o.type}-${hash}.gguf`);
