@@ -11,8 +11,11 @@
 //               same tokens (logits, greedy path), per architecture and for q8_0 and q4_0 KV caches
 //               (kvCacheType); then 16 requests at once in a
 //               pool 4× too small, against each one's solo paged run
+//   routing     fusedMoeRouting on the GPU (patch 0009: a DeepSeek-V3 layer's routing in one
+//               kernel) against upstream's chain on the GPU, fed the same tokens (logits, greedy
+//               path), and the experts each layer counted, for models with expert groups
 // Prints one line per result and writes checks.json to $OUT. Usage:
-//   node benchmarks/gpu-checks.mjs [logits|concurrent|memory|paged|all]
+//   node benchmarks/gpu-checks.mjs [logits|concurrent|memory|paged|routing|all]
 import { spawnSync } from 'node:child_process';
 import { mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
@@ -191,6 +194,25 @@ function distance(a, b) {
   return { rel: Math.sqrt(diff2 / ref2), abs };
 }
 
+/** A traced run made to follow `ref`'s tokens (`forced`) and left to its own (`own`), against `ref`. */
+function compareTraces(ref, forced, own) {
+  let maxRel = 0;
+  let maxAbs = 0;
+  let same = 0;
+  forced.logits.forEach((row, step) => {
+    const d = distance(row, ref.logits[step]);
+    maxRel = Math.max(maxRel, d.rel);
+    maxAbs = Math.max(maxAbs, d.abs);
+    if (argmax(row) === ref.tokens[step]) same++;
+  });
+  const parted = own.tokens.findIndex((t, i) => t !== ref.tokens[i]);
+  return { maxRel, maxAbs, same, parted };
+}
+
+const describeTraces = ({ maxRel, maxAbs, same, parted }, steps) =>
+  `rel L2 max ${maxRel.toExponential(2)}, max |diff| ${maxAbs.toFixed(4)}, same choice ${same}/${steps}, greedy ` +
+  (parted < 0 ? `identical for all ${STEPS}` : `parts at ${parted}`);
+
 const fixture = (name) => FIXTURES.find((f) => f.name.startsWith(name));
 const PAGED_FIXTURES = [
   fixture('default'),
@@ -232,17 +254,8 @@ async function pagedCheck() {
       const forced = await trace(paged, ref.tokens);
       const own = await trace(paged);
       await paged.dispose();
-      let maxRel = 0;
-      let maxAbs = 0;
-      let same = 0;
-      forced.logits.forEach((row, step) => {
-        const d = distance(row, ref.logits[step]);
-        maxRel = Math.max(maxRel, d.rel);
-        maxAbs = Math.max(maxAbs, d.abs);
-        if (argmax(row) === ref.tokens[step]) same++;
-      });
-      const parted = own.tokens.findIndex((t, i) => t !== ref.tokens[i]);
-      Object.assign(r, { steps: forced.logits.length, maxRelL2: maxRel, maxAbs, choicesAgree: same, greedyIdenticalTokens: parted < 0 ? STEPS : parted });
+      const c = compareTraces(ref, forced, own);
+      Object.assign(r, { steps: forced.logits.length, maxRelL2: c.maxRel, maxAbs: c.maxAbs, choicesAgree: c.same, greedyIdenticalTokens: c.parted < 0 ? STEPS : c.parted });
       // 16 requests at once in a pool that holds about a quarter of what they need, each against its
       // paged solo run (on the GPU, batch composition changes the matrix kernels: counted, not asserted).
       const prompts = Array.from({ length: 16 }, (_, i) => `Request ${i}: ${PROMPT} in the year ${1400 + i * 7}`);
@@ -261,13 +274,57 @@ async function pagedCheck() {
       const complete = done.filter((s) => s.value.tokens.length === greedy.maxTokens).length;
       Object.assign(r, { pool: { requests: prompts.length, budget: 384, completed: complete, errors, equalToSolo: equal, preemptions: stats.preemptions, leftInPool: stats.kvUsedTokens + stats.active + stats.queued } });
       say(
-        `paged ${f.name}: kvPaged ${r.kvPaged}; vs standard cache, rel L2 max ${maxRel.toExponential(2)}, max |diff| ${maxAbs.toFixed(4)}, same choice ${same}/${r.steps}, greedy ` +
-          (parted < 0 ? `identical for all ${STEPS}` : `parts at ${parted}`) +
+        `paged ${f.name}: kvPaged ${r.kvPaged}; vs standard cache, ${describeTraces(c, r.steps)}` +
           `; pool of 384 for 16 requests: ${complete}/16 complete, ${errors.length} errors, ${equal}/16 equal to solo, ${stats.preemptions} preemptions, ${r.pool.leftInPool} left in the pool`,
       );
     } catch (error) {
       r.error = String(error?.stack ?? error);
       say(`paged ${f.name}: FAILED ${r.error}`);
+    }
+    results.push(r);
+  }
+  return results;
+}
+
+/** Models with expert groups, in expert counts 0009's kernel takes: small, and one real-width layer. */
+const ROUTING_FIXTURES = [
+  PAGED_FIXTURES.find((f) => f.name.startsWith('deepseek2')),
+  {
+    name: 'deepseek2 q8_0 3L, 32 experts in 8 groups (test/fixtures DEEPSEEK_GROUPED)',
+    make: () =>
+      makeSyntheticModel({
+        arch: 'deepseek2', vocab: 'qwen2', type: 'q8_0', nLayer: 3, nEmbd: 128, nHead: 2, headDim: 96, nExpert: 32, nExpertUsed: 6, nFfExp: 32,
+        mla: { kvLoraRank: 64, qLoraRank: 96 }, expertGroups: { count: 8, used: 3 }, expertWeightsScale: 2.5,
+      }),
+  },
+  { name: 'deepseek-v3:q4_0:1 (real widths)', make: () => ensureBenchModel(parseModelSpec('deepseek-v3:q4_0:1', { type: 'q4_0' })) },
+];
+
+async function routingCheck() {
+  const results = [];
+  for (const f of ROUTING_FIXTURES) {
+    const path = await f.make();
+    const gpu = { gpuLayers: 'max', contextSize: 512, maxSequences: 1, expertStats: true };
+    const r = { fixture: f.name };
+    try {
+      const counts = async (m) => (await m.expertStats({ reset: true })).layers.map((l) => Array.from(l.counts));
+      const chain = await loadModel(path, gpu);
+      const ref = await trace(chain);
+      const chainCounts = await counts(chain);
+      await chain.dispose();
+      const fused = await loadModel(path, { ...gpu, fusedMoeRouting: true });
+      r.fusedMoeRouting = fused.info.context.fusedMoeRouting;
+      const forced = await trace(fused, ref.tokens);
+      const fusedCounts = await counts(fused);
+      const own = await trace(fused);
+      await fused.dispose();
+      const c = compareTraces(ref, forced, own);
+      const layersCountedAlike = fusedCounts.filter((l, i) => JSON.stringify(l) === JSON.stringify(chainCounts[i])).length;
+      Object.assign(r, { steps: forced.logits.length, maxRelL2: c.maxRel, maxAbs: c.maxAbs, choicesAgree: c.same, greedyIdenticalTokens: c.parted < 0 ? STEPS : c.parted, layersCountedAlike, layers: chainCounts.length });
+      say(`routing ${f.name}: fusedMoeRouting ${r.fusedMoeRouting}; vs upstream's chain, ${describeTraces(c, r.steps)}; expert counts equal in ${layersCountedAlike}/${chainCounts.length} layers`);
+    } catch (error) {
+      r.error = String(error?.stack ?? error);
+      say(`routing ${f.name}: FAILED ${r.error}`);
     }
     results.push(r);
   }
@@ -297,6 +354,10 @@ if (what === 'cpu-side') {
   }
   if (what === 'paged' || what === 'all') {
     report.paged = await pagedCheck();
+    save();
+  }
+  if (what === 'routing' || what === 'all') {
+    report.routing = await routingCheck();
     save();
   }
 }
