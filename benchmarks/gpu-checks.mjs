@@ -194,7 +194,10 @@ function distance(a, b) {
   return { rel: Math.sqrt(diff2 / ref2), abs };
 }
 
-/** A traced run made to follow `ref`'s tokens (`forced`) and left to its own (`own`), against `ref`. */
+/**
+ * A traced run made to follow `ref`'s tokens (`forced`) and left to its own (`own`), against `ref`:
+ * the fields each check records.
+ */
 function compareTraces(ref, forced, own) {
   let maxRel = 0;
   let maxAbs = 0;
@@ -206,12 +209,12 @@ function compareTraces(ref, forced, own) {
     if (argmax(row) === ref.tokens[step]) same++;
   });
   const parted = own.tokens.findIndex((t, i) => t !== ref.tokens[i]);
-  return { maxRel, maxAbs, same, parted };
+  return { steps: forced.logits.length, maxRelL2: maxRel, maxAbs, choicesAgree: same, greedyIdenticalTokens: parted < 0 ? STEPS : parted };
 }
 
-const describeTraces = ({ maxRel, maxAbs, same, parted }, steps) =>
-  `rel L2 max ${maxRel.toExponential(2)}, max |diff| ${maxAbs.toFixed(4)}, same choice ${same}/${steps}, greedy ` +
-  (parted < 0 ? `identical for all ${STEPS}` : `parts at ${parted}`);
+const describeTraces = (c) =>
+  `rel L2 max ${c.maxRelL2.toExponential(2)}, max |diff| ${c.maxAbs.toFixed(4)}, same choice ${c.choicesAgree}/${c.steps}, greedy ` +
+  (c.greedyIdenticalTokens === STEPS ? `identical for all ${STEPS}` : `parts at ${c.greedyIdenticalTokens}`);
 
 const fixture = (name) => FIXTURES.find((f) => f.name.startsWith(name));
 const PAGED_FIXTURES = [
@@ -255,7 +258,7 @@ async function pagedCheck() {
       const own = await trace(paged);
       await paged.dispose();
       const c = compareTraces(ref, forced, own);
-      Object.assign(r, { steps: forced.logits.length, maxRelL2: c.maxRel, maxAbs: c.maxAbs, choicesAgree: c.same, greedyIdenticalTokens: c.parted < 0 ? STEPS : c.parted });
+      Object.assign(r, c);
       // 16 requests at once in a pool that holds about a quarter of what they need, each against its
       // paged solo run (on the GPU, batch composition changes the matrix kernels: counted, not asserted).
       const prompts = Array.from({ length: 16 }, (_, i) => `Request ${i}: ${PROMPT} in the year ${1400 + i * 7}`);
@@ -274,7 +277,7 @@ async function pagedCheck() {
       const complete = done.filter((s) => s.value.tokens.length === greedy.maxTokens).length;
       Object.assign(r, { pool: { requests: prompts.length, budget: 384, completed: complete, errors, equalToSolo: equal, preemptions: stats.preemptions, leftInPool: stats.kvUsedTokens + stats.active + stats.queued } });
       say(
-        `paged ${f.name}: kvPaged ${r.kvPaged}; vs standard cache, ${describeTraces(c, r.steps)}` +
+        `paged ${f.name}: kvPaged ${r.kvPaged}; vs standard cache, ${describeTraces(c)}` +
           `; pool of 384 for 16 requests: ${complete}/16 complete, ${errors.length} errors, ${equal}/16 equal to solo, ${stats.preemptions} preemptions, ${r.pool.leftInPool} left in the pool`,
       );
     } catch (error) {
@@ -320,8 +323,8 @@ async function routingCheck() {
       await fused.dispose();
       const c = compareTraces(ref, forced, own);
       const layersCountedAlike = fusedCounts.filter((l, i) => JSON.stringify(l) === JSON.stringify(chainCounts[i])).length;
-      Object.assign(r, { steps: forced.logits.length, maxRelL2: c.maxRel, maxAbs: c.maxAbs, choicesAgree: c.same, greedyIdenticalTokens: c.parted < 0 ? STEPS : c.parted, layersCountedAlike, layers: chainCounts.length });
-      say(`routing ${f.name}: fusedMoeRouting ${r.fusedMoeRouting}; vs upstream's chain, ${describeTraces(c, r.steps)}; expert counts equal in ${layersCountedAlike}/${chainCounts.length} layers`);
+      Object.assign(r, c, { layersCountedAlike, layers: chainCounts.length });
+      say(`routing ${f.name}: fusedMoeRouting ${r.fusedMoeRouting}; vs upstream's chain, ${describeTraces(c)}; expert counts equal in ${layersCountedAlike}/${chainCounts.length} layers`);
     } catch (error) {
       r.error = String(error?.stack ?? error);
       say(`routing ${f.name}: FAILED ${r.error}`);
