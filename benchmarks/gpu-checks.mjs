@@ -14,8 +14,14 @@
 //   routing     fusedMoeRouting on the GPU (patch 0009: a DeepSeek-V3 layer's routing in one
 //               kernel) against upstream's chain on the GPU, fed the same tokens (logits, greedy
 //               path), and the experts each layer counted, for models with expert groups
+//   swap        16 requests of 64 + 192 tokens in a pool of a quarter of what they need (all are
+//               admitted, then outgrow it), with
+//               preempted sequences recomputed (kvSwapMemory 0) and copied to host memory and back
+//               (kvSwapMemory 8 GiB), standard and paged: wall time, tokens decoded, preemptions,
+//               copies, and how many outputs the two ways share (SWAP_MODEL, default llama-3-8b:q4_0:2;
+//               on the GPU when the addon has one, else the CPU)
 // Prints one line per result and writes checks.json to $OUT. Usage:
-//   node benchmarks/gpu-checks.mjs [logits|concurrent|memory|paged|routing|all]
+//   node benchmarks/gpu-checks.mjs [logits|concurrent|memory|paged|routing|swap|all]
 import { spawnSync } from 'node:child_process';
 import { mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
@@ -334,6 +340,47 @@ async function routingCheck() {
   return results;
 }
 
+async function swapCheck() {
+  const spec = process.env.SWAP_MODEL ?? 'llama-3-8b:q4_0:2';
+  const path = await ensureBenchModel(parseModelSpec(spec, { type: 'q4_0' }));
+  const device = systemInfo().gpuOffload ? { gpuLayers: 'max' } : { gpuLayers: 0 };
+  const random = (seed) => () => ((seed = (seed * 1103515245 + 12345) % 2 ** 31) / 2 ** 31);
+  const next = random(7);
+  const prompts = Array.from({ length: 16 }, () => Array.from({ length: 64 }, () => 100 + Math.floor(next() * 20000)));
+  const greedy = { temperature: 0, ignoreEos: true, maxTokens: 192 };
+  const budget = (16 * (64 + 192)) / 4;
+  const results = [];
+  for (const kvPaged of [false, true]) {
+    const runs = {};
+    for (const [mode, kvSwapMemory] of [['recompute', 0], ['swap', 8 * 2 ** 30]]) {
+      const m = await loadModel(path, { ...device, contextSize: 512, maxSequences: 16, kvBudget: budget, kvPaged, kvSwapMemory, flashAttention: true });
+      try {
+        await m.complete(prompts[0].slice(0, 8), { ...greedy, maxTokens: 2 });
+        const before = m.stats();
+        const t0 = performance.now();
+        const out = await Promise.all(prompts.map((p) => m.complete(p, greedy)));
+        const seconds = (performance.now() - t0) / 1000;
+        const s = m.stats();
+        runs[mode] = {
+          seconds,
+          decodedTokens: s.decodedTokens - before.decodedTokens,
+          preemptions: s.preemptions - before.preemptions,
+          swapIns: s.kvSwapIns - before.kvSwapIns,
+          tokens: out.map((r) => r.tokens),
+        };
+      } finally {
+        await m.dispose();
+      }
+    }
+    const same = runs.recompute.tokens.filter((t, i) => JSON.stringify(t) === JSON.stringify(runs.swap.tokens[i])).length;
+    const r = { model: spec, kvPaged, budget, same, ...Object.fromEntries(Object.entries(runs).map(([k, v]) => [k, { ...v, tokens: undefined }])) };
+    const line = (k) => `${k} ${runs[k].seconds.toFixed(2)} s, ${runs[k].decodedTokens} decoded, ${runs[k].preemptions} preemptions, ${runs[k].swapIns} copied back`;
+    say(`swap ${spec}${kvPaged ? ' paged' : ''}, pool ${budget} for 16 × (64 + 192): ${line('recompute')}; ${line('swap')}; recompute/swap time ${(runs.recompute.seconds / runs.swap.seconds).toFixed(2)}×; ${same}/16 outputs the same`);
+    results.push(r);
+  }
+  return results;
+}
+
 const [what = 'all', ...rest] = process.argv.slice(2);
 if (what === 'cpu-side') {
   await cpuSide(Number(rest[0]), rest[1]);
@@ -361,6 +408,10 @@ if (what === 'cpu-side') {
   }
   if (what === 'routing' || what === 'all') {
     report.routing = await routingCheck();
+    save();
+  }
+  if (what === 'swap' || what === 'all') {
+    report.swap = await swapCheck();
     save();
   }
 }

@@ -20,6 +20,8 @@ export interface NativeLoadOptions {
   kvUnified: boolean;
   kvBudget: number;
   kvPaged: boolean;
+  /** Bytes of host memory preempted sequences' KV may take (0: recomputed instead). */
+  kvSwapMemory: number;
   /** KV cache element types by ggml name ('f16', 'q8_0', ...). */
   kvCacheTypeK: string;
   kvCacheTypeV: string;

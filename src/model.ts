@@ -68,6 +68,14 @@ export interface EngineStats {
    * the queue and was recomputed when admitted again; its output is unchanged).
    */
   preemptions: number;
+  /**
+   * kvSwapMemory: of those preemptions, the ones whose KV was copied to host memory, the ones
+   * copied back into the pool when admitted again (not recomputed; a copy the cache made needless
+   * is dropped), and the host memory the copies waiting in the queue hold now.
+   */
+  kvSwapOuts: number;
+  kvSwapIns: number;
+  kvSwapBytes: number;
   /** Speculative decoding since load: tokens the draft model proposed, and those kept. */
   draftTokens: number;
   acceptedDraftTokens: number;

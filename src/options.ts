@@ -89,6 +89,18 @@ export interface LoadModelOptions {
    */
   kvPaged?: boolean;
   /**
+   * With kvBudget or kvPaged: host memory, in bytes, that preempted sequences' KV may take while they
+   * wait to be admitted again. A preempted sequence's cells (and a hybrid model's recurrent state)
+   * are copied there when they fit beside the copies already waiting, and copied back into free
+   * cells when it is admitted again, bit for bit, instead of its prompt and generated tokens being
+   * computed again; over the limit, or when the prompt cache holds as much of it, it is recomputed.
+   * See `stats().kvSwapOuts`. Default 0: always recomputed. The copy is one transfer per run of
+   * consecutive cells and layer: on the CPU a memory copy, far cheaper than recomputing; on a GPU a
+   * generating sequence's cells lie one per step between the other sequences', so weigh it with the
+   * benchmark's shared-prefix and preemption figures before turning it on there.
+   */
+  kvSwapMemory?: number;
+  /**
    * Element type of the KV cache (llama.cpp's -ctk/-ctv): one type for K and V, or `{ k, v }`.
    * 'q8_0' holds about half of what 'f16' does per token, 'q4_0' about a quarter, at some cost in
    * accuracy. A quantized V needs flash attention ('auto' turns it on; false is refused). MLA models
@@ -278,6 +290,10 @@ export function resolveLoadOptions(
   if (kvPaged && options.kvUnified === false) throw new InvalidOptionError('kvPaged', 'kvUnified true or unset: paged attention reads the shared KV cache', true);
   if (kvPaged && options.flashAttention === false) throw new InvalidOptionError('kvPaged', 'flashAttention true or unset: paged attention runs in the flash attention kernels', true);
   const kvUnified = (checkBool('kvUnified', options.kvUnified) ?? false) || kvBudget > 0 || kvPaged;
+  const kvSwapMemory = checkInt('kvSwapMemory', options.kvSwapMemory, 0, Number.MAX_SAFE_INTEGER) ?? 0;
+  if (kvSwapMemory > 0 && kvBudget === 0 && !kvPaged) {
+    throw new InvalidOptionError('kvSwapMemory', 'kvBudget or kvPaged set: only sequences preempted from the shared KV pool are copied out', kvSwapMemory);
+  }
   const deterministic = checkBool('deterministic', options.deterministic) ?? false;
   const promptCache = checkBool('promptCache', options.promptCache) ?? true;
   const stateCheckpoints = checkInt('stateCheckpoints', options.stateCheckpoints, 0, 64) ?? 4;
@@ -346,6 +362,7 @@ export function resolveLoadOptions(
     // needed, prefixes shared by reference) work as with kvBudget.
     kvBudget: kvBudget > 0 ? kvBudget : kvPaged ? Math.min(contextSize * maxSequences, 2 ** 31 - 1) : 0,
     kvPaged,
+    kvSwapMemory,
     kvCacheTypeK: kvCacheType.k,
     kvCacheTypeV: kvCacheType.v,
     deterministic,

@@ -237,6 +237,8 @@ describe('genesis bench end to end (tiny model, real llama.cpp tools)', () => {
     expect(k.referenceSequences).toBe(2);
     expect(k.oursSequences).toBeGreaterThan(2);
     expect([k.ours.errors, k.reference.errors, k.ours.completed, k.reference.completed]).toEqual([0, 0, 32, 32]);
+    // Read from our server's /metrics after its round.
+    expect(k.oursPreemptions).toBeGreaterThanOrEqual(0);
 
     expect(readFileSync(join(out, 'report.md'), 'utf8')).toContain('| tiny:q8_0:2L |');
     expect(readFileSync(join(out, 'report.html'), 'utf8')).toMatch(/<canvas/);

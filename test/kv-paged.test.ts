@@ -71,6 +71,28 @@ describe('paged attention (kvPaged)', { timeout: 180_000 }, () => {
     }
   });
 
+  it('copies preempted sequences out to host memory and back (kvSwapMemory), shared prefix cells included', async () => {
+    const ids = (seed: number, n: number) => Array.from({ length: n }, (_, i) => 200 + ((seed * 6007 + i * 7727) % 15000));
+    // Six requests on one 48-token prefix: held once that is 48 + 6 × (8 + 40) cells at the end,
+    // more than the pool of 160. A preempted one's copy takes the shared cells as its own.
+    const prefix = ids(1, 48);
+    const prompts = [2, 3, 4, 5, 6, 7].map((seed) => [...prefix, ...ids(seed, 8)]);
+    const opts = { temperature: 0, ignoreEos: true, maxTokens: 40 } as const;
+    const cold = await soloRuns(path, prompts, opts, true);
+    const m = await loadModel(path, { ...base, maxSequences: 6, kvBudget: 160, kvPaged: true, kvSwapMemory: 64 * 2 ** 20 });
+    try {
+      const got = await Promise.all(prompts.map((p) => m.complete(p, opts)));
+      expect(got.map((r) => r.tokens)).toEqual(cold);
+      const stats = m.stats();
+      expect(stats.preemptions).toBeGreaterThan(0);
+      expect(stats.kvSwapIns).toBeGreaterThan(0);
+      expect(stats.kvSwapBytes).toBe(0);
+      expect(stats.active + stats.queued + stats.kvUsedTokens).toBe(0);
+    } finally {
+      await m.dispose();
+    }
+  });
+
   it('reads a shared prefix once from the pool: prefix hits skip its prefill and outputs equal solo runs', async () => {
     const ids = (seed: number, n: number) => Array.from({ length: n }, (_, i) => 200 + ((seed * 7919 + i * 104729) % 15000));
     const prefix = ids(1, 400);

@@ -51,6 +51,56 @@ describe('shared KV pool (kvBudget)', { timeout: 120_000 }, () => {
     }
   });
 
+  it('copies preempted sequences’ KV to host memory and back (kvSwapMemory): same output, nothing recomputed', async () => {
+    const m = await loadModel(path, { ...base, maxSequences: 8, kvBudget: 160, kvSwapMemory: 256 * 2 ** 20 });
+    try {
+      const results = await Promise.all(PROMPTS.map((p) => m.complete(p, GREEDY)));
+      expect(results.map((r) => r.tokens)).toEqual(reference);
+      const stats = m.stats();
+      expect(stats.preemptions).toBeGreaterThan(0);
+      // Every preempted sequence fit in the host memory and went back from its copy.
+      expect(stats.kvSwapOuts).toBe(stats.preemptions);
+      expect(stats.kvSwapIns).toBe(stats.kvSwapOuts);
+      expect(stats.kvSwapBytes).toBe(0);
+      expect(results.reduce((n, r) => n + (r.preemptions ?? 0), 0)).toBe(stats.preemptions);
+      // Nothing decoded twice: at most each request's own prompt and generated tokens (fewer where
+      // the prompts' common start came from the cache).
+      expect(stats.decodedTokens).toBeLessThanOrEqual(8 * (13 + 59));
+      expect(stats.active + stats.queued + stats.kvUsedTokens).toBe(0);
+    } finally {
+      await m.dispose();
+    }
+    // Sampled too: the sampler's state travels with the request, the KV with the copy.
+    const sampled = (i: number) => ({ temperature: 0.9, topK: 40, seed: 2000 + i, repeatPenalty: 1.3, maxTokens: 60, ignoreEos: true });
+    const roomy = await loadModel(path, { ...base, maxSequences: 8, kvUnified: true });
+    const tight = await loadModel(path, { ...base, maxSequences: 8, kvBudget: 160, kvSwapMemory: 256 * 2 ** 20 });
+    try {
+      const expected = await Promise.all(PROMPTS.map((p, i) => roomy.complete(p, sampled(i))));
+      const got = await Promise.all(PROMPTS.map((p, i) => tight.complete(p, sampled(i))));
+      expect(tight.stats().kvSwapIns).toBeGreaterThan(0);
+      expect(got.map((r) => r.text)).toEqual(expected.map((r) => r.text));
+    } finally {
+      await roomy.dispose();
+      await tight.dispose();
+    }
+  });
+
+  it('recomputes the preempted sequences whose KV does not fit in kvSwapMemory', async () => {
+    // One token's KV of this fixture takes 2 layers × (K + V) × 32 f16 values, 256 bytes, so 2 KiB
+    // holds fewer than 8 tokens; a preempted sequence holds at least its 13 prompt tokens.
+    const m = await loadModel(path, { ...base, maxSequences: 8, kvBudget: 160, kvSwapMemory: 2048 });
+    try {
+      const results = await Promise.all(PROMPTS.map((p) => m.complete(p, GREEDY)));
+      expect(results.map((r) => r.tokens)).toEqual(reference);
+      const stats = m.stats();
+      expect(stats.preemptions).toBeGreaterThan(0);
+      expect(stats.kvSwapOuts).toBe(0);
+      expect(stats.decodedTokens).toBeGreaterThan(8 * (13 + 59));
+    } finally {
+      await m.dispose();
+    }
+  });
+
   it('keeps a preempted request’s sampler and text state: sampled output and stop strings are unchanged', async () => {
     const sampled = (i: number) => ({ temperature: 0.9, topK: 40, seed: 1000 + i, repeatPenalty: 1.3, maxTokens: 60, ignoreEos: true });
     const roomy = await loadModel(path, { ...base, maxSequences: 8, kvUnified: true });
@@ -175,6 +225,15 @@ describe('shared KV pool (kvBudget)', { timeout: 120_000 }, () => {
     } finally {
       await m.dispose();
     }
+    // Copied out and back, the recurrent state travels with the attention cells.
+    const swapping = await loadModel(hybrid, { ...base, maxSequences: 6, kvBudget: 160, kvSwapMemory: 256 * 2 ** 20 });
+    try {
+      const got = await Promise.all(prompts.map((p) => swapping.complete(p, GREEDY)));
+      expect(got.map((r) => r.tokens)).toEqual(expected);
+      expect(swapping.stats().kvSwapIns).toBeGreaterThan(0);
+    } finally {
+      await swapping.dispose();
+    }
   });
 
   it('sizes the KV cache by the budget in memory estimates', async () => {
@@ -210,6 +269,8 @@ describe('shared KV pool (kvBudget)', { timeout: 120_000 }, () => {
     await expect(loadModel(path, { ...base, kvBudget: 8 })).rejects.toBeInstanceOf(InvalidOptionError);
     await expect(loadModel(path, { ...base, kvBudget: 1.5 })).rejects.toBeInstanceOf(InvalidOptionError);
     await expect(loadModel(path, { ...base, kvBudget: 256, draft: { model: solo } })).rejects.toMatchObject({ option: 'kvBudget' });
+    await expect(loadModel(path, { ...base, kvSwapMemory: 2 ** 20 })).rejects.toMatchObject({ option: 'kvSwapMemory' });
+    await expect(loadModel(path, { ...base, kvBudget: 256, kvSwapMemory: -1 })).rejects.toMatchObject({ option: 'kvSwapMemory' });
     const m = await loadModel(path, { ...base, maxSequences: 2, kvBudget: 64 });
     try {
       // A sequence can grow to the pool at most.
@@ -222,8 +283,8 @@ describe('shared KV pool (kvBudget)', { timeout: 120_000 }, () => {
     }
   });
 
-  it('exports preemptions on /metrics', async () => {
-    const handle = await serve({ models: [{ name: 'pool', path }], load: { ...base, maxSequences: 8, kvBudget: 160 }, port: 0, handleSignals: false, log: () => {} });
+  it('exports preemptions and KV copies on /metrics', async () => {
+    const handle = await serve({ models: [{ name: 'pool', path }], load: { ...base, maxSequences: 8, kvBudget: 160, kvSwapMemory: 2 ** 20 }, port: 0, handleSignals: false, log: () => {} });
     try {
       const statuses = await Promise.all(
         PROMPTS.map(async (prompt) => {
@@ -242,6 +303,9 @@ describe('shared KV pool (kvBudget)', { timeout: 120_000 }, () => {
       expect(text).toMatch(/^genesis_engine_prompt_tokens_total\{model="pool"\} [1-9]\d*$/m);
       expect(text).toMatch(/^genesis_prompt_cache_hit_ratio\{model="pool"\} (0|0\.\d+)$/m);
       expect(text).toMatch(/^genesis_kv_capacity_tokens\{model="pool"\} (1[6-9]\d|2\d\d)$/m);
+      expect(text).toMatch(/^genesis_kv_swap_outs_total\{model="pool"\} [1-9]\d*$/m);
+      expect(text).toMatch(/^genesis_kv_swap_ins_total\{model="pool"\} [1-9]\d*$/m);
+      expect(text).toMatch(/^genesis_kv_swap_bytes\{model="pool"\} 0$/m);
     } finally {
       await handle.stop();
     }

@@ -113,6 +113,27 @@ describe('genesis serve', { timeout: 90_000 }, () => {
     expect(help.stdout).toMatch(/genesis serve/);
   });
 
+  it('--kv-swap: a size for the preempted sequences of the pool, refused when malformed or without a pool', async () => {
+    const path = await makeFixtureModel({ arch: 'llama', type: 'q8_0' });
+    const run = (...args: string[]) => spawnSync(process.execPath, ['--import', 'tsx', cli, 'serve', '--port', '0', '--threads', '1', '--model', `tiny=${path}`, ...args], {
+      encoding: 'utf8',
+      timeout: 60_000,
+      env: { ...process.env, GENESIS_API_KEY: '' },
+    });
+    const malformed = run('--kv-budget', '256', '--kv-swap', 'lots');
+    expect(malformed.status).toBe(2);
+    expect(malformed.stderr).toMatch(/--kv-swap expects a size such as 6G/);
+    const poolless = run('--kv-swap', '1M');
+    expect(poolless.status).not.toBe(0);
+    expect(poolless.stderr).toMatch(/kvSwapMemory/);
+    expect(poolless.stderr).toMatch(/kvBudget or kvPaged/);
+    const server = await startServer(['--model', `tiny=${path}`, '--kv-budget', '256', '--kv-swap', '1M']);
+    const metrics = await (await fetch(`${server.url}/metrics`)).text();
+    expect(metrics).toMatch(/^genesis_kv_swap_bytes\{model="tiny"\} 0$/m);
+    server.child.kill('SIGTERM');
+    expect(await server.exited).toBe(0);
+  });
+
   it('with no --model serves the built-in demo model, labelled as random weights', async () => {
     const server = await startServer(['--context-size', '512', '--max-sequences', '1']);
     expect(server.stderr()).toMatch(/RANDOM WEIGHTS/);

@@ -521,6 +521,11 @@ LoadBaton load_baton(Napi::Env env, const std::string& path, const Napi::Object&
     const double bytes = v.IsNumber() ? v.As<Napi::Number>().DoubleValue() : 0.0;
     baton.engine.state_checkpoint_memory = bytes > 0 && bytes < 9.0e18 ? static_cast<uint64_t>(bytes) : 0;
   }
+  {
+    const Napi::Value v = opts.Get("kvSwapMemory");
+    const double bytes = v.IsNumber() ? v.As<Napi::Number>().DoubleValue() : 0.0;
+    baton.engine.kv_swap_memory = bytes > 0 && bytes < 9.0e18 ? static_cast<uint64_t>(bytes) : 0;
+  }
   baton.engine.flash_attention = get_int(opts, "flashAttention", -1);
   baton.engine.max_queue = static_cast<uint32_t>(std::max(0, get_int(opts, "maxQueue", 0)));
   baton.engine.expert_stats = get_bool(opts, "expertStats", false);
@@ -921,6 +926,9 @@ Napi::Value NativeModel::Stats(const Napi::CallbackInfo& info) {
   out.Set("stateCheckpointRestores", static_cast<double>(s.state_checkpoint_restores));
   out.Set("stateCheckpointBytes", static_cast<double>(s.state_checkpoint_bytes));
   out.Set("preemptions", static_cast<double>(s.preemptions));
+  out.Set("kvSwapOuts", static_cast<double>(s.kv_swap_outs));
+  out.Set("kvSwapIns", static_cast<double>(s.kv_swap_ins));
+  out.Set("kvSwapBytes", static_cast<double>(s.kv_swap_bytes));
   Napi::Object time = Napi::Object::New(env);
   time.Set("step", static_cast<double>(s.step_ns) / 1e9);
   time.Set("decode", static_cast<double>(s.decode_ns) / 1e9);

@@ -166,6 +166,7 @@ Engine::Engine(llama_model* model, const EngineOptions& options, Notify notify)
     }
     pool_cells_ = llama_n_ctx(ctx_);
     stats_.kv_pool_tokens = pool_cells_;
+    swap_memory_ = options.kv_swap_memory;
   }
   batch_ = llama_batch_init(static_cast<int32_t>(n_batch_), 0, 1);
   if (drafting) {
@@ -312,7 +313,9 @@ std::vector<Event> Engine::drain() {
 
 EngineStats Engine::stats() {
   std::lock_guard<std::mutex> lock(mu_);
-  return stats_;
+  EngineStats s = stats_;
+  s.kv_swap_bytes = swap_bytes_.load();
+  return s;
 }
 
 std::vector<ExpertLayerCounts> Engine::expert_counts(bool reset) {
@@ -488,6 +491,9 @@ void Engine::admit() {
   }
   for (size_t w : order) {
     const auto& prompt = waiting_[w].request.prompt;
+    // A preempted request whose KV was copied to host memory: that many tokens can go back as they were.
+    const Resume* resume = waiting_[w].resume.get();
+    const size_t swapped = resume != nullptr && !resume->swapped.empty() ? resume->swapped_tokens : 0;
     // The free slot whose cached tokens share the longest prefix with this prompt; among equals the
     // least recently used (an unused slot first), so a cache another prompt may want survives longest.
     Slot* chosen = nullptr;
@@ -521,33 +527,39 @@ void Engine::admit() {
           pending = std::max(pending, coming);
         }
       }
-      if (pending >= kSharedPrefixMin && pending > std::max(chosen_lcp, donor_lcp) + kSharedPrefixMin) continue;  // deferred
+      if (swapped == 0 && pending >= kSharedPrefixMin && pending > std::max(chosen_lcp, donor_lcp) + kSharedPrefixMin) continue;  // deferred
       if (donor_lcp < chosen_lcp + kSharedPrefixMin) donor = nullptr;
     }
+    // The host copy, unless the cache or another sequence holds at least as much of the prompt.
+    const bool swap_in = swapped > std::max(chosen_lcp, donor != nullptr ? donor_lcp : 0);
+    if (swap_in) donor = nullptr;
     if (pool_cells_ > 0) {
       // A request starts when the rest of its prompt and its first token fit in the pool beside
       // what is held (a resumed prompt may fill a sequence's whole context, at most the pool);
       // finished sequences' cached cells make room first. The queue keeps its order: a long prompt
       // is not overtaken for ever by short ones.
       // (A recurrent state may not be cut back to the shared prefix: counted as computed again.)
-      const size_t reused = recurrent_ ? 0 : std::min(std::max(chosen_lcp, donor != nullptr ? donor_lcp : 0), prompt.size() - 1);
+      // (A host copy goes back into new cells: nothing of it is reused.)
+      const size_t reused = recurrent_ || swap_in ? 0 : std::min(std::max(chosen_lcp, donor != nullptr ? donor_lcp : 0), prompt.size() - 1);
       const uint64_t need = std::min<uint64_t>(prompt.size() - reused + 1, pool_cells_);
       // The chosen slot's own cache beyond what this prompt reuses goes now (start() would drop it).
-      if (!chosen->busy) trim_kv(*chosen, donor != nullptr ? 0 : std::min(chosen_lcp, prompt.size() - 1));
+      if (!chosen->busy) trim_kv(*chosen, donor != nullptr || swap_in ? 0 : std::min(chosen_lcp, prompt.size() - 1));
       bool fits = pool_used() + committed + need <= pool_cells_;
       while (!fits && evict_cached(chosen, donor)) fits = pool_used() + committed + need <= pool_cells_;
       if (!fits) break;
-      committed += need - 1;
+      // What the copy puts back is held from the start; the rest of the prompt is still to come.
+      const uint64_t restored = swap_in ? std::min<uint64_t>(swapped, need - 1) : 0;
+      committed += need - 1 - restored;
     }
     admitted.push_back(w);
-    start(*chosen, std::move(waiting_[w]), chosen_lcp, donor, donor_lcp);
+    start(*chosen, std::move(waiting_[w]), chosen_lcp, donor, donor_lcp, swap_in);
   }
   // Erase the admitted from the back, so the indices stay valid.
   std::sort(admitted.begin(), admitted.end());
   for (auto it = admitted.rbegin(); it != admitted.rend(); ++it) waiting_.erase(waiting_.begin() + static_cast<std::ptrdiff_t>(*it));
 }
 
-void Engine::start(Slot& slot, Pending p, size_t cached, Slot* donor, size_t donor_tokens) {
+void Engine::start(Slot& slot, Pending p, size_t cached, Slot* donor, size_t donor_tokens, bool swap_in) {
   {
     std::lock_guard<std::mutex> lock(mu_);
     stats_.queued--;
@@ -580,7 +592,26 @@ void Engine::start(Slot& slot, Pending p, size_t cached, Slot* donor, size_t don
   if (!p.resume) slot.text = TextStream(slot.request.stop);
   llama_memory_t mem = llama_get_memory(ctx_);
   size_t lcp = cached;
-  if (donor != nullptr) {
+  if (swap_in) {
+    // A preempted sequence's KV back from host memory into free cells, bit for bit as it was
+    // computed. Should llama.cpp refuse (no room after all), it is recomputed.
+    Resume& r = *p.resume;
+    drop_kv(slot);
+    const size_t n = r.swapped.size();
+    if (llama_state_seq_set_data(ctx_, r.swapped.data(), n, slot.seq) == n) {
+      const auto& prompt = slot.request.prompt;
+      slot.kv_tokens.assign(prompt.begin(), prompt.begin() + static_cast<std::ptrdiff_t>(r.swapped_tokens));
+      slot.segments.push_back({next_origin_++, 0});
+      lcp = r.swapped_tokens;
+      std::lock_guard<std::mutex> lock(mu_);
+      stats_.kv_swap_ins++;
+    } else {
+      drop_kv(slot);
+      lcp = 0;
+    }
+    slot.mtp_tokens.clear();
+    slot.mtp_h.clear();
+  } else if (donor != nullptr) {
     // The whole donor sequence is copied, then cut to the shared prefix: with one stream per
     // sequence llama.cpp copies the stream's data whole, at the next decode; in the shared pool the
     // cells are shared by reference. The donor's cells below the prefix do not change meanwhile: a
@@ -605,6 +636,7 @@ void Engine::start(Slot& slot, Pending p, size_t cached, Slot* donor, size_t don
     std::lock_guard<std::mutex> lock(mu_);
     stats_.shared_prefix_copies++;
   }
+  if (p.resume) p.resume->drop_swap();  // used or not, the copy is not needed again
   // Reuse the cached prefix, leaving at least the last prompt token to decode for its logits.
   trim_kv(slot, slot.request.prompt.empty() ? 0 : std::min(lcp, slot.request.prompt.size() - 1));
   const size_t keep = slot.kv_tokens.size();  // 0 when a recurrent state could not be cut back
@@ -812,6 +844,7 @@ bool Engine::preempt_one() {
     p.request.prompt = s.kv_tokens;
     p.request.prompt.push_back(s.last);
   }
+  if (swap_memory_ > 0 && !s.kv_tokens.empty()) swap_out(s, *resume);
   p.resume = std::move(resume);
   s.request = Request();  // release() must not see the moved-from request
   {
@@ -825,6 +858,20 @@ bool Engine::preempt_one() {
   s.text = TextStream({});
   waiting_.push_back(std::move(p));
   return true;
+}
+
+void Engine::swap_out(const Slot& s, Resume& r) {
+  // Its whole KV (shared cells too: they come back as its own) and any recurrent state.
+  const size_t size = llama_state_seq_get_size(ctx_, s.seq);
+  if (size == 0 || swap_bytes_.load() + size > swap_memory_) return;
+  std::vector<uint8_t> data(size);
+  if (llama_state_seq_get_data(ctx_, data.data(), size, s.seq) != size) return;
+  r.swapped = std::move(data);
+  r.swapped_tokens = s.kv_tokens.size();
+  r.swap_bytes = &swap_bytes_;
+  swap_bytes_ += size;
+  std::lock_guard<std::mutex> lock(mu_);
+  stats_.kv_swap_outs++;
 }
 
 void Engine::step() {

@@ -38,6 +38,11 @@ struct EngineOptions {
   // lowest-priority, latest admitted is preempted (its cells dropped; it is recomputed from its
   // prompt and the tokens it generated when it is admitted again, its sampler and text state kept).
   uint32_t kv_budget = 0;
+  // Shared KV pool: host memory that preempted sequences' KV may take (0: none, each is recomputed).
+  // While a preempted sequence's cells (and recurrent state) fit beside the others copied out, they
+  // are copied here and copied back into free cells when it is admitted again, instead of its
+  // prompt and generated tokens being computed again; over the limit it is recomputed.
+  uint64_t kv_swap_memory = 0;
   // Paged attention (with kv_unified and flash attention): each sequence's attention reads only its
   // own cells, through per-sequence index lists (native/patches/0004-paged-attention.patch).
   bool kv_paged = false;
@@ -161,6 +166,9 @@ struct EngineStats {
   uint64_t shared_prefix_copies = 0;  // prompts started from another sequence's KV (copied)
   uint64_t preemptions = 0;           // sequences preempted for room in the shared KV pool
   uint64_t kv_pool_tokens = 0;        // cells of the shared KV pool (0: one stream per sequence)
+  uint64_t kv_swap_outs = 0;          // preempted sequences whose KV was copied to host memory
+  uint64_t kv_swap_ins = 0;           // and copied back when admitted again (not recomputed)
+  uint64_t kv_swap_bytes = 0;         // host memory those copies hold now
   uint64_t state_checkpoint_restores = 0;  // prompts started from a recurrent-state copy
   uint64_t state_checkpoint_bytes = 0;     // host memory those copies hold now
   // Where the engine thread's time goes, in nanoseconds since load: whole steps (admission,
@@ -226,6 +234,18 @@ class Engine {
     TextStream text{{}};       // held-back bytes and stop-string state
     Clock::time_point admitted, first_token;
     bool has_first_token = false;
+    // EngineOptions::kv_swap_memory: the sequence's KV and recurrent state, as
+    // llama_state_seq_get_data wrote them, holding the first swapped_tokens of the resumed prompt;
+    // empty when it is recomputed. Its bytes are counted in swap_bytes until dropped.
+    std::vector<uint8_t> swapped;
+    size_t swapped_tokens = 0;
+    std::atomic<uint64_t>* swap_bytes = nullptr;
+    void drop_swap() {
+      if (swap_bytes != nullptr) *swap_bytes -= swapped.size();
+      std::vector<uint8_t>().swap(swapped);
+      swap_bytes = nullptr;
+    }
+    ~Resume() { drop_swap(); }
   };
 
   struct Pending {
@@ -302,7 +322,9 @@ class Engine {
   void admit();
   // Puts a waiting request into a free slot: `cached` of its prompt tokens are in the slot already,
   // or `donor_tokens` are copied from the donor's stream.
-  void start(Slot& slot, Pending p, size_t cached, Slot* donor, size_t donor_tokens);
+  // swap_in: the request's KV goes back from its host copy (Resume::swapped) instead of from the
+  // cache or the donor.
+  void start(Slot& slot, Pending p, size_t cached, Slot* donor, size_t donor_tokens, bool swap_in);
   // Shorter shared prefixes are computed again rather than copied or waited for.
   static constexpr size_t kSharedPrefixMin = 32;
   void apply_cancels(const std::unordered_set<uint64_t>& ids);
@@ -346,6 +368,9 @@ class Engine {
   // latest admitted busy sequence back into the queue (false when none is busy).
   uint64_t pool_used() const;
   bool preempt_one();
+  // Copies a preempted sequence's KV to host memory for its resumption, when it fits in
+  // kv_swap_memory beside the other copies.
+  void swap_out(const Slot& s, Resume& r);
   // Drops a slot's cells (and its cache of them), or those from position keep on.
   void drop_kv(Slot& slot);
   void trim_kv(Slot& slot, size_t keep);
@@ -424,6 +449,8 @@ class Engine {
   EngineStats stats_;
 
   // Owned by the engine thread.
+  uint64_t swap_memory_ = 0;              // EngineOptions::kv_swap_memory
+  std::atomic<uint64_t> swap_bytes_{0};   // held by Resume::swapped (declared before waiting_)
   std::vector<Pending> waiting_;
   std::vector<Slot> slots_;
   uint64_t next_order_ = 0;

@@ -153,6 +153,7 @@ function headerFacts(report: BenchReport): Array<[string, string]> {
         ...(s.ppTokens.length ? [`pp ${s.ppTokens.join(', ')}`] : []),
         `tg ${s.tgTokens}`,
         ...(s.kvPaged ? ['our server with paged attention (--kv-paged)'] : []),
+        ...(s.kvSwapMemory ? [`ours copies preempted sequences' KV to host memory (--kv-swap ${s.kvSwapMemory})`] : []),
         ...(s.fusedMoeRouting ? ['ours with fused group-limited MoE routing (--fused-moe-routing)'] : []),
       ].join(' · '),
     ],
@@ -340,7 +341,8 @@ function modelBlocks(run: BenchModelRun, index: number, charts: ChartSlot[]): Bl
       kind: 'note',
       text:
         `${k.budgetTokens} KV tokens, requests up to ${k.maxContext} tokens of context: llama-server gets ${k.referenceSequences} slots of ${k.maxContext}; ` +
-        `ours one pool of ${k.budgetTokens} (--kv-budget). ${k.requests} requests of ${k.promptTokens} + ${k.genTokens} tokens, ${k.concurrency} at a time.`,
+        `ours one pool of ${k.budgetTokens} (--kv-budget). ${k.requests} requests of ${k.promptTokens} + ${k.genTokens} tokens, ${k.concurrency} at a time.` +
+        (k.oursPreemptions !== undefined ? ` Ours preempted ${k.oursPreemptions} sequences for room${k.oursSwapIns ? `, ${k.oursSwapIns} of them copied back from host memory (--kv-swap)` : ''}.` : ''),
     });
     blocks.push({
       kind: 'table',

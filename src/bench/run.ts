@@ -64,6 +64,8 @@ export interface BenchOptions {
   kvPool: { budgetTokens: number; maxContext: number; requests: number; concurrency: number; promptTokens: number; genTokens: number };
   /** Ours with paged attention over one shared KV pool (--kv-paged) in every server workload. */
   kvPaged: boolean;
+  /** Ours copies preempted sequences' KV to this much host memory (--kv-swap; 0: recomputed). */
+  kvSwapMemory: number;
   /** Ours with fusedMoeRouting (models with expert groups route through one op). */
   fusedMoeRouting: boolean;
   /** Measure memory bandwidth and compute the roofline (default true). */
@@ -96,6 +98,7 @@ export function defaultBenchOptions(quick: boolean): Omit<BenchOptions, 'outDir'
       mixed: { requests: 12, arrivalRate: 2, promptTokens: [16, 128], genTokens: [4, 24], seed: 7 },
       kvPool: { budgetTokens: 2048, maxContext: 1024, requests: 32, concurrency: 16, promptTokens: 32, genTokens: 16 },
       kvPaged: false,
+      kvSwapMemory: 0,
       fusedMoeRouting: false,
       roofline: true,
     };
@@ -120,6 +123,7 @@ export function defaultBenchOptions(quick: boolean): Omit<BenchOptions, 'outDir'
     mixed: { requests: 64, arrivalRate: 4, promptTokens: [32, 1024], genTokens: [16, 256], seed: 7 },
     kvPool: { budgetTokens: 8192, maxContext: 4096, requests: 128, concurrency: 64, promptTokens: 64, genTokens: 64 },
     kvPaged: false,
+    kvSwapMemory: 0,
     fusedMoeRouting: false,
     roofline: true,
   };
@@ -337,6 +341,12 @@ function watchActive(baseUrl: string): { stop: () => Promise<number> } {
   };
 }
 
+/** The value of the bench model's sample of a Prometheus metric, if the text has one. */
+function metricValue(text: string, name: string): number | undefined {
+  const m = new RegExp(`^${name}\\{model="bench"\\} (\\S+)$`, 'm').exec(text);
+  return m ? Number(m[1]) : undefined;
+}
+
 /**
  * The same fixed KV budget both ways: llama-server with one slot per maxContext (its per-sequence
  * mode, -np budget/maxContext) and ours with one pool (--kv-budget) and a slot per client request.
@@ -353,23 +363,39 @@ async function kvPool(o: BenchOptions, path: string, vocabSize: number, progress
   let reference: LoadStats | undefined;
   let ours: LoadStats | undefined;
   let oursSequences = 0;
+  let oursPreemptions: number | undefined;
+  let oursSwapIns: number | undefined;
   for (let round = 0; round < o.repeat; round++) {
     progress.step(`kv-pool, round ${round + 1}/${o.repeat}: llama-server, ${slots} slots of ${k.maxContext} in ${k.budgetTokens} tokens`);
     reference = bestLoad(reference, await withServer(() => startLlamaServer({ ...common, parallel: slots, contextPerSequence: k.maxContext }), load));
     progress.step(`kv-pool, round ${round + 1}/${o.repeat}: genesis serve, one pool of ${k.budgetTokens} tokens, ${k.concurrency} sequences`);
-    const [stats, peak] = await withServer(
-      () => startGenesisServer({ ...common, parallel: k.concurrency, contextPerSequence: k.maxContext, kvBudget: k.budgetTokens, kvPaged: o.kvPaged }),
+    const [stats, peak, preempted, swappedIn] = await withServer(
+      () => startGenesisServer({ ...common, parallel: k.concurrency, contextPerSequence: k.maxContext, kvBudget: k.budgetTokens, kvPaged: o.kvPaged, kvSwapMemory: o.kvSwapMemory }),
       async (server) => {
         const watch = watchActive(server.baseUrl);
         const s = await load(server);
-        return [s, await watch.stop()] as const;
+        const metrics = await fetch(`${server.baseUrl}/metrics`).then((r) => r.text(), () => '');
+        return [s, await watch.stop(), metricValue(metrics, 'genesis_preemptions_total'), metricValue(metrics, 'genesis_kv_swap_ins_total')] as const;
       },
     );
+    // The counts of the round kept.
+    if (bestLoad(ours, stats) === stats) {
+      oursPreemptions = preempted;
+      oursSwapIns = swappedIn;
+    }
     ours = bestLoad(ours, stats);
     oursSequences = Math.max(oursSequences, peak);
   }
   if (!reference || !ours) throw new RangeError('repeat must be at least 1');
-  return { ...k, referenceSequences: slots, oursSequences, ours, reference };
+  return {
+    ...k,
+    referenceSequences: slots,
+    oursSequences,
+    ...(oursPreemptions !== undefined ? { oursPreemptions } : {}),
+    ...(oursSwapIns !== undefined ? { oursSwapIns } : {}),
+    ours,
+    reference,
+  };
 }
 
 function serverContext(o: BenchOptions): { parallel: number; contextPerSequence: number } {
@@ -518,7 +544,7 @@ export async function runBench(o: BenchOptions): Promise<BenchOutcome> {
       for (let round = 0; round < o.repeat; round++) {
         const tag = `round ${round + 1}/${o.repeat}`;
         reference = bestServerRun(reference, await withServer(() => startLlamaServer(settings), (s) => serverWorkloads(o, s, shape.vocabSize, progress, tag)));
-        ours = bestServerRun(ours, await withServer(() => startGenesisServer({ ...settings, kvPaged: o.kvPaged, fusedMoeRouting: o.fusedMoeRouting }), (s) => serverWorkloads(o, s, shape.vocabSize, progress, tag)));
+        ours = bestServerRun(ours, await withServer(() => startGenesisServer({ ...settings, kvPaged: o.kvPaged, kvSwapMemory: o.kvPaged ? o.kvSwapMemory : 0, fusedMoeRouting: o.fusedMoeRouting }), (s) => serverWorkloads(o, s, shape.vocabSize, progress, tag)));
       }
       if (!reference || !ours) throw new RangeError('repeat must be at least 1');
       run.latency = ours.latency.map((l, i): LatencyRow => ({
@@ -548,6 +574,7 @@ export async function runBench(o: BenchOptions): Promise<BenchOutcome> {
   const settings: BenchSettings = {
     quick: o.quick, threads: o.threads, batchSize: o.batchSize, gpuLayers: o.gpuLayers, split: o.split, repeat: o.repeat, concurrency: o.concurrency, ppTokens: o.ppTokens, tgTokens: o.tgTokens,
     ...(o.kvPaged ? { kvPaged: true } : {}),
+    ...(o.kvSwapMemory > 0 ? { kvSwapMemory: o.kvSwapMemory } : {}),
     ...(o.fusedMoeRouting ? { fusedMoeRouting: true } : {}),
   };
   const report: BenchReport = {

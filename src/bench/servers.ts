@@ -25,6 +25,8 @@ export interface ServerSettings {
   kvBudget?: number;
   /** Ours only: paged attention over one shared KV pool (--kv-paged). */
   kvPaged?: boolean;
+  /** Ours only: host memory for preempted sequences' KV (--kv-swap; with a pool). */
+  kvSwapMemory?: number;
   /** Ours only: group-limited MoE routing in one op (--fused-moe-routing). */
   fusedMoeRouting?: boolean;
   log?: (line: string) => void;
@@ -103,6 +105,7 @@ export async function startGenesisServer(s: ServerSettings): Promise<RunningServ
     '--max-tokens-limit', String(s.contextPerSequence), '--drain-timeout', '1', ...splitArgs(s.split, 'genesis'),
     ...(s.kvBudget ? ['--kv-budget', String(s.kvBudget)] : []),
     ...(s.kvPaged ? ['--kv-paged'] : []),
+    ...(s.kvSwapMemory ? ['--kv-swap', String(s.kvSwapMemory)] : []),
     ...(s.fusedMoeRouting ? ['--fused-moe-routing'] : []),
   ];
   return start('genesis serve', [...genesisCommand(), ...args], port, s);

@@ -158,6 +158,9 @@ export interface KvPoolResult {
   /** Sequences each side held at once: llama-server's slots; ours, the most active seen. */
   referenceSequences: number;
   oursSequences: number;
+  /** Ours: sequences preempted for room in the pool, and of those, copied back (--kv-swap) instead of recomputed. */
+  oursPreemptions?: number;
+  oursSwapIns?: number;
   ours: LoadStats;
   reference: LoadStats;
 }
@@ -232,6 +235,8 @@ export interface BenchSettings {
   tgTokens: number;
   /** Our server ran with paged attention over one shared KV pool (--kv-paged). */
   kvPaged?: boolean;
+  /** Ours copied preempted sequences' KV to this much host memory (--kv-swap). */
+  kvSwapMemory?: number;
   /** Ours ran with group-limited MoE routing in one op (--fused-moe-routing). */
   fusedMoeRouting?: boolean;
 }

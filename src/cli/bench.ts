@@ -32,6 +32,8 @@ export const BENCH_USAGE = `bench options (figures printed next to llama.cpp's o
                         several devices or genesis rpc-servers, for ours and every reference alike
   --kv-paged            our server with paged attention over one shared KV pool (server --kv-paged)
                         in the server, shared-prefix, mixed and kv-pool workloads
+  --kv-swap SIZE        ours copies preempted sequences' KV to host memory (server --kv-swap) in the
+                        kv-pool workload, and with --kv-paged in the server workloads
   --fused-moe-routing   ours with group-limited MoE routing in one op (loadModel fusedMoeRouting) in
                         the single, batched and server workloads
   --no-roofline         skip the bandwidth measurement and roofline
@@ -59,6 +61,15 @@ function list(name: string, value: string | undefined): number[] | undefined {
     throw new UsageError(`--${name} expects a comma-separated list of positive integers, got ${JSON.stringify(value)}`);
   }
   return items;
+}
+
+/** A size argument: 6G, 512M, 1.5GiB or a number of bytes. */
+export function bytes(name: string, value: string | undefined): number | undefined {
+  if (value === undefined) return undefined;
+  const m = /^(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?$/i.exec(value.trim());
+  if (!m) throw new UsageError(`--${name} expects a size such as 6G, 512M or a number of bytes, got ${JSON.stringify(value)}`);
+  const scale = { '': 1, k: 2 ** 10, m: 2 ** 20, g: 2 ** 30, t: 2 ** 40 }[m[2]!.toLowerCase() as '' | 'k' | 'm' | 'g' | 't'];
+  return Math.floor(Number(m[1]) * scale);
 }
 
 function positive(name: string, value: string | undefined, min = 1): number | undefined {
@@ -111,6 +122,7 @@ export async function benchCommand(argv: string[]): Promise<number> {
       rpc: { type: 'string' },
       'no-roofline': { type: 'boolean' },
       'kv-paged': { type: 'boolean' },
+      'kv-swap': { type: 'string' },
       'fused-moe-routing': { type: 'boolean' },
       determinism: { type: 'string' },
       speculative: { type: 'boolean' },
@@ -163,6 +175,7 @@ export async function benchCommand(argv: string[]): Promise<number> {
   o.gpuLayers = positive('gpu-layers', values['gpu-layers'], 0) ?? o.gpuLayers;
   if (values['no-roofline']) o.roofline = false;
   if (values['kv-paged']) o.kvPaged = true;
+  o.kvSwapMemory = bytes('kv-swap', values['kv-swap']) ?? o.kvSwapMemory;
   if (values['fused-moe-routing']) o.fusedMoeRouting = true;
   o.split = splitSettings(values);
   if (values.determinism !== undefined) {

@@ -24,7 +24,7 @@ import { ServerConfigError } from '../server/app.js';
 import type { FusedModelSpec } from '../server/fused.js';
 import { serve, type ServeModelSpec } from '../server/serve.js';
 import { ensureDefaultModel } from '../synthetic/default-model.js';
-import { benchCommand, BENCH_USAGE, splitSettings } from './bench.js';
+import { benchCommand, BENCH_USAGE, bytes, splitSettings } from './bench.js';
 import { fingerprintCommand, FINGERPRINT_USAGE } from './fingerprint.js';
 import { progressBar } from './progress.js';
 import { UsageError } from './usage-error.js';
@@ -99,6 +99,8 @@ serve options (OpenAI-compatible API, chat page at /; no --model: the built-in d
   --kv-budget N         one KV pool of N tokens per model shared by its sequences, instead of
                         room for all at full length; under pressure the lowest-priority sequence
                         is preempted and recomputed later (output unchanged)
+  --kv-swap SIZE        with --kv-budget or --kv-paged: host memory (e.g. 8G) preempted sequences'
+                        KV is copied to and back from, instead of recomputing them
   --kv-paged            paged attention: each sequence attends over its own KV cells only,
                         through a per-sequence cell list (turns flash attention on)
   --fused-moe-routing   group-limited MoE routing (DeepSeek-V3-style expert groups) in one op
@@ -133,14 +135,6 @@ function int(name: string, value: string | undefined): number | undefined {
 }
 
 /** "6G", "512M", "1.5GiB" or plain bytes. */
-function bytes(name: string, value: string | undefined): number | undefined {
-  if (value === undefined) return undefined;
-  const m = /^(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?$/i.exec(value.trim());
-  if (!m) throw new UsageError(`--${name} expects a size such as 6G, 512M or a number of bytes, got ${JSON.stringify(value)}`);
-  const scale = { '': 1, k: 2 ** 10, m: 2 ** 20, g: 2 ** 30, t: 2 ** 40 }[m[2]!.toLowerCase() as '' | 'k' | 'm' | 'g' | 't'];
-  return Math.floor(Number(m[1]) * scale);
-}
-
 function loadOptions(values: Record<string, unknown>): LoadModelOptions {
   const gpu = values['gpu-layers'] as string | undefined;
   return {
@@ -407,6 +401,7 @@ async function serveCommand(argv: string[]): Promise<void> {
       'expert-stats': { type: 'boolean' },
       'kv-budget': { type: 'string' },
       'kv-paged': { type: 'boolean' },
+      'kv-swap': { type: 'string' },
       'fused-moe-routing': { type: 'boolean' },
     },
   });
@@ -442,6 +437,7 @@ async function serveCommand(argv: string[]): Promise<void> {
       ...(values['expert-stats'] ? { expertStats: true } : {}),
       ...(values['kv-budget'] !== undefined ? { kvBudget: int('kv-budget', values['kv-budget']) } : {}),
       ...(values['kv-paged'] ? { kvPaged: true } : {}),
+      ...(values['kv-swap'] !== undefined ? { kvSwapMemory: bytes('kv-swap', values['kv-swap']) } : {}),
       ...(values['fused-moe-routing'] ? { fusedMoeRouting: true } : {}),
     },
     host: values.host ?? '127.0.0.1',

@@ -103,6 +103,7 @@ export class ServerMetrics {
     engineGauge('genesis_kv_used_tokens', 'Tokens held in the KV cache by active sequences.', (s) => s.kvUsedTokens);
     engineGauge('genesis_kv_capacity_tokens', 'Tokens the KV cache can hold (contextSize × maxSequences).', (s) => s.kvCapacityTokens);
     engineGauge('genesis_state_checkpoint_bytes', 'Recurrent and hybrid models: host memory held by copies of sequences\' recurrent states (stateCheckpoints).', (s) => s.stateCheckpointBytes);
+    engineGauge('genesis_kv_swap_bytes', 'Host memory held by the KV of preempted sequences waiting to be admitted again (kvSwapMemory).', (s) => s.kvSwapBytes);
     engineGauge('genesis_prompt_cache_hit_ratio', 'Share of admitted prompt tokens reused from the prompt cache instead of decoded, since load.', (s) => (s.promptTokens > 0 ? s.cachedPromptTokens / s.promptTokens : 0));
     // Totals read at scrape time (prom-client counters have no set(): reset, then add).
     const scrapedCounter = (name: string, help: string, each: (add: (model: string, value: number) => void) => void) =>
@@ -120,7 +121,9 @@ export class ServerMetrics {
       scrapedCounter(name, help, (add) => eachLoaded((model, stats) => add(model, read(stats))));
     engineCounter('genesis_engine_steps_total', 'Engine steps (one llama_decode each) since load.', (s) => s.steps);
     engineCounter('genesis_decoded_tokens_total', 'Tokens decoded (prompt + generated) since load.', (s) => s.decodedTokens);
-    engineCounter('genesis_preemptions_total', 'Sequences preempted to make room in the shared KV pool (kvBudget) and recomputed later, since load.', (s) => s.preemptions);
+    engineCounter('genesis_preemptions_total', 'Sequences preempted to make room in the shared KV pool (kvBudget), since load: each recomputed later, or copied out and back with kvSwapMemory.', (s) => s.preemptions);
+    engineCounter('genesis_kv_swap_outs_total', 'Preempted sequences whose KV was copied to host memory (kvSwapMemory), since load.', (s) => s.kvSwapOuts);
+    engineCounter('genesis_kv_swap_ins_total', 'Preempted sequences whose KV was copied back into the pool instead of recomputed, since load.', (s) => s.kvSwapIns);
     engineCounter('genesis_shared_prefix_copies_total', 'Prompts started from another sequence\'s KV cache (copied, not computed again), since load.', (s) => s.sharedPrefixCopies);
     engineCounter('genesis_state_checkpoint_restores_total', 'Recurrent and hybrid models: prompts started from a copy of a recurrent state (stateCheckpoints), since load.', (s) => s.stateCheckpointRestores);
     engineCounter('genesis_engine_prompt_tokens_total', 'Prompt tokens of the requests the engine admitted (again when a preempted one is readmitted), since load.', (s) => s.promptTokens);
