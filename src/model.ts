@@ -64,6 +64,12 @@ export interface EngineStats {
   /** Tokens the KV cache can hold: contextSize × maxSequences, or kvBudget when set. */
   kvCapacityTokens: number;
   /**
+   * kvBudget or kvPaged: cells of the pool held after the latest step, by running sequences and by
+   * finished ones kept as a cache, cells shared by several sequences counted once (0 without a
+   * pool). kvCapacityTokens − kvPoolUsedTokens is free.
+   */
+  kvPoolUsedTokens: number;
+  /**
    * kvBudget: sequences preempted since load to make room in the shared KV pool (each went back to
    * the queue and was recomputed when admitted again; its output is unchanged).
    */

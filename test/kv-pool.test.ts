@@ -169,6 +169,10 @@ describe('shared KV pool (kvBudget)', { timeout: 120_000 }, () => {
       // Computed: each request's own 20 prompt tokens and 19 generated ones, not the prefix again.
       expect(after.decodedTokens - before.decodedTokens).toBeLessThanOrEqual(4 * (20 + 19) + 4);
       expect(after.preemptions).toBe(0);
+      // The pool holds the prefix once and, in each of the four slots, its last request's own
+      // 20 + 19 cells, all kept as a cache now (4 × 439 without sharing).
+      expect(after.kvPoolUsedTokens).toBe(400 + 4 * 39);
+      expect(after.kvCapacityTokens).toBeGreaterThanOrEqual(1024);
     } finally {
       await m.dispose();
     }
@@ -306,6 +310,10 @@ describe('shared KV pool (kvBudget)', { timeout: 120_000 }, () => {
       expect(text).toMatch(/^genesis_kv_swap_outs_total\{model="pool"\} [1-9]\d*$/m);
       expect(text).toMatch(/^genesis_kv_swap_ins_total\{model="pool"\} [1-9]\d*$/m);
       expect(text).toMatch(/^genesis_kv_swap_bytes\{model="pool"\} 0$/m);
+      // Finished requests stay as a cache: some of the pool is held, never more than it has.
+      const held = Number(/^genesis_kv_pool_used_tokens\{model="pool"\} (\d+)$/m.exec(text)?.[1]);
+      expect(held).toBeGreaterThan(0);
+      expect(held).toBeLessThanOrEqual(Number(/^genesis_kv_capacity_tokens\{model="pool"\} (\d+)$/m.exec(text)?.[1]));
     } finally {
       await handle.stop();
     }

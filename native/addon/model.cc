@@ -926,6 +926,7 @@ Napi::Value NativeModel::Stats(const Napi::CallbackInfo& info) {
   out.Set("stateCheckpointRestores", static_cast<double>(s.state_checkpoint_restores));
   out.Set("stateCheckpointBytes", static_cast<double>(s.state_checkpoint_bytes));
   out.Set("preemptions", static_cast<double>(s.preemptions));
+  out.Set("kvPoolUsedTokens", static_cast<double>(s.kv_pool_used_tokens));
   out.Set("kvSwapOuts", static_cast<double>(s.kv_swap_outs));
   out.Set("kvSwapIns", static_cast<double>(s.kv_swap_ins));
   out.Set("kvSwapBytes", static_cast<double>(s.kv_swap_bytes));

@@ -975,8 +975,10 @@ void Engine::step() {
   for (const auto& s : slots_) {
     if (s.busy) kv_used += static_cast<uint64_t>(s.n_past);
   }
+  const uint64_t pool_held = pool_cells_ > 0 ? pool_used() : 0;
   std::lock_guard<std::mutex> lock(mu_);
   stats_.kv_used_tokens = kv_used;
+  stats_.kv_pool_used_tokens = pool_held;
 }
 
 void Engine::decode(const std::vector<size_t>& which, const std::vector<uint32_t>& take) {

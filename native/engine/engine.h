@@ -166,6 +166,8 @@ struct EngineStats {
   uint64_t shared_prefix_copies = 0;  // prompts started from another sequence's KV (copied)
   uint64_t preemptions = 0;           // sequences preempted for room in the shared KV pool
   uint64_t kv_pool_tokens = 0;        // cells of the shared KV pool (0: one stream per sequence)
+  uint64_t kv_pool_used_tokens = 0;   // of those, held after the latest step: running sequences and
+                                      // the cache of finished ones, shared cells once
   uint64_t kv_swap_outs = 0;          // preempted sequences whose KV was copied to host memory
   uint64_t kv_swap_ins = 0;           // and copied back when admitted again (not recomputed)
   uint64_t kv_swap_bytes = 0;         // host memory those copies hold now
