@@ -12,6 +12,7 @@
 #endif
 #include <cstdlib>
 #include <cstring>
+#include <new>
 #include <stdexcept>
 #include <unordered_map>
 #include <utility>
@@ -864,7 +865,12 @@ void Engine::swap_out(const Slot& s, Resume& r) {
   // Its whole KV (shared cells too: they come back as its own) and any recurrent state.
   const size_t size = llama_state_seq_get_size(ctx_, s.seq);
   if (size == 0 || swap_bytes_.load() + size > swap_memory_) return;
-  std::vector<uint8_t> data(size);
+  std::vector<uint8_t> data;
+  try {
+    data.resize(size);
+  } catch (const std::bad_alloc&) {
+    return;  // the host is short of memory after all: recomputed instead
+  }
   if (llama_state_seq_get_data(ctx_, data.data(), size, s.seq) != size) return;
   r.swapped = std::move(data);
   r.swapped_tokens = s.kv_tokens.size();
