@@ -30,7 +30,7 @@ import { estimateMemory, loadModel, systemInfo } from '../dist/index.js';
 import { ensureBenchModel, parseModelSpec } from '../dist/bench/models.js';
 import { measureDeterminism } from '../dist/bench/determinism.js';
 import { ensureDefaultModel } from '../dist/synthetic/default-model.js';
-import { makeSyntheticModel } from '../dist/synthetic/models.js';
+import { makeSyntheticModel, mulberry32 } from '../dist/synthetic/models.js';
 
 const OUT = process.env.OUT ?? join(process.cwd(), 'benchmarks', 'out', 'gpu');
 mkdirSync(OUT, { recursive: true });
@@ -344,8 +344,7 @@ async function swapCheck() {
   const spec = process.env.SWAP_MODEL ?? 'llama-3-8b:q4_0:2';
   const path = await ensureBenchModel(parseModelSpec(spec, { type: 'q4_0' }));
   const device = systemInfo().gpuOffload ? { gpuLayers: 'max' } : { gpuLayers: 0 };
-  const random = (seed) => () => ((seed = (seed * 1103515245 + 12345) % 2 ** 31) / 2 ** 31);
-  const next = random(7);
+  const next = mulberry32(7);
   const prompts = Array.from({ length: 16 }, () => Array.from({ length: 64 }, () => 100 + Math.floor(next() * 20000)));
   const greedy = { temperature: 0, ignoreEos: true, maxTokens: 192 };
   const budget = (16 * (64 + 192)) / 4;

@@ -327,8 +327,7 @@ function watchActive(baseUrl: string): { stop: () => Promise<number> } {
   const poll = (async () => {
     while (running) {
       const text = await fetch(`${baseUrl}/metrics`).then((r) => r.text(), () => '');
-      const m = /^genesis_active_sequences\{model="bench"\} (\d+)/m.exec(text);
-      if (m) peak = Math.max(peak, Number(m[1]));
+      peak = Math.max(peak, metricValue(text, 'genesis_active_sequences') ?? 0);
       await new Promise((r) => setTimeout(r, 50));
     }
   })();
