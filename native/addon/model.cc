@@ -451,6 +451,13 @@ int32_t get_int(const Napi::Object& obj, const char* key, int32_t fallback) {
   return v.IsNumber() ? v.As<Napi::Number>().Int32Value() : fallback;
 }
 
+// A byte count (options.ts checked it); 0 when absent or out of range.
+uint64_t get_bytes(const Napi::Object& obj, const char* key) {
+  const Napi::Value v = obj.Get(key);
+  const double bytes = v.IsNumber() ? v.As<Napi::Number>().DoubleValue() : 0.0;
+  return bytes > 0 && bytes < 9.0e18 ? static_cast<uint64_t>(bytes) : 0;
+}
+
 bool get_bool(const Napi::Object& obj, const char* key, bool fallback) {
   Napi::Value v = obj.Get(key);
   return v.IsBoolean() ? v.As<Napi::Boolean>().Value() : fallback;
@@ -516,16 +523,8 @@ LoadBaton load_baton(Napi::Env env, const std::string& path, const Napi::Object&
   baton.engine.deterministic = get_bool(opts, "deterministic", false);
   baton.engine.prompt_cache = get_bool(opts, "promptCache", true);
   baton.engine.state_checkpoints = static_cast<uint32_t>(std::max(0, get_int(opts, "stateCheckpoints", 4)));
-  {
-    const Napi::Value v = opts.Get("stateCheckpointMemory");
-    const double bytes = v.IsNumber() ? v.As<Napi::Number>().DoubleValue() : 0.0;
-    baton.engine.state_checkpoint_memory = bytes > 0 && bytes < 9.0e18 ? static_cast<uint64_t>(bytes) : 0;
-  }
-  {
-    const Napi::Value v = opts.Get("kvSwapMemory");
-    const double bytes = v.IsNumber() ? v.As<Napi::Number>().DoubleValue() : 0.0;
-    baton.engine.kv_swap_memory = bytes > 0 && bytes < 9.0e18 ? static_cast<uint64_t>(bytes) : 0;
-  }
+  baton.engine.state_checkpoint_memory = get_bytes(opts, "stateCheckpointMemory");
+  baton.engine.kv_swap_memory = get_bytes(opts, "kvSwapMemory");
   baton.engine.flash_attention = get_int(opts, "flashAttention", -1);
   baton.engine.max_queue = static_cast<uint32_t>(std::max(0, get_int(opts, "maxQueue", 0)));
   baton.engine.expert_stats = get_bool(opts, "expertStats", false);
