@@ -20,8 +20,15 @@
 //               (kvSwapMemory 8 GiB), standard and paged: wall time, tokens decoded, preemptions,
 //               copies, and how many outputs the two ways share (SWAP_MODEL, default llama-3-8b:q4_0:2;
 //               on the GPU when the addon has one, else the CPU)
+//   placement   decode of a MoE model whose experts do not all fit (PLACE_MODEL, default
+//               deepseek-v3:q4_0:4), at the same device memory for experts: upstream's --n-cpu-moe
+//               choice (cpuMoeLayers: the first half of the layers' experts in host memory) against
+//               expert placement (gpuExperts: that many experts of every layer copied to the GPU, the
+//               hottest by a counting run's expertStats); and all experts on the GPU. Tokens per
+//               second at 1 and 8 sequences, the share of routed picks the copies took, and whether
+//               the greedy outputs equal the all-on-GPU run's
 // Prints one line per result and writes checks.json to $OUT. Usage:
-//   node benchmarks/gpu-checks.mjs [logits|concurrent|memory|paged|routing|swap|all]
+//   node benchmarks/gpu-checks.mjs [logits|concurrent|memory|paged|routing|swap|placement|all]
 import { spawnSync } from 'node:child_process';
 import { mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
@@ -380,6 +387,66 @@ async function swapCheck() {
   return results;
 }
 
+async function placementCheck() {
+  const spec = process.env.PLACE_MODEL ?? 'deepseek-v3:q4_0:4';
+  const path = await ensureBenchModel(parseModelSpec(spec, { type: 'q4_0' }));
+  const device = systemInfo().gpuOffload ? { gpuLayers: 'max' } : { gpuLayers: 0 };
+  const next = mulberry32(11);
+  const prompts = Array.from({ length: 8 }, () => Array.from({ length: 32 }, () => 100 + Math.floor(next() * 20000)));
+  const greedy = { temperature: 0, ignoreEos: true, maxTokens: 64 };
+  const common = { ...device, contextSize: 256, maxSequences: 8, flashAttention: true };
+
+  // The counting run: every expert in host memory, the picks counted over the same prompts.
+  const counting = await loadModel(path, { ...common, cpuMoeLayers: 1000, expertStats: true });
+  await Promise.all(prompts.map((p) => counting.complete(p, greedy)));
+  const heat = await counting.expertStats();
+  const nExpert = counting.info.experts;
+  await counting.dispose();
+  const moeLayers = heat.layers.map((l) => l.layer);
+  const nLayer = Math.max(...moeLayers) + 1;
+  const cpuMoe = Math.ceil(nLayer / 2);
+  const moeOnGpu = moeLayers.filter((il) => il >= cpuMoe).length;
+  const gpuExperts = Math.floor((nExpert * moeOnGpu) / moeLayers.length);
+
+  const configs = [
+    ['all experts on the GPU', {}],
+    [`--n-cpu-moe ${cpuMoe}`, { cpuMoeLayers: cpuMoe }],
+    [`gpuExperts ${gpuExperts} of ${nExpert}`, { cpuMoeLayers: 1000, gpuExperts, expertHeat: heat, expertStats: true }],
+  ];
+  const runs = [];
+  for (const [name, options] of configs) {
+    const m = await loadModel(path, { ...common, ...options });
+    try {
+      await m.complete(prompts[0].slice(0, 8), { ...greedy, maxTokens: 4 });
+      const one = await m.complete(prompts[0], greedy);
+      const single = one.timings.tokensPerSecond;
+      const t8 = performance.now();
+      const out = await Promise.all(prompts.map((p) => m.complete(p, greedy)));
+      const batched = (out.length * greedy.maxTokens) / ((performance.now() - t8) / 1000);
+      const device = m.info.placement.devices.filter((d) => !d.host).reduce((sum, d) => sum + d.weights, 0);
+      let share;
+      if (options.gpuExperts) {
+        const p = await m.expertPlacement();
+        const routed = p.layers.reduce((a, l) => a + l.routed, 0);
+        share = routed > 0 ? p.layers.reduce((a, l) => a + l.routedToCopies, 0) / routed : 0;
+      }
+      runs.push({ name, single, batched, deviceModelBytes: device, share, tokens: [one.tokens, ...out.map((r) => r.tokens)] });
+    } finally {
+      await m.dispose();
+    }
+  }
+  const ref = JSON.stringify(runs[0].tokens);
+  const results = runs.map(({ tokens, ...r }) => ({ model: spec, ...r, sameAsAllOnGpu: JSON.stringify(tokens) === ref }));
+  for (const r of results) {
+    say(
+      `placement ${spec} ${r.name}: ${r.single.toFixed(1)} tok/s alone, ${r.batched.toFixed(1)} tok/s at 8, weights on the GPU ${(r.deviceModelBytes / 2 ** 30).toFixed(2)} GiB` +
+        `${r.share !== undefined ? `, copies took ${(100 * r.share).toFixed(1)}% of the picks` : ''}, outputs ${r.sameAsAllOnGpu ? 'equal' : 'differ from'} all-on-GPU`,
+    );
+  }
+  say(`placement ${spec}: gpuExperts / --n-cpu-moe decode ${(results[2].single / results[1].single).toFixed(2)}× alone, ${(results[2].batched / results[1].batched).toFixed(2)}× at 8`);
+  return results;
+}
+
 const [what = 'all', ...rest] = process.argv.slice(2);
 if (what === 'cpu-side') {
   await cpuSide(Number(rest[0]), rest[1]);
@@ -411,6 +478,10 @@ if (what === 'cpu-side') {
   }
   if (what === 'swap' || what === 'all') {
     report.swap = await swapCheck();
+    save();
+  }
+  if (what === 'placement' || what === 'all') {
+    report.placement = await placementCheck();
     save();
   }
 }

@@ -5,7 +5,7 @@
 #   here:   npm run build:ts && npm run device:pack          (node, headers, dist + modules, llama.cpp)
 #   there:  device run, carry [".device"], one of
 #             bash benchmarks/gpu.sh build                    CUDA build (sm_90, 16 jobs), bandwidth
-#             bash benchmarks/gpu.sh checks [logits|concurrent|memory|paged|routing|swap]   GPU vs CPU, N at
+#             bash benchmarks/gpu.sh checks [logits|concurrent|memory|paged|routing|swap|placement]   GPU vs CPU, N at
 #                                                             once against solo, memory across reloads,
 #                                                             paged attention against the standard cache
 #             bash benchmarks/gpu.sh profile [SPEC]           decode-step profile at B=1,8,64 (ncu)

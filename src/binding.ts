@@ -36,6 +36,10 @@ export interface NativeLoadOptions {
   maxQueue: number;
   cpuMoeLayers: number;
   expertStats: boolean;
+  /** Expert placement: copies per MoE layer on its device, the counts to choose them by, re-choice interval. */
+  gpuExperts: number;
+  expertHeat?: Array<{ layer: number; counts: number[] }>;
+  expertReplaceTokens: number;
   /** Speculative decoding: the draft model's native object, and tokens drafted per step. */
   draft?: NativeModel;
   draftMaxTokens?: number;
@@ -150,10 +154,18 @@ export interface NativeModelInfo {
   hybrid: boolean;
   chatTemplate: string | null;
   specialTokens: { bos: number; eos: number; eot: number; addBos: boolean };
-  context: { contextSize: number; maxSequences: number; batchSize: number; totalContext: number; maxQueue: number; expertStats: boolean; kvPaged: boolean; kvCacheType: { k: string; v: string }; fusedMoeRouting: boolean };
+  context: { contextSize: number; maxSequences: number; batchSize: number; totalContext: number; maxQueue: number; expertStats: boolean; kvPaged: boolean; kvCacheType: { k: string; v: string }; fusedMoeRouting: boolean; expertPlacement: boolean };
   metadata: Record<string, string>;
   /** What sits where: the split as loaded and, per device, its bytes and layers. */
   placement: NativePlacement;
+}
+
+export interface NativeExpertPlacement {
+  layer: number;
+  experts: Int32Array;
+  bytes: number;
+  routed: number;
+  routedToCopies: number;
 }
 
 export interface NativeModel {
@@ -170,6 +182,10 @@ export interface NativeModel {
   stats(): EngineStats;
   /** The expert counters of every MoE layer (models loaded with expertStats), zeroed after the read with reset. */
   expertStats(reset: boolean): Promise<Array<{ layer: number; counts: Float64Array }>>;
+  /** Expert placement (models loaded with gpuExperts), read between two steps: the copies per layer, and why periodic re-choice stopped. */
+  expertPlacement(): Promise<{ layers: NativeExpertPlacement[]; error?: string }>;
+  /** Chooses the copied experts again between two steps, from `heat` added to the engine's own counts. */
+  placeExperts(heat?: Array<{ layer: number; counts: number[] }>): Promise<{ layers: NativeExpertPlacement[]; error?: string }>;
   embed(inputs: Int32Array[]): Promise<{ embeddings: Float32Array[]; pooling: string }>;
   close(onEvents: (events: NativeEvent[]) => void): Promise<void>;
 }

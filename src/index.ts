@@ -1,5 +1,5 @@
 export { loadModel, Model } from './model.js';
-export type { ChatMessage, EmbeddingResult, EngineStats, ExpertLayerStats, ExpertStats, ModelInfo, Placement } from './model.js';
+export type { ChatMessage, EmbeddingResult, EngineStats, ExpertLayerStats, ExpertPlacement, ExpertPlacementLayer, ExpertStats, ModelInfo, Placement } from './model.js';
 export { startRpcServer } from './rpc.js';
 export { fuse, FusedModel } from './fusion.js';
 export type { FusionMember } from './fusion.js';

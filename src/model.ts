@@ -5,13 +5,13 @@
  *   for await (const chunk of model.generate('Hello', { maxTokens: 32 })) process.stdout.write(chunk.text);
  *   await model.dispose();
  */
-import { binding, type NativeEvent, type NativeLoadOptions, type NativeModel, type NativeModelInfo, type NativePlacement, type NativeSubmitOptions } from './binding.js';
+import { binding, type NativeEvent, type NativeExpertPlacement, type NativeLoadOptions, type NativeModel, type NativeModelInfo, type NativePlacement, type NativeSubmitOptions } from './binding.js';
 import { AbortError, ContextOverflowError, DisposedError, GenesisError, InvalidOptionError, ModelLoadError, type RpcError, toGenesisError } from './errors.js';
 import { Generation, type GenerationResult } from './generation.js';
 import { checkHyperparameters } from './gguf/hparams.js';
 import { readGguf } from './gguf/index.js';
 import { verifyModelFile } from './verify/identity.js';
-import { resolveLoadOptions, resolveSamplingOptions, type ChatOptions, type GenerateOptions, type LoadModelOptions } from './options.js';
+import { resolveExpertHeat, resolveLoadOptions, resolveSamplingOptions, type ChatOptions, type ExpertHeat, type GenerateOptions, type LoadModelOptions } from './options.js';
 import { planMemory, toDeviceMemory, type DeviceMemoryEstimate, type MemoryPlan } from './memory.js';
 import { checkFingerprints, type FingerprintCheckOptions, type FingerprintPair, type FingerprintVerdict } from './verify/fingerprint.js';
 
@@ -128,6 +128,25 @@ export interface ExpertLayerStats {
    * experts-used is the most a layer can show). 0 before any token.
    */
   imbalance: number;
+}
+
+/** Expert placement (a model loaded with gpuExperts): which experts of each layer have copies on its device. */
+export interface ExpertPlacement {
+  layers: ExpertPlacementLayer[];
+  /** Why choosing again every expertReplaceTokens stopped (the copies stay as they were). */
+  error?: string;
+}
+
+export interface ExpertPlacementLayer {
+  /** Layer index in the model. */
+  layer: number;
+  /** The experts with a copy on the layer's device, hottest first. */
+  experts: number[];
+  /** Device memory the copies take. */
+  bytes: number;
+  /** With expertStats, since this choice: expert picks in this layer, and how many went to the copies. */
+  routed: number;
+  routedToCopies: number;
 }
 
 let nextRequestId = 1;
@@ -314,6 +333,37 @@ export class Model implements AsyncDisposable {
   }
 
   /**
+   * Expert placement of a model loaded with `gpuExperts`: the experts of each layer copied to its
+   * device, what the copies take there, and (with expertStats) how many of the layer's expert picks
+   * the copies took since they were chosen, up to the step in flight (read between two steps, as
+   * expertStats is). InvalidOptionError without gpuExperts.
+   */
+  async expertPlacement(): Promise<ExpertPlacement> {
+    return this.#placement(() => this.#native.expertPlacement());
+  }
+
+  /**
+   * Chooses the copied experts again (a model loaded with `gpuExperts`), between two steps: the
+   * hottest by `heat` (counts such as an earlier run's expertStats()) added to what the model has
+   * counted itself (with expertStats). Resolves with the new placement.
+   */
+  async placeExperts(heat?: ExpertHeat): Promise<ExpertPlacement> {
+    this.#assertOpen();
+    const layers = resolveExpertHeat('heat', heat);
+    return this.#placement(() => this.#native.placeExperts(layers));
+  }
+
+  async #placement(call: () => Promise<{ layers: NativeExpertPlacement[]; error?: string }>): Promise<ExpertPlacement> {
+    this.#assertOpen();
+    try {
+      const { layers, error } = await call();
+      return { layers: layers.map(toPlacementLayer), ...(error !== undefined ? { error } : {}) };
+    } catch (error) {
+      throw toGenesisError(error as { code: string; message: string });
+    }
+  }
+
+  /**
    * Expert load per MoE layer: how many tokens each expert received since load, counted on the
    * device inside each step and read between two steps (so the promise waits for the step in
    * flight). `reset` zeroes the counters after this read. In most architectures llama.cpp computes
@@ -486,4 +536,8 @@ export async function resolveModelLoad(path: string, options: LoadModelOptions):
 
 export function loadModel(path: string, options?: LoadModelOptions): Promise<Model> {
   return Model._load(path, options);
+}
+
+function toPlacementLayer(p: NativeExpertPlacement): ExpertPlacementLayer {
+  return { layer: p.layer, experts: Array.from(p.experts), bytes: p.bytes, routed: p.routed, routedToCopies: p.routedToCopies };
 }

@@ -8,6 +8,29 @@ import { InvalidOptionError } from './errors.js';
 import type { MemoryBudget } from './memory.js';
 import type { Model } from './model.js';
 
+/** Expert counts per MoE layer, as `model.expertStats()` returns them (the object or its `layers`). */
+export type ExpertHeat = { layers: ExpertHeatLayer[] } | ExpertHeatLayer[];
+export interface ExpertHeatLayer {
+  layer: number;
+  counts: ArrayLike<number>;
+}
+
+/** ExpertHeat as the native side takes it: one { layer, counts } per layer, counts finite and ≥ 0. */
+export function resolveExpertHeat(option: string, value: unknown): Array<{ layer: number; counts: number[] }> | undefined {
+  if (value === undefined) return undefined;
+  const expected = 'expert counts as model.expertStats() returns them: { layers: [{ layer, counts }] } or that array';
+  const layers = Array.isArray(value) ? value : value !== null && typeof value === 'object' ? (value as { layers?: unknown }).layers : undefined;
+  if (!Array.isArray(layers)) throw new InvalidOptionError(option, expected, value);
+  return layers.map((item: unknown) => {
+    const { layer, counts } = (item ?? {}) as { layer?: unknown; counts?: unknown };
+    const list = Array.isArray(counts) || ArrayBuffer.isView(counts) ? Array.from(counts as ArrayLike<number>) : undefined;
+    if (!Number.isInteger(layer) || (layer as number) < 0 || list === undefined || !list.every((c) => typeof c === 'number' && Number.isFinite(c) && c >= 0)) {
+      throw new InvalidOptionError(option, expected, item);
+    }
+    return { layer: layer as number, counts: list };
+  });
+}
+
 /** KV cache element types llama.cpp accepts for -ctk/-ctv. */
 export const KV_CACHE_TYPES = ['f32', 'f16', 'bf16', 'q8_0', 'q4_0', 'q4_1', 'q5_0', 'q5_1', 'iq4_nl'] as const;
 export type KvCacheType = (typeof KV_CACHE_TYPES)[number];
@@ -125,6 +148,30 @@ export interface LoadModelOptions {
    * between steps. Default false. A model without routed experts is an InvalidOptionError.
    */
   expertStats?: boolean;
+  /**
+   * MoE models whose experts stay in host memory (`cpuMoeLayers`): in each such layer, copies of
+   * this many experts on the layer's device (its GPU), chosen by how many tokens each receives
+   * (`expertHeat`, and with `expertStats` the counts of this run). Tokens routed to a copied expert
+   * are computed there, the others by the CPU, which skips the copied ones; the output is the same.
+   * Where --n-cpu-moe keeps whole layers' experts off the GPU, this keeps the hot experts of every
+   * layer on it for the same memory. Read the choice with `model.expertPlacement()`, choose again
+   * with `model.placeExperts()`. Layers whose experts are on the device already are left as they
+   * are. Needs plain host buffers (no expert biases or scales, no LoRA). Default 0 (none).
+   */
+  gpuExperts?: number;
+  /**
+   * Expert counts to choose the copied experts by (`gpuExperts`), such as an earlier run's
+   * `model.expertStats()` saved as JSON: the `layers` array or the whole object. A layer's counts
+   * must be as many as its experts (InvalidOptionError otherwise).
+   */
+  expertHeat?: ExpertHeat;
+  /**
+   * With `gpuExperts` and `expertStats`: choose the copied experts again after every this many
+   * decoded tokens, by the counts so far (halved at each choice, so recent traffic weighs most).
+   * The same number of copies, copied into place between two steps. Default 0 (only at load and on
+   * `model.placeExperts()`).
+   */
+  expertReplaceTokens?: number;
   /**
    * Group-limited MoE routing (DeepSeek-V3/Kimi-K2-style expert groups) in one op, where llama.cpp
    * builds it from nine (native/patches/0005-moe-group-topk.patch): the same experts in the same
@@ -309,6 +356,12 @@ export function resolveLoadOptions(
   const useMmap = checkBool('useMmap', options.useMmap) ?? true;
   const cpuMoeLayers = checkInt('cpuMoeLayers', options.cpuMoeLayers, 0, 100000) ?? 0;
   const expertStats = checkBool('expertStats', options.expertStats) ?? false;
+  const gpuExperts = checkInt('gpuExperts', options.gpuExperts, 0, 65536) ?? 0;
+  const expertHeat = resolveExpertHeat('expertHeat', options.expertHeat);
+  const expertReplaceTokens = checkInt('expertReplaceTokens', options.expertReplaceTokens, 0, Number.MAX_SAFE_INTEGER) ?? 0;
+  if (gpuExperts === 0 && expertHeat !== undefined) throw new InvalidOptionError('expertHeat', 'gpuExperts set: the counts choose the experts it copies', true);
+  if (gpuExperts === 0 && expertReplaceTokens > 0) throw new InvalidOptionError('expertReplaceTokens', 'gpuExperts set: it re-chooses the experts gpuExperts copies', expertReplaceTokens);
+  if (expertReplaceTokens > 0 && !expertStats) throw new InvalidOptionError('expertReplaceTokens', 'expertStats: true (the counts it chooses by)', expertReplaceTokens);
   const fusedMoeRouting = checkBool('fusedMoeRouting', options.fusedMoeRouting) ?? false;
   const maxQueue = options.maxQueue === Infinity ? 0 : (checkInt('maxQueue', options.maxQueue, 1, 2 ** 31 - 1) ?? 0);
   if (options.expectedSha256 !== undefined && (typeof options.expectedSha256 !== 'string' || !/^[0-9a-fA-F]{64}$/.test(options.expectedSha256))) {
@@ -374,6 +427,9 @@ export function resolveLoadOptions(
     maxQueue,
     cpuMoeLayers,
     expertStats,
+    gpuExperts,
+    ...(expertHeat !== undefined ? { expertHeat } : {}),
+    expertReplaceTokens,
     fusedMoeRouting,
   };
 }

@@ -4,6 +4,9 @@
  * an API key.
  */
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
+import { mkdtempSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import OpenAI from 'openai';
 import { afterEach, describe, expect, it } from 'vitest';
 import { makeFixtureModel } from './fixtures/models.js';
@@ -130,6 +133,34 @@ describe('genesis serve', { timeout: 90_000 }, () => {
     const server = await startServer(['--model', `tiny=${path}`, '--kv-budget', '256', '--kv-swap', '1M']);
     const metrics = await (await fetch(`${server.url}/metrics`)).text();
     expect(metrics).toMatch(/^genesis_kv_swap_bytes\{model="tiny"\} 0$/m);
+    server.child.kill('SIGTERM');
+    expect(await server.exited).toBe(0);
+  });
+
+  it('--cpu-moe and --gpu-experts copy the hottest experts by --expert-heat; the file must be readable JSON', async () => {
+    const path = await makeFixtureModel({ arch: 'qwen3moe', vocab: 'qwen2', type: 'f16', nLayer: 3, nEmbd: 64 });
+    const dir = mkdtempSync(join(tmpdir(), 'genesis-heat-'));
+    const run = (...args: string[]) => spawnSync(process.execPath, ['--import', 'tsx', cli, 'serve', '--port', '0', '--threads', '1', '--model', `moe=${path}`, ...args], {
+      encoding: 'utf8',
+      timeout: 60_000,
+      env: { ...process.env, GENESIS_API_KEY: '' },
+    });
+    const missing = run('--cpu-moe', '3', '--gpu-experts', '2', '--expert-heat', join(dir, 'none.json'));
+    expect(missing.status).toBe(2);
+    expect(missing.stderr).toMatch(/--expert-heat .*none\.json.*cannot read it/);
+    writeFileSync(join(dir, 'bad.json'), '{ "layers": ');
+    const bad = run('--cpu-moe', '3', '--gpu-experts', '2', '--expert-heat', join(dir, 'bad.json'));
+    expect(bad.status).toBe(2);
+    expect(bad.stderr).toMatch(/not JSON/);
+    const heat = join(dir, 'heat.json');
+    writeFileSync(heat, JSON.stringify({ layers: [0, 1, 2].map((layer) => ({ layer, counts: [0, 0, 0, 0, 0, 9, 8, 0] })) }));
+    const server = await startServer(['--model', `moe=${path}`, '--cpu-moe', '3', '--gpu-experts', '2', '--expert-heat', heat, '--expert-stats']);
+    const client = new OpenAI({ baseURL: `${server.url}/v1`, apiKey: 'none', maxRetries: 0 });
+    await client.completions.create({ model: 'moe', prompt: 'Once upon a time', max_tokens: 8 });
+    const metrics = await (await fetch(`${server.url}/metrics`)).text();
+    const shares = [...metrics.matchAll(/^genesis_expert_copies_share\{model="moe",layer="(\d)"\} ([\d.e-]+)$/gm)];
+    expect(shares.map((m) => m[1])).toEqual(['0', '1', '2']);
+    for (const m of shares) expect(Number(m[2])).toBeGreaterThanOrEqual(0);
     server.child.kill('SIGTERM');
     expect(await server.exited).toBe(0);
   });

@@ -272,6 +272,7 @@ Napi::Object model_info(Napi::Env env, const llama_model* model, const Engine& e
   kv_type.Set("v", ggml_type_name(engine.type_v()));
   context.Set("kvCacheType", kv_type);
   context.Set("fusedMoeRouting", engine.moe_group_topk());
+  context.Set("expertPlacement", engine.expert_placement_on());
   o.Set("context", context);
   Napi::Object metadata = Napi::Object::New(env);
   const int32_t count = llama_model_meta_count(model);

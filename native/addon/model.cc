@@ -5,6 +5,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <optional>
 #include <stdexcept>
 #include <thread>
 
@@ -451,11 +452,42 @@ int32_t get_int(const Napi::Object& obj, const char* key, int32_t fallback) {
   return v.IsNumber() ? v.As<Napi::Number>().Int32Value() : fallback;
 }
 
-// A byte count (options.ts checked it); 0 when absent or out of range.
-uint64_t get_bytes(const Napi::Object& obj, const char* key) {
+// A byte or token count (options.ts checked it); 0 when absent or out of range.
+uint64_t get_u64(const Napi::Object& obj, const char* key) {
   const Napi::Value v = obj.Get(key);
   const double bytes = v.IsNumber() ? v.As<Napi::Number>().DoubleValue() : 0.0;
   return bytes > 0 && bytes < 9.0e18 ? static_cast<uint64_t>(bytes) : 0;
+}
+
+// Expert counts per layer, as expertStats() returns them ({ layer, counts }[]); empty when absent.
+std::vector<ExpertLayerCounts> expert_counts_from_js(Napi::Env env, const Napi::Value& value, const char* what) {
+  std::vector<ExpertLayerCounts> out;
+  if (value.IsUndefined() || value.IsNull()) return out;
+  const std::string expected = std::string("invalid option ") + what + ": expected an array of { layer, counts } (as expertStats() returns)";
+  if (!value.IsArray()) throw CodedError(env, "INVALID_OPTION", expected);
+  Napi::Array layers = value.As<Napi::Array>();
+  for (uint32_t i = 0; i < layers.Length(); ++i) {
+    Napi::Value item = layers.Get(i);
+    if (!item.IsObject()) throw CodedError(env, "INVALID_OPTION", expected);
+    Napi::Object layer = item.As<Napi::Object>();
+    Napi::Value il = layer.Get("layer");
+    Napi::Value counts = layer.Get("counts");
+    if (!il.IsNumber() || !(counts.IsArray() || counts.IsTypedArray())) throw CodedError(env, "INVALID_OPTION", expected);
+    ExpertLayerCounts c;
+    c.layer = il.As<Napi::Number>().Int32Value();
+    Napi::Object values = counts.As<Napi::Object>();
+    const uint32_t n = values.Get("length").As<Napi::Number>().Uint32Value();
+    for (uint32_t e = 0; e < n; ++e) {
+      Napi::Value v = values.Get(e);
+      const double x = v.IsNumber() ? v.As<Napi::Number>().DoubleValue() : -1.0;
+      if (!(x >= 0.0) || !std::isfinite(x)) {
+        throw CodedError(env, "INVALID_OPTION", std::string("invalid option ") + what + ": counts must be finite numbers >= 0");
+      }
+      c.counts.push_back(static_cast<uint64_t>(x));
+    }
+    out.push_back(std::move(c));
+  }
+  return out;
 }
 
 bool get_bool(const Napi::Object& obj, const char* key, bool fallback) {
@@ -523,11 +555,14 @@ LoadBaton load_baton(Napi::Env env, const std::string& path, const Napi::Object&
   baton.engine.deterministic = get_bool(opts, "deterministic", false);
   baton.engine.prompt_cache = get_bool(opts, "promptCache", true);
   baton.engine.state_checkpoints = static_cast<uint32_t>(std::max(0, get_int(opts, "stateCheckpoints", 4)));
-  baton.engine.state_checkpoint_memory = get_bytes(opts, "stateCheckpointMemory");
-  baton.engine.kv_swap_memory = get_bytes(opts, "kvSwapMemory");
+  baton.engine.state_checkpoint_memory = get_u64(opts, "stateCheckpointMemory");
+  baton.engine.kv_swap_memory = get_u64(opts, "kvSwapMemory");
   baton.engine.flash_attention = get_int(opts, "flashAttention", -1);
   baton.engine.max_queue = static_cast<uint32_t>(std::max(0, get_int(opts, "maxQueue", 0)));
   baton.engine.expert_stats = get_bool(opts, "expertStats", false);
+  baton.engine.gpu_experts = static_cast<uint32_t>(std::max(0, get_int(opts, "gpuExperts", 0)));
+  baton.engine.expert_heat = expert_counts_from_js(env, opts.Get("expertHeat"), "expertHeat");
+  baton.engine.expert_replace_tokens = get_u64(opts, "expertReplaceTokens");
   baton.engine.moe_group_topk = get_bool(opts, "fusedMoeRouting", false);
   Napi::Value draft = opts.Get("draft");
   if (!draft.IsUndefined() && !draft.IsNull()) {
@@ -654,6 +689,8 @@ Napi::Function NativeModel::Define(Napi::Env env) {
                                         InstanceMethod<&NativeModel::Cancel>("cancel"),
                                         InstanceMethod<&NativeModel::Stats>("stats"),
                                         InstanceMethod<&NativeModel::ExpertStats>("expertStats"),
+                                        InstanceMethod<&NativeModel::ExpertPlacement>("expertPlacement"),
+                                        InstanceMethod<&NativeModel::PlaceExperts>("placeExperts"),
                                         InstanceMethod<&NativeModel::Embed>("embed"),
                                         InstanceMethod<&NativeModel::TokenizeAsync>("tokenizeAsync"),
                                         InstanceMethod<&NativeModel::Close>("close"),
@@ -977,6 +1014,83 @@ Napi::Value NativeModel::ExpertStats(const Napi::CallbackInfo& info) {
   }
   const bool reset = info.Length() > 0 && info[0].IsBoolean() && info[0].As<Napi::Boolean>().Value();
   auto* worker = new ExpertStatsWorker(env, host_, reset);
+  Napi::Promise promise = worker->Promise();
+  worker->Queue();
+  return promise;
+}
+
+namespace {
+
+Napi::Value placement_to_js(Napi::Env env, const std::vector<genesis::ExpertPlacement>& layers) {
+  Napi::Array out = Napi::Array::New(env, layers.size());
+  for (size_t i = 0; i < layers.size(); ++i) {
+    Napi::Object layer = Napi::Object::New(env);
+    layer.Set("layer", layers[i].layer);
+    Napi::Int32Array experts = Napi::Int32Array::New(env, layers[i].experts.size());
+    for (size_t e = 0; e < layers[i].experts.size(); ++e) experts[e] = layers[i].experts[e];
+    layer.Set("experts", experts);
+    layer.Set("bytes", static_cast<double>(layers[i].bytes));
+    layer.Set("routed", static_cast<double>(layers[i].routed));
+    layer.Set("routedToCopies", static_cast<double>(layers[i].routed_to_copies));
+    out.Set(static_cast<uint32_t>(i), layer);
+  }
+  return out;
+}
+
+// Reads the expert placement, or (with heat) chooses the copied experts again, between two steps,
+// off the JS thread.
+class PlacementWorker : public HostJob {
+ public:
+  PlacementWorker(Napi::Env env, std::shared_ptr<Host> host, std::optional<std::vector<ExpertLayerCounts>> heat)
+      : HostJob(env, "genesis.expertPlacement", std::move(host)), heat_(std::move(heat)) {}
+
+ private:
+  void Run() override {
+    if (!host_->engine) throw std::runtime_error("the model was disposed");
+    layers_ = heat_ ? host_->engine->place_experts(*heat_) : host_->engine->expert_placement();
+    error_text_ = host_->engine->expert_placement_error();
+  }
+  Napi::Value Result(Napi::Env env) override {
+    Napi::Object out = Napi::Object::New(env);
+    out.Set("layers", placement_to_js(env, layers_));
+    if (!error_text_.empty()) out.Set("error", error_text_);
+    return out;
+  }
+
+  std::optional<std::vector<ExpertLayerCounts>> heat_;
+  std::vector<genesis::ExpertPlacement> layers_;
+  std::string error_text_;
+};
+
+void ensure_placement(Napi::Env env, const Engine& engine) {
+  if (!engine.expert_placement_on()) {
+    throw CodedError(env, "INVALID_OPTION", "expert placement is off for this model: load it with gpuExperts (and cpuMoeLayers)");
+  }
+}
+
+}  // namespace
+
+Napi::Value NativeModel::ExpertPlacement(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  EnsureOpen(env);
+  ensure_placement(env, *host_->engine);
+  auto* worker = new PlacementWorker(env, host_, std::nullopt);
+  Napi::Promise promise = worker->Promise();
+  worker->Queue();
+  return promise;
+}
+
+Napi::Value NativeModel::PlaceExperts(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  EnsureOpen(env);
+  ensure_placement(env, *host_->engine);
+  std::vector<ExpertLayerCounts> heat = expert_counts_from_js(env, info.Length() > 0 ? info[0] : env.Undefined(), "heat");
+  try {
+    host_->engine->check_heat(heat);
+  } catch (const InvalidEngineOption& e) {
+    throw CodedError(env, "INVALID_OPTION", "invalid option heat: " + std::string(e.what()));
+  }
+  auto* worker = new PlacementWorker(env, host_, std::move(heat));
   Napi::Promise promise = worker->Promise();
   worker->Queue();
   return promise;

@@ -77,6 +77,8 @@ class NativeModel : public Napi::ObjectWrap<NativeModel> {
   Napi::Value Cancel(const Napi::CallbackInfo& info);
   Napi::Value Stats(const Napi::CallbackInfo& info);
   Napi::Value ExpertStats(const Napi::CallbackInfo& info);
+  Napi::Value ExpertPlacement(const Napi::CallbackInfo& info);
+  Napi::Value PlaceExperts(const Napi::CallbackInfo& info);
   Napi::Value Embed(const Napi::CallbackInfo& info);
   Napi::Value TokenizeAsync(const Napi::CallbackInfo& info);
   Napi::Value Close(const Napi::CallbackInfo& info);

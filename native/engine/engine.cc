@@ -223,6 +223,31 @@ Engine::Engine(llama_model* model, const EngineOptions& options, Notify notify)
       expert_totals_.emplace_back(static_cast<size_t>(n), 0);
     }
   }
+  if (options.gpu_experts > 0) {
+    try {
+      for (int32_t il = 0; il < llama_model_n_layer(model); ++il) {
+        const int32_t n_expert = llama_model_n_expert_layer(model, il);
+        if (n_expert <= 0) continue;
+        place_layers_.push_back(il);
+        place_heat_.emplace_back(static_cast<size_t>(n_expert), 0.0);
+      }
+      if (place_layers_.empty()) {
+        throw InvalidEngineOption("gpuExperts", "a mixture-of-experts model (layers with routed experts)",
+                                  "the model has no routed experts to place (no layer has an expert router)");
+      }
+      if (options.expert_replace_tokens > 0 && !options.expert_stats) {
+        throw InvalidEngineOption("expertReplaceTokens", "expertStats: true (the counts it chooses by)",
+                                  "expertReplaceTokens re-chooses the copied experts from the engine's expert counts: load with expertStats: true");
+      }
+      gpu_experts_ = options.gpu_experts;
+      replace_every_ = options.expert_replace_tokens;
+      add_heat(options.expert_heat);
+      place();
+    } catch (...) {
+      free_native();
+      throw;
+    }
+  }
   slots_.resize(n_seq_max_);
   for (uint32_t i = 0; i < n_seq_max_; ++i) slots_[i].seq = static_cast<llama_seq_id>(i);
   thread_ = std::thread(&Engine::loop, this);
@@ -338,8 +363,127 @@ void Engine::fold_expert_counts() {
     const int32_t n = llama_expert_stats_read(ctx_, expert_layers_[i], expert_scratch_.data(), static_cast<int32_t>(totals.size()), true);
     if (n != static_cast<int32_t>(totals.size())) continue;
     for (size_t e = 0; e < totals.size(); ++e) totals[e] += static_cast<uint64_t>(expert_scratch_[e]);
+    // Expert placement: the layer's heat, and how much of its traffic the copies took.
+    const auto placed = std::find(place_layers_.begin(), place_layers_.end(), expert_layers_[i]);
+    const size_t p = static_cast<size_t>(placed - place_layers_.begin());
+    if (placed == place_layers_.end() || p >= placement_.size()) continue;
+    auto& heat = place_heat_[p];
+    std::lock_guard<std::mutex> lock(mu_);
+    ExpertPlacement& where = placement_[p];
+    for (size_t e = 0; e < totals.size() && e < heat.size(); ++e) {
+      heat[e] += expert_scratch_[e];
+      where.routed += static_cast<uint64_t>(expert_scratch_[e]);
+    }
+    for (int32_t e : where.experts) where.routed_to_copies += static_cast<uint64_t>(expert_scratch_[static_cast<size_t>(e)]);
   }
   expert_unfolded_tokens_ = 0;
+}
+
+void Engine::check_heat(const std::vector<ExpertLayerCounts>& heat) const {
+  for (const auto& layer : heat) {
+    const int32_t n_expert = llama_model_n_expert_layer(model_, layer.layer);
+    if (n_expert <= 0 || layer.counts.size() != static_cast<size_t>(n_expert)) {
+      throw InvalidEngineOption("expertHeat", "expert counts of this model's MoE layers (as expertStats() returns them)",
+                                "expertHeat names layer " + std::to_string(layer.layer) + " with " + std::to_string(layer.counts.size()) +
+                                    " experts; that layer has " + std::to_string(n_expert) + " routed experts");
+    }
+  }
+}
+
+void Engine::add_heat(const std::vector<ExpertLayerCounts>& heat) {
+  check_heat(heat);
+  for (const auto& layer : heat) {
+    const auto placed = std::find(place_layers_.begin(), place_layers_.end(), layer.layer);
+    if (placed == place_layers_.end()) continue;  // its experts are on the device already
+    auto& h = place_heat_[static_cast<size_t>(placed - place_layers_.begin())];
+    for (size_t e = 0; e < h.size(); ++e) h[e] += static_cast<double>(layer.counts[e]);
+  }
+}
+
+void Engine::place() {
+  std::vector<ExpertPlacement> chosen;
+  for (size_t i = 0; i < place_layers_.size();) {
+    const int32_t il = place_layers_[i];
+    auto& heat = place_heat_[i];
+    std::vector<int32_t> order(heat.size());
+    for (size_t e = 0; e < order.size(); ++e) order[e] = static_cast<int32_t>(e);
+    std::stable_sort(order.begin(), order.end(), [&](int32_t a, int32_t b) { return heat[static_cast<size_t>(a)] > heat[static_cast<size_t>(b)]; });
+    order.resize(std::min<size_t>(gpu_experts_, order.size()));
+    const int64_t bytes = llama_moe_place(ctx_, il, order.data(), static_cast<int32_t>(order.size()));
+    if (bytes == -3) {
+      // Experts on the device already (not kept in host memory), or a layout the CPU cannot skip
+      // experts of: the layer runs as loaded.
+      place_layers_.erase(place_layers_.begin() + static_cast<std::ptrdiff_t>(i));
+      place_heat_.erase(place_heat_.begin() + static_cast<std::ptrdiff_t>(i));
+      continue;
+    }
+    if (bytes < 0) {
+      throw std::runtime_error("llama.cpp could not copy " + std::to_string(order.size()) + " experts of layer " + std::to_string(il) +
+                               " to its device (" + (bytes == -4 ? "out of device memory" : "error " + std::to_string(bytes)) + ")");
+    }
+    for (double& h : heat) h /= 2;  // recent traffic weighs most at the next choice
+    ExpertPlacement where;
+    where.layer = il;
+    where.experts = std::move(order);
+    where.bytes = static_cast<uint64_t>(bytes);
+    chosen.push_back(std::move(where));
+    ++i;
+  }
+  if (place_layers_.empty()) {
+    throw InvalidEngineOption("gpuExperts", "a model whose MoE layers keep their experts in host memory (cpuMoeLayers)",
+                              "gpuExperts copies experts kept in host memory to their layer's device, and no layer keeps them there in "
+                              "a form it can split (plain host buffers, no expert biases or scales): load with cpuMoeLayers");
+  }
+  std::lock_guard<std::mutex> lock(mu_);
+  placement_ = std::move(chosen);
+  replace_tokens_ = 0;
+}
+
+std::vector<ExpertPlacement> Engine::expert_placement() {
+  if (!expert_layers_.empty()) between_steps([this] { fold_expert_counts(); });  // routed counts up to now
+  std::lock_guard<std::mutex> lock(mu_);
+  return placement_;
+}
+
+std::string Engine::expert_placement_error() {
+  std::lock_guard<std::mutex> lock(mu_);
+  return place_error_;
+}
+
+std::vector<ExpertPlacement> Engine::place_experts(const std::vector<ExpertLayerCounts>& heat) {
+  if (place_layers_.empty()) throw std::logic_error("expert placement is off for this model");
+  check_heat(heat);
+  between_steps([&] {
+    if (!expert_layers_.empty()) fold_expert_counts();
+    add_heat(heat);
+    place();
+  });
+  return expert_placement();
+}
+
+void Engine::between_steps(std::function<void()> task) {
+  std::packaged_task<void()> job(std::move(task));
+  std::future<void> done = job.get_future();
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (stop_) throw std::runtime_error("the model was disposed");
+    tasks_.push_back(std::move(job));
+  }
+  cv_.notify_one();
+  try {
+    done.get();
+  } catch (const std::future_error&) {
+    throw std::runtime_error("the model was disposed");  // the engine stopped before running it
+  }
+}
+
+void Engine::run_tasks() {
+  std::vector<std::packaged_task<void()>> tasks;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    tasks.swap(tasks_);
+  }
+  for (auto& task : tasks) task();  // exceptions go to the waiting caller
 }
 
 void Engine::serve_expert_reads() {
@@ -392,7 +536,8 @@ void Engine::loop() {
       // Slots waiting for an external token have nothing to decode until it is fed.
       const bool busy = !waiting_.empty() || std::any_of(slots_.begin(), slots_.end(), [](const Slot& s) { return s.busy && !s.awaiting; });
       cv_.wait(lock, [&] {
-        return stop_ || !incoming_.empty() || !cancels_.empty() || !feeds_.empty() || busy || expert_reads_asked_ != expert_reads_served_;
+        return stop_ || !incoming_.empty() || !cancels_.empty() || !feeds_.empty() || busy || expert_reads_asked_ != expert_reads_served_ ||
+               !tasks_.empty();
       });
       if (stop_) break;
       for (auto& p : incoming_) waiting_.push_back(std::move(p));
@@ -403,6 +548,7 @@ void Engine::loop() {
     if (!cancels.empty()) apply_cancels(cancels);
     if (!feeds.empty()) apply_feeds(feeds);
     if (!expert_layers_.empty()) serve_expert_reads();
+    run_tasks();
     if (!broken_.empty()) {
       // A lost RPC server took part of the model's weights with it: nothing can run any more.
       fail_waiting("RPC_DISCONNECTED", broken_);
@@ -421,6 +567,10 @@ void Engine::loop() {
   }
 
   expert_cv_.notify_all();  // readers waiting for the counters learn that the engine stopped
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    tasks_.clear();  // their callers learn the same (broken promise)
+  }
 
   // Disposal: nothing in flight is dropped silently; every request learns why it ended.
   for (auto& slot : slots_) {
@@ -1035,6 +1185,16 @@ void Engine::decode(const std::vector<size_t>& which, const std::vector<uint32_t
     // A step adds at most its token count to one expert's counter.
     expert_unfolded_tokens_ += static_cast<uint64_t>(batch_.n_tokens);
     if (expert_unfolded_tokens_ > (1u << 23)) fold_expert_counts();
+  }
+  if (replace_every_ > 0 && status == 0 && (replace_tokens_ += static_cast<uint64_t>(batch_.n_tokens)) >= replace_every_) {
+    fold_expert_counts();
+    try {
+      place();  // the same number of copies: copied into place, nothing allocated
+    } catch (const std::exception& e) {
+      replace_every_ = 0;  // the copies stay as they were; expert_placement_error() says why
+      std::lock_guard<std::mutex> lock(mu_);
+      place_error_ = e.what();
+    }
   }
   if (!rpc_endpoints_.empty() && !(status == 2 && abort_decode_)) {
     // A lost connection zeroes what the server should have sent: the logits are garbage and must

@@ -12,6 +12,7 @@
 #include <condition_variable>
 #include <cstdint>
 #include <functional>
+#include <future>
 #include <memory>
 #include <stdexcept>
 #include <mutex>
@@ -25,6 +26,12 @@
 #include "llama.h"
 
 namespace genesis {
+
+// Tokens routed to each expert of one MoE layer since the engine started (or the last reset).
+struct ExpertLayerCounts {
+  int32_t layer = 0;
+  std::vector<uint64_t> counts;  // one per expert
+};
 
 struct EngineOptions {
   uint32_t context_size = 4096;  // tokens per sequence
@@ -84,12 +91,26 @@ struct EngineOptions {
   // Expert-load statistics: count, per MoE layer and expert, the tokens routed there (on the
   // device, inside each step's graph; native/patches/0003). Read with Engine::expert_counts().
   bool expert_stats = false;
+  // Expert placement (native/patches/0010): for every MoE layer whose experts are in host memory
+  // (cpu_moe_layers, or a layer on the CPU), copies of this many of its experts on the layer's
+  // device, which computes the tokens routed to them while the CPU computes the others. Which
+  // experts: the most routed to by expert_heat (counts of an earlier run) plus, with expert_stats,
+  // what this engine counts (halved at each new choice, so recent traffic weighs most). Chosen at
+  // start, by place_experts(), and every expert_replace_tokens decoded tokens (0: never by itself).
+  uint32_t gpu_experts = 0;
+  std::vector<ExpertLayerCounts> expert_heat;
+  uint64_t expert_replace_tokens = 0;
 };
 
-// Tokens routed to each expert of one MoE layer since the engine started (or the last reset).
-struct ExpertLayerCounts {
+// Which experts of one MoE layer have copies on its device (EngineOptions::gpu_experts).
+struct ExpertPlacement {
   int32_t layer = 0;
-  std::vector<uint64_t> counts;  // one per expert
+  std::vector<int32_t> experts;  // hottest first
+  uint64_t bytes = 0;            // the copies and their maps on the device
+  // With expert statistics, since this choice: expert picks (tokens x routed experts), and how
+  // many of them went to the copies.
+  uint64_t routed = 0;
+  uint64_t routed_to_copies = 0;
 };
 
 // The llama.cpp context parameters of an engine with `options` (the engine adds its abort callback).
@@ -222,6 +243,17 @@ class Engine {
   // blocks until then: call it off the JS thread); reset zeroes them after the read. Throws when
   // the engine has no counters or stops first.
   std::vector<ExpertLayerCounts> expert_counts(bool reset);
+  // Expert placement: the current copies per layer (empty without gpu_experts; with expert_stats,
+  // their routed counts up to the current step, read between steps), and a new choice from `heat`
+  // (counts of an earlier run; empty: the engine's own), made between steps. Both block the caller
+  // until then: call them off the JS thread.
+  bool expert_placement_on() const { return !place_layers_.empty(); }
+  std::vector<ExpertPlacement> expert_placement();
+  // Why the periodic re-choice (expert_replace_tokens) stopped; empty while it runs.
+  std::string expert_placement_error();
+  std::vector<ExpertPlacement> place_experts(const std::vector<ExpertLayerCounts>& heat);
+  // Throws InvalidEngineOption when `heat` names a layer without routed experts or with another count.
+  void check_heat(const std::vector<ExpertLayerCounts>& heat) const;
 
  private:
   using Clock = std::chrono::steady_clock;
@@ -405,6 +437,14 @@ class Engine {
   void fold_expert_counts();
   // Serves the expert_counts() calls waiting at the start of an iteration (engine thread).
   void serve_expert_reads();
+  // Runs `task` on the engine thread between steps and waits for it (rethrowing what it throws);
+  // throws when the engine stops first.
+  void between_steps(std::function<void()> task);
+  void run_tasks();
+  // Expert placement (engine thread): adds `heat` to the layers' heat, then copies each layer's
+  // hottest experts to its device.
+  void add_heat(const std::vector<ExpertLayerCounts>& heat);
+  void place();
 
   llama_model* model_;
   const llama_vocab* vocab_;
@@ -475,6 +515,19 @@ class Engine {
   bool expert_reset_asked_ = false;
   std::vector<ExpertLayerCounts> expert_snapshot_;
   std::condition_variable expert_cv_;
+
+  // Expert placement: layers with copies, each one's heat (engine thread), the current choice (read
+  // under mu_), and tokens decoded since it was made.
+  uint32_t gpu_experts_ = 0;
+  uint64_t replace_every_ = 0;
+  uint64_t replace_tokens_ = 0;
+  std::vector<int32_t> place_layers_;
+  std::vector<std::vector<double>> place_heat_;
+  std::vector<ExpertPlacement> placement_;
+  std::string place_error_;
+
+  // between_steps() tasks (under mu_), run at the start of an engine iteration.
+  std::vector<std::packaged_task<void()>> tasks_;
 
   std::atomic<bool> abort_decode_{false};
   std::vector<std::string> rpc_endpoints_;

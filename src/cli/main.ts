@@ -62,6 +62,15 @@ model options:
                                        kept for the prompt cache (default 4, 0: none)
   --state-checkpoint-memory SIZE       host memory all those copies may hold (default: a quarter
                                        of the machine's), e.g. 8G
+  --cpu-moe N                          MoE: keep the experts of the first N layers in host memory
+                                       (llama.cpp's --n-cpu-moe); the rest of those layers offloads
+  --gpu-experts N                      MoE with --cpu-moe: copies of N experts of each such layer on
+                                       its GPU, the hottest by --expert-heat (and the counts of this
+                                       run with --expert-stats); output unchanged
+  --expert-heat FILE                   expert counts to choose them by: a JSON file holding an
+                                       earlier run's model.expertStats()
+  --expert-replace N                   with --gpu-experts and --expert-stats: choose them again
+                                       every N decoded tokens
   --split-mode none|layer|row|tensor   how offloaded layers spread over several devices (layer)
   --tensor-split A,B,...               share per offload device, RPC devices first (e.g. 3,1)
   --main-gpu I                         device index for --split-mode none
@@ -120,6 +129,10 @@ const modelOptions = {
   'cache-type-v': { type: 'string' },
   'state-checkpoints': { type: 'string' },
   'state-checkpoint-memory': { type: 'string' },
+  'cpu-moe': { type: 'string' },
+  'gpu-experts': { type: 'string' },
+  'expert-heat': { type: 'string' },
+  'expert-replace': { type: 'string' },
   'split-mode': { type: 'string' },
   'tensor-split': { type: 'string' },
   'main-gpu': { type: 'string' },
@@ -147,8 +160,28 @@ function loadOptions(values: Record<string, unknown>): LoadModelOptions {
     stateCheckpoints: int('state-checkpoints', values['state-checkpoints'] as string | undefined),
     stateCheckpointMemory: bytes('state-checkpoint-memory', values['state-checkpoint-memory'] as string | undefined),
     ...splitSettings(values as Parameters<typeof splitSettings>[0]),
+    cpuMoeLayers: int('cpu-moe', values['cpu-moe'] as string | undefined),
+    gpuExperts: int('gpu-experts', values['gpu-experts'] as string | undefined),
+    expertHeat: expertHeatFile(values['expert-heat'] as string | undefined),
+    expertReplaceTokens: int('expert-replace', values['expert-replace'] as string | undefined),
     onProgress: process.stderr.isTTY ? progressBar('loading') : undefined,
   };
+}
+
+/** --expert-heat FILE: the JSON of an earlier run's expertStats() (loadModel checks its shape). */
+function expertHeatFile(path: string | undefined): LoadModelOptions['expertHeat'] {
+  if (path === undefined) return undefined;
+  let text: string;
+  try {
+    text = readFileSync(path, 'utf8');
+  } catch (error) {
+    throw new UsageError(`--expert-heat ${JSON.stringify(path)}: cannot read it (${(error as Error).message})`);
+  }
+  try {
+    return JSON.parse(text) as LoadModelOptions['expertHeat'];
+  } catch (error) {
+    throw new UsageError(`--expert-heat ${JSON.stringify(path)}: not JSON (${(error as Error).message}); expected an expertStats() result`);
+  }
 }
 
 /** --cache-type-k/-v as kvCacheType (either alone leaves the other f16, as in llama.cpp); checked by loadModel. */

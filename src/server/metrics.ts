@@ -177,6 +177,26 @@ export class ServerMetrics {
         });
       },
     });
+    new Gauge({
+      name: 'genesis_expert_copies_share',
+      help: 'Per MoE layer of a model loaded with gpuExperts and expertStats: the share of its expert picks that went to the experts copied to its device, since they were chosen.',
+      labelNames: ['model', 'layer'],
+      registers,
+      async collect() {
+        this.reset();
+        for (const served of models()) {
+          const model = served.current();
+          if (!model || model.disposed || !model.info.context.expertPlacement || !model.info.context.expertStats) continue;
+          try {
+            for (const { layer, routed, routedToCopies } of (await model.expertPlacement()).layers) {
+              if (routed > 0) this.set({ model: served.name, layer: String(layer) }, routedToCopies / routed);
+            }
+          } catch {
+            // disposed while reading: it has nothing to report any more
+          }
+        }
+      },
+    });
     new Counter({
       name: 'genesis_engine_seconds_total',
       help: 'Engine thread time since load by phase: step (all of it), decode (the llama_decode call: graph build and kernel launches), wait (for the device to finish a step), sample (sampling and draft verification).',
