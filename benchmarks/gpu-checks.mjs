@@ -21,7 +21,7 @@
 //               copies, and how many outputs the two ways share (SWAP_MODEL, default llama-3-8b:q4_0:2;
 //               on the GPU when the addon has one, else the CPU)
 //   placement   decode of a MoE model whose experts do not all fit (PLACE_MODEL, default
-//               deepseek-v3:q4_0:4), at the same device memory for experts: upstream's --n-cpu-moe
+//               deepseek-v3:q4_0:2), at the same device memory for experts: upstream's --n-cpu-moe
 //               choice (cpuMoeLayers: the first half of the layers' experts in host memory) against
 //               expert placement (gpuExperts: that many experts of every layer copied to the GPU, the
 //               hottest by a counting run's expertStats); and all experts on the GPU. Tokens per
@@ -388,7 +388,7 @@ async function swapCheck() {
 }
 
 async function placementCheck() {
-  const spec = process.env.PLACE_MODEL ?? 'deepseek-v3:q4_0:4';
+  const spec = process.env.PLACE_MODEL ?? 'deepseek-v3:q4_0:2';
   const path = await ensureBenchModel(parseModelSpec(spec, { type: 'q4_0' }));
   const device = systemInfo().gpuOffload ? { gpuLayers: 'max' } : { gpuLayers: 0 };
   const next = mulberry32(11);

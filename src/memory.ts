@@ -128,7 +128,7 @@ export interface MemoryBudget {
 
 export interface MemoryPlan {
   /** The load options chosen (pass to loadModel, or loadModel does with `memoryBudget`). */
-  options: { contextSize: number; gpuLayers: number | 'max'; cpuMoeLayers: number; tensorSplit?: number[] };
+  options: { contextSize: number; gpuLayers: number | 'max'; cpuMoeLayers: number; gpuExperts?: number; tensorSplit?: number[] };
   estimate: MemoryEstimate;
   /** The budget per device it was fitted to, in bytes. */
   budget: Record<string, number>;
@@ -181,6 +181,22 @@ export function resolveBudget(
   return out;
 }
 
+/**
+ * An estimate with every layer's experts in host memory plus `count` copies per layer of its experts
+ * on the offload devices (gpuExperts): each device's weights grow by that share of the experts it
+ * holds when they are all offloaded (`offloaded`). Unchanged with count 0.
+ */
+function withCopies(hosted: MemoryEstimate, count: number, experts: number, offloaded: MemoryEstimate): MemoryEstimate {
+  if (count <= 0 || experts <= 0) return hosted;
+  const devices = hosted.devices.map((d) => {
+    if (d.host) return d;
+    const all = offloaded.devices.find((x) => x.device === d.device)?.weights ?? d.weights;
+    const copies = Math.round((Math.max(0, all - d.weights) * count) / experts);
+    return { ...d, weights: d.weights + copies, total: d.total + copies };
+  });
+  return { ...hosted, devices };
+}
+
 /** The first device whose estimate is over its budget, with by how much. */
 function shortfall(estimate: MemoryEstimate, budget: Record<string, number>): { device: string; needed: number; budget: number } | undefined {
   for (const d of estimate.devices) {
@@ -222,6 +238,8 @@ export async function planMemory(path: string, options: PlanOptions = {}): Promi
       first = await estimateResolved(path, base);
     }
   }
+  const moePlacement = options.moePlacement ?? 'layers';
+  if (moePlacement !== 'layers' && moePlacement !== 'experts') throw new InvalidOptionError('moePlacement', "'layers' or 'experts'", options.moePlacement);
   const minContext = Math.min(base.contextSize, options.minContextSize ?? 512);
   if (!Number.isInteger(minContext) || minContext < 2) throw new InvalidOptionError('minContextSize', 'an integer ≥ 2', options.minContextSize);
   const gpu = (binding().systemInfo().gpuOffload || base.rpcServers.length > 0) && base.gpuLayers !== 0;
@@ -253,6 +271,30 @@ export async function planMemory(path: string, options: PlanOptions = {}): Promi
     return hi;
   };
 
+  /**
+   * moePlacement 'experts': every layer's experts in host memory, and the most copies per layer of
+   * its hottest that fit beside the rest on every offload device (undefined when that is not one).
+   * An expert's copies in all layers weigh what its share of the experts weighs on the device
+   * (all experts offloaded minus none); 5 % of the room is left for the extra graph's buffers.
+   */
+  const expertCopies = async (contextSize: number, moe: number): Promise<{ count: number; bytes: number } | undefined> => {
+    const hosted = await estimate(contextSize, -1, layers);
+    const offloaded = await estimate(contextSize, -1, 0);
+    let count = first.experts - 1;
+    let perExpert = 0;
+    for (const d of hosted.devices.filter((x) => !x.host)) {
+      const experts = (offloaded.devices.find((x) => x.device === d.device)?.weights ?? d.weights) - d.weights;
+      if (experts <= 0) continue;
+      const room = ((budget[d.device] ?? 0) - d.total) * 0.95;
+      count = Math.min(count, Math.floor(room / (experts / first.experts)));
+      perExpert += experts / first.experts;
+    }
+    // Only worth it where it keeps at least as much on the device as --n-cpu-moe's choice would.
+    const layerShare = Math.floor((first.experts * (layers - moe)) / layers);
+    if (perExpert === 0 || count < 1 || count < layerShare) return undefined;
+    return { count, bytes: count * perExpert };
+  };
+
   const contexts: number[] = [];
   for (let c = base.contextSize; c > minContext; c = Math.floor(c / 2)) contexts.push(c);
   contexts.push(minContext);
@@ -263,14 +305,24 @@ export async function planMemory(path: string, options: PlanOptions = {}): Promi
       last = await estimate(contextSize, gl, moe);
       return shortfall(last, budget) === undefined;
     };
-    let choice: { gpuLayers: number; cpuMoeLayers: number; why: string } | undefined;
+    let choice: { gpuLayers: number; cpuMoeLayers: number; gpuExperts?: number; why: string } | undefined;
     if (!gpu) {
       if (await fits(base.gpuLayers, 0)) choice = { gpuLayers: base.gpuLayers, cpuMoeLayers: 0, why: 'all weights in host memory (no GPU offload)' };
     } else if (await fits(base.gpuLayers, base.cpuMoeLayers)) {
       choice = { gpuLayers: base.gpuLayers, cpuMoeLayers: base.cpuMoeLayers, why: `as asked: ${base.gpuLayers < 0 ? 'all' : base.gpuLayers} layers on ${target}` };
     } else {
       const moe = first.experts > 0 ? await smallest(1, layers, (k) => fits(-1, k)) : undefined;
-      if (moe !== undefined) {
+      const copies = moe !== undefined && moePlacement === 'experts' ? await expertCopies(contextSize, moe) : undefined;
+      if (copies !== undefined) {
+        choice = {
+          gpuLayers: -1,
+          cpuMoeLayers: layers,
+          gpuExperts: copies.count,
+          why:
+            `all ${layers} layers on ${target} with every layer's experts kept in host memory and copies of its ${copies.count} hottest of ${first.experts} ` +
+            `on ${target} (${formatBytes(copies.bytes)} in all), where --n-cpu-moe ${moe} would keep the experts of the first ${moe} layers off it`,
+        };
+      } else if (moe !== undefined) {
         choice = { gpuLayers: -1, cpuMoeLayers: moe, why: `all ${layers} layers on ${target} with the experts of the first ${moe} kept in host memory (attention and shared weights stay offloaded; decode reads only the routed experts)` };
       } else {
         // Most layers on the GPU: the largest g that fits, i.e. the smallest number left on the CPU.
@@ -279,7 +331,7 @@ export async function planMemory(path: string, options: PlanOptions = {}): Promi
       }
     }
     if (choice) {
-      const chosen = await estimate(contextSize, choice.gpuLayers, choice.cpuMoeLayers);
+      const chosen = withCopies(await estimate(contextSize, choice.gpuLayers, choice.cpuMoeLayers), choice.gpuExperts ?? 0, first.experts, await estimate(contextSize, choice.gpuLayers, 0));
       if (contextSize < base.contextSize) {
         explanation.push(`contextSize ${contextSize} instead of the ${base.contextSize} asked for: ${base.contextSize} did not fit with any placement of the weights`);
       } else {
@@ -293,7 +345,13 @@ export async function planMemory(path: string, options: PlanOptions = {}): Promi
         explanation.push(`layers split over ${offloadDevices.map((d) => d.device).join(', ')} in proportions ${base.tensorSplit.map((x) => +x.toPrecision(3)).join(':')}`);
       }
       return {
-        options: { contextSize, gpuLayers, cpuMoeLayers: choice.cpuMoeLayers, ...(base.tensorSplit.length > 0 ? { tensorSplit: base.tensorSplit } : {}) },
+        options: {
+          contextSize,
+          gpuLayers,
+          cpuMoeLayers: choice.cpuMoeLayers,
+          ...(choice.gpuExperts !== undefined ? { gpuExperts: choice.gpuExperts } : {}),
+          ...(base.tensorSplit.length > 0 ? { tensorSplit: base.tensorSplit } : {}),
+        },
         estimate: chosen,
         budget,
         explanation,

@@ -227,6 +227,13 @@ export interface LoadModelOptions {
   memoryBudget?: MemoryBudget | number;
   /** With memoryBudget: the smallest contextSize the plan may fall back to. Default min(contextSize, 512). */
   minContextSize?: number;
+  /**
+   * With memoryBudget, for a MoE model whose experts do not all fit on the GPU: 'layers' keeps the
+   * experts of the fewest layers in host memory (llama.cpp's --n-cpu-moe); 'experts' keeps every
+   * layer's experts there and copies as many of each layer's hottest to the GPU as fit
+   * (`gpuExperts`, chosen by `expertHeat` and, with expertStats, this run's counts). Default 'layers'.
+   */
+  moePlacement?: 'layers' | 'experts';
   /** Called with load progress in [0, 1]. */
   onProgress?: (progress: number) => void;
   /**

@@ -9,7 +9,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
 
-import { createRuntime, InvalidOptionError, loadModel, planMemory, RpcError, type Model } from '../src/index.js';
+import { createRuntime, estimateMemory, InvalidOptionError, loadModel, planMemory, RpcError, type Model } from '../src/index.js';
 import { toApiError } from '../src/server/errors.js';
 import { makeFixtureModel, repoRoot } from './fixtures/models.js';
 
@@ -162,6 +162,40 @@ describe('RPC split', () => {
     await expect(planMemory(path, { ...options, rpcServers: endpoints, memoryBudget: { devices: { CUDA7: MiB } } })).rejects.toMatchObject({
       option: 'memoryBudget.devices.CUDA7',
     });
+  });
+
+  it('plans expert placement on an offload device (moePlacement experts): copies of the hottest experts there, output unchanged', async () => {
+    const moe = await makeFixtureModel({ arch: 'qwen3moe', vocab: 'qwen2', type: 'f16', nLayer: 3, nEmbd: 64 }); // 8 experts
+    const on = { ...options, rpcServers: [endpoints[1]!] };
+    const device = (e: { devices: Array<{ kind: string; weights: number; total: number }> }) => e.devices.find((d) => d.kind === 'rpc')!;
+    const all = device(await estimateMemory(moe, { ...on, gpuLayers: 'max' }));
+    const hosted = device(await estimateMemory(moe, { ...on, gpuLayers: 'max', cpuMoeLayers: 3 }));
+    // Room for 60 % of the experts: --n-cpu-moe would keep two of the three layers' experts here.
+    const memoryBudget = { devices: { RPC0: hosted.total + 0.6 * (all.weights - hosted.weights) } };
+    const byLayers = await planMemory(moe, { ...on, memoryBudget });
+    expect(byLayers.options).toMatchObject({ gpuLayers: 'max', cpuMoeLayers: 2 });
+    const plan = await planMemory(moe, { ...on, memoryBudget, moePlacement: 'experts' });
+    expect(plan.options).toMatchObject({ gpuLayers: 'max', cpuMoeLayers: 3 });
+    expect(plan.options.gpuExperts).toBeGreaterThanOrEqual(2);
+    expect(plan.options.gpuExperts).toBeLessThan(8);
+    expect(plan.explanation.join('\n')).toMatch(/copies of its \d+ hottest of 8/);
+
+    const plain = await loadModel(moe, { ...options, cpuMoeLayers: 3 });
+    const want = (await plain.complete(prompt, greedy)).tokens;
+    await plain.dispose();
+    const placed = await loadModel(moe, { ...on, memoryBudget, moePlacement: 'experts', expertStats: true });
+    try {
+      expect(placed.plan?.options.gpuExperts).toBe(plan.options.gpuExperts);
+      expect((await placed.complete(prompt, greedy)).tokens).toEqual(want);
+      const { layers } = await placed.expertPlacement();
+      expect(layers.map((l) => l.experts.length)).toEqual([0, 1, 2].map(() => plan.options.gpuExperts));
+      expect(layers.every((l) => l.routedToCopies > 0 && l.routedToCopies < l.routed)).toBe(true);
+      // The copies are weights on the server's device.
+      const rpc = placed.info.placement.devices.find((d) => d.kind === 'rpc')!;
+      expect(rpc.weights).toBeGreaterThan(hosted.weights);
+    } finally {
+      await placed.dispose();
+    }
   });
 
   it('a server busy with another client (it serves one at a time) is a typed error in the other process, not a hang', async () => {

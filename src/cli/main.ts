@@ -71,6 +71,9 @@ model options:
                                        earlier run's model.expertStats()
   --expert-replace N                   with --gpu-experts and --expert-stats: choose them again
                                        every N decoded tokens
+  --moe-placement layers|experts       with --memory-budget, MoE experts that do not all fit on
+                                       the GPU: whole layers' in host memory (layers, default), or
+                                       all there and each layer's hottest copied (experts)
   --split-mode none|layer|row|tensor   how offloaded layers spread over several devices (layer)
   --tensor-split A,B,...               share per offload device, RPC devices first (e.g. 3,1)
   --main-gpu I                         device index for --split-mode none
@@ -133,6 +136,7 @@ const modelOptions = {
   'gpu-experts': { type: 'string' },
   'expert-heat': { type: 'string' },
   'expert-replace': { type: 'string' },
+  'moe-placement': { type: 'string' },
   'split-mode': { type: 'string' },
   'tensor-split': { type: 'string' },
   'main-gpu': { type: 'string' },
@@ -164,6 +168,7 @@ function loadOptions(values: Record<string, unknown>): LoadModelOptions {
     gpuExperts: int('gpu-experts', values['gpu-experts'] as string | undefined),
     expertHeat: expertHeatFile(values['expert-heat'] as string | undefined),
     expertReplaceTokens: int('expert-replace', values['expert-replace'] as string | undefined),
+    moePlacement: values['moe-placement'] as LoadModelOptions['moePlacement'],
     onProgress: process.stderr.isTTY ? progressBar('loading') : undefined,
   };
 }
