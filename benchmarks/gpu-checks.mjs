@@ -25,8 +25,8 @@
 //               choice (cpuMoeLayers: the first half of the layers' experts in host memory) against
 //               expert placement (gpuExperts: that many experts of every layer copied to the GPU, the
 //               hottest by a counting run's expertStats); and all experts on the GPU. Tokens per
-//               second at 1 and 8 sequences, the share of routed picks the copies took, and whether
-//               the greedy outputs equal the all-on-GPU run's
+//               second at 1 and 8 sequences, the share of routed picks the copies took, and how
+//               many greedy outputs equal the all-on-GPU run's (each side runs its own kernels)
 // Prints one line per result and writes checks.json to $OUT. Usage:
 //   node benchmarks/gpu-checks.mjs [logits|concurrent|memory|paged|routing|swap|placement|all]
 import { spawnSync } from 'node:child_process';
@@ -435,12 +435,18 @@ async function placementCheck() {
       await m.dispose();
     }
   }
-  const ref = JSON.stringify(runs[0].tokens);
-  const results = runs.map(({ tokens, ...r }) => ({ model: spec, ...r, sameAsAllOnGpu: JSON.stringify(tokens) === ref }));
+  // Each side runs its own kernels (an expert on the GPU or the CPU, repacked or plain on the CPU),
+  // so outputs agree as far as greedy paths over close logits do, not bit for bit.
+  const results = runs.map(({ tokens, ...r }) => ({
+    model: spec,
+    ...r,
+    sameAsAllOnGpu: tokens.filter((t, i) => JSON.stringify(t) === JSON.stringify(runs[0].tokens[i])).length,
+    outputs: tokens.length,
+  }));
   for (const r of results) {
     say(
       `placement ${spec} ${r.name}: ${r.single.toFixed(1)} tok/s alone, ${r.batched.toFixed(1)} tok/s at 8, weights on the GPU ${(r.deviceModelBytes / 2 ** 30).toFixed(2)} GiB` +
-        `${r.share !== undefined ? `, copies took ${(100 * r.share).toFixed(1)}% of the picks` : ''}, outputs ${r.sameAsAllOnGpu ? 'equal' : 'differ from'} all-on-GPU`,
+        `${r.share !== undefined ? `, copies took ${(100 * r.share).toFixed(1)}% of the picks` : ''}, ${r.sameAsAllOnGpu}/${r.outputs} outputs as all-on-GPU's`,
     );
   }
   say(`placement ${spec}: gpuExperts / --n-cpu-moe decode ${(results[2].single / results[1].single).toFixed(2)}× alone, ${(results[2].batched / results[1].batched).toFixed(2)}× at 8`);

@@ -348,7 +348,6 @@ export class Model implements AsyncDisposable {
    * counted itself (with expertStats). Resolves with the new placement.
    */
   async placeExperts(heat?: ExpertHeat): Promise<ExpertPlacement> {
-    this.#assertOpen();
     const layers = resolveExpertHeat('heat', heat);
     return this.#placement(() => this.#native.placeExperts(layers));
   }

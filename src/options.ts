@@ -156,7 +156,9 @@ export interface LoadModelOptions {
    * Where --n-cpu-moe keeps whole layers' experts off the GPU, this keeps the hot experts of every
    * layer on it for the same memory. Read the choice with `model.expertPlacement()`, choose again
    * with `model.placeExperts()`. Layers whose experts are on the device already are left as they
-   * are. Needs plain host buffers (no expert biases or scales, no LoRA). Default 0 (none).
+   * are. Weights in host memory then keep ggml's plain layout (no CPU repacking, llama.cpp's
+   * --no-repack), which the split reads; layers with expert biases or scales, or LoRA, are left as
+   * loaded. Default 0 (none).
    */
   gpuExperts?: number;
   /**

@@ -60,7 +60,9 @@ describe('expert placement', { timeout: 240_000 }, () => {
   let dsWantLogits: Float32Array[];
 
   beforeAll(async () => {
-    [qwenPath, dsPath] = await Promise.all([makeFixtureModel(QWEN), makeFixtureModel(DEEPSEEK_GROUPED)]);
+    // f16: no CPU repacking of either fixture (placement keeps host weights in the plain layout; a
+    // repacked baseline would run other kernels and differ in the last bits).
+    [qwenPath, dsPath] = await Promise.all([makeFixtureModel(QWEN), makeFixtureModel({ ...DEEPSEEK_GROUPED, type: 'f16' })]);
     plain = await loadModel(qwenPath, base);
     dsPlain = await loadModel(dsPath, base);
     want.greedy = await outputs(plain, greedy);
@@ -110,6 +112,17 @@ describe('expert placement', { timeout: 240_000 }, () => {
       expect((await model.expertPlacement()).layers.map((l) => l.experts)).toEqual(hottest(dsHeat, 12));
       expect(await logits(model, PROMPTS[1]!)).toEqual(dsWantLogits);
       expect(await outputs(model, greedy)).toEqual(want.dsGreedy);
+    } finally {
+      await model.dispose();
+    }
+  });
+
+  it('keeps host weights in the plain layout where the CPU would repack them (q4_0), so they can be split', async () => {
+    const q4 = await makeFixtureModel({ ...QWEN, type: 'q4_0' });
+    const model = await loadModel(q4, { ...base, gpuExperts: 3, expertHeat: heat });
+    try {
+      expect((await model.expertPlacement()).layers.map((l) => l.experts)).toEqual(hottest(heat, 3));
+      expect((await model.complete(PROMPTS[0]!, greedy)).tokens).toHaveLength(greedy.maxTokens);
     } finally {
       await model.dispose();
     }

@@ -561,6 +561,7 @@ LoadBaton load_baton(Napi::Env env, const std::string& path, const Napi::Object&
   baton.engine.max_queue = static_cast<uint32_t>(std::max(0, get_int(opts, "maxQueue", 0)));
   baton.engine.expert_stats = get_bool(opts, "expertStats", false);
   baton.engine.gpu_experts = static_cast<uint32_t>(std::max(0, get_int(opts, "gpuExperts", 0)));
+  baton.offload.plain_host_weights = baton.engine.gpu_experts > 0;
   baton.engine.expert_heat = expert_counts_from_js(env, opts.Get("expertHeat"), "expertHeat");
   baton.engine.expert_replace_tokens = get_u64(opts, "expertReplaceTokens");
   baton.engine.moe_group_topk = get_bool(opts, "fusedMoeRouting", false);

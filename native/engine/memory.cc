@@ -66,6 +66,7 @@ std::string rpc_failure(const std::vector<std::string>& endpoints) {
 ModelParams::ModelParams(const OffloadOptions& offload) : params_(llama_model_default_params()) {
   params_.n_gpu_layers = offload.gpu_layers;
   params_.load_mode = offload.use_mmap ? LLAMA_LOAD_MODE_MMAP : LLAMA_LOAD_MODE_NONE;
+  if (offload.plain_host_weights) params_.use_extra_bufts = false;
   params_.split_mode = offload.split_mode;
   params_.main_gpu = offload.main_gpu;
   params_.load_mtp = offload.load_mtp;

@@ -21,6 +21,10 @@ struct OffloadOptions {
   // on a GPU: llama.cpp's --n-cpu-moe. The rest of those layers still runs on the GPU.
   uint32_t cpu_moe_layers = 0;
   bool use_mmap = true;
+  // Weights in host memory in ggml's plain layout, never the CPU's repacked ones (llama.cpp's
+  // --no-repack): expert placement (EngineOptions::gpu_experts) copies experts out of them, and
+  // skips experts in ggml's own mul_mat_id only.
+  bool plain_host_weights = false;
   // Several devices (llama.cpp's -sm/-ts/-mg): how layers (or rows, or tensors) are split over the
   // offload devices, in what proportions (empty: by free memory), and the main device.
   llama_split_mode split_mode = LLAMA_SPLIT_MODE_LAYER;
