@@ -322,7 +322,6 @@ void Engine::stop() {
   }
   abort_decode_ = true;
   cv_.notify_one();
-  expert_cv_.notify_all();
 }
 
 void Engine::join() {
@@ -346,14 +345,16 @@ EngineStats Engine::stats() {
 
 std::vector<ExpertLayerCounts> Engine::expert_counts(bool reset) {
   if (expert_layers_.empty()) throw std::logic_error("expert statistics are off for this model");
-  std::unique_lock<std::mutex> lock(mu_);
-  if (stop_) throw std::runtime_error("the model was disposed");
-  const uint64_t ticket = ++expert_reads_asked_;
-  expert_reset_asked_ = expert_reset_asked_ || reset;
-  cv_.notify_one();
-  expert_cv_.wait(lock, [&] { return expert_reads_served_ >= ticket || stop_; });
-  if (expert_reads_served_ < ticket) throw std::runtime_error("the model was disposed");
-  return expert_snapshot_;
+  std::vector<ExpertLayerCounts> snapshot(expert_layers_.size());
+  between_steps([&] {
+    fold_expert_counts();
+    for (size_t i = 0; i < expert_layers_.size(); ++i) {
+      snapshot[i].layer = expert_layers_[i];
+      snapshot[i].counts = expert_totals_[i];
+      if (reset) std::fill(expert_totals_[i].begin(), expert_totals_[i].end(), 0);
+    }
+  });
+  return snapshot;
 }
 
 void Engine::fold_expert_counts() {
@@ -486,31 +487,6 @@ void Engine::run_tasks() {
   for (auto& task : tasks) task();  // exceptions go to the waiting caller
 }
 
-void Engine::serve_expert_reads() {
-  uint64_t asked;
-  bool reset;
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    asked = expert_reads_asked_;
-    reset = expert_reset_asked_;
-    if (asked == expert_reads_served_) return;
-  }
-  fold_expert_counts();
-  std::vector<ExpertLayerCounts> snapshot(expert_layers_.size());
-  for (size_t i = 0; i < expert_layers_.size(); ++i) {
-    snapshot[i].layer = expert_layers_[i];
-    snapshot[i].counts = expert_totals_[i];
-    if (reset) std::fill(expert_totals_[i].begin(), expert_totals_[i].end(), 0);
-  }
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    expert_snapshot_ = std::move(snapshot);
-    expert_reads_served_ = asked;
-    expert_reset_asked_ = false;
-  }
-  expert_cv_.notify_all();
-}
-
 void Engine::push(Event event) {
   std::lock_guard<std::mutex> lock(mu_);
   outbox_.push_back(std::move(event));
@@ -536,8 +512,7 @@ void Engine::loop() {
       // Slots waiting for an external token have nothing to decode until it is fed.
       const bool busy = !waiting_.empty() || std::any_of(slots_.begin(), slots_.end(), [](const Slot& s) { return s.busy && !s.awaiting; });
       cv_.wait(lock, [&] {
-        return stop_ || !incoming_.empty() || !cancels_.empty() || !feeds_.empty() || busy || expert_reads_asked_ != expert_reads_served_ ||
-               !tasks_.empty();
+        return stop_ || !incoming_.empty() || !cancels_.empty() || !feeds_.empty() || busy || !tasks_.empty();
       });
       if (stop_) break;
       for (auto& p : incoming_) waiting_.push_back(std::move(p));
@@ -547,7 +522,6 @@ void Engine::loop() {
     }
     if (!cancels.empty()) apply_cancels(cancels);
     if (!feeds.empty()) apply_feeds(feeds);
-    if (!expert_layers_.empty()) serve_expert_reads();
     run_tasks();
     if (!broken_.empty()) {
       // A lost RPC server took part of the model's weights with it: nothing can run any more.
@@ -566,10 +540,10 @@ void Engine::loop() {
     flush_events();
   }
 
-  expert_cv_.notify_all();  // readers waiting for the counters learn that the engine stopped
   {
+    // between_steps() callers (expert reads, placement) learn that the engine stopped.
     std::lock_guard<std::mutex> lock(mu_);
-    tasks_.clear();  // their callers learn the same (broken promise)
+    tasks_.clear();
   }
 
   // Disposal: nothing in flight is dropped silently; every request learns why it ended.

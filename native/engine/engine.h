@@ -435,8 +435,6 @@ class Engine {
   // Adds the device counters into expert_totals_ and zeroes them (engine thread). The device
   // counts in F32, exact to 2^24: decode() folds before any counter could get there.
   void fold_expert_counts();
-  // Serves the expert_counts() calls waiting at the start of an iteration (engine thread).
-  void serve_expert_reads();
   // Runs `task` on the engine thread between steps and waits for it (rethrowing what it throws);
   // throws when the engine stops first.
   void between_steps(std::function<void()> task);
@@ -505,16 +503,11 @@ class Engine {
   int32_t n_embd_ = 0;  // MTP: width of a hidden-state row
 
   // Expert statistics: layers with counters; totals, folded from the device (engine thread);
-  // tokens decoded since the last fold; reads asked for and served (under mu_), and their result.
+  // tokens decoded since the last fold.
   std::vector<int32_t> expert_layers_;
   std::vector<std::vector<uint64_t>> expert_totals_;
   std::vector<float> expert_scratch_;
   uint64_t expert_unfolded_tokens_ = 0;
-  uint64_t expert_reads_asked_ = 0;
-  uint64_t expert_reads_served_ = 0;
-  bool expert_reset_asked_ = false;
-  std::vector<ExpertLayerCounts> expert_snapshot_;
-  std::condition_variable expert_cv_;
 
   // Expert placement: layers with copies, each one's heat (engine thread), the current choice (read
   // under mu_), and tokens decoded since it was made.
