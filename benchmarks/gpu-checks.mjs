@@ -26,11 +26,13 @@
 //               expert placement (gpuExperts: that many experts of every layer copied to the GPU, the
 //               hottest by a counting run's expertStats); and all experts on the GPU. Tokens per
 //               second at 1 and 8 sequences, the share of routed picks the copies took, and how
-//               many greedy outputs equal the all-on-GPU run's (each side runs its own kernels)
+//               many greedy outputs equal the all-on-GPU run's (each side runs its own kernels);
+//               then llama-bench from the same source, all on the GPU and with -ncmoe, decode alone
 // Prints one line per result and writes checks.json to $OUT. Usage:
 //   node benchmarks/gpu-checks.mjs [logits|concurrent|memory|paged|routing|swap|placement|all]
 import { spawnSync } from 'node:child_process';
 import { mkdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { availableParallelism } from 'node:os';
 import { join } from 'node:path';
 
 import { estimateMemory, loadModel, systemInfo } from '../dist/index.js';
@@ -38,6 +40,8 @@ import { ensureBenchModel, parseModelSpec } from '../dist/bench/models.js';
 import { measureDeterminism } from '../dist/bench/determinism.js';
 import { ensureDefaultModel } from '../dist/synthetic/default-model.js';
 import { makeSyntheticModel, mulberry32 } from '../dist/synthetic/models.js';
+import { parseLlamaBenchJson, runTool } from '../dist/bench/reference.js';
+import { ensureReferenceTool } from '../scripts/llama.mjs';
 
 const OUT = process.env.OUT ?? join(process.cwd(), 'benchmarks', 'out', 'gpu');
 mkdirSync(OUT, { recursive: true });
@@ -450,7 +454,17 @@ async function placementCheck() {
     );
   }
   say(`placement ${spec}: gpuExperts / --n-cpu-moe decode ${(results[2].single / results[1].single).toFixed(2)}× alone, ${(results[2].batched / results[1].batched).toFixed(2)}× at 8`);
-  return results;
+  // Upstream's own --n-cpu-moe at the same memory: llama-bench from the same source, decode alone.
+  const threads = String(Math.min(16, availableParallelism()));
+  const upstream = {};
+  for (const [name, ncmoe] of [['all experts on the GPU', 0], [`--n-cpu-moe ${cpuMoe}`, cpuMoe]]) {
+    const args = ['-m', path, '-t', threads, '-ngl', device.gpuLayers === 'max' ? '99' : '0', '-fa', '1', '-ncmoe', String(ncmoe), '-p', '0', '-n', String(greedy.maxTokens), '-r', '2', '-o', 'json'];
+    const [row] = parseLlamaBenchJson((await runTool(ensureReferenceTool('llama-bench'), args)).stdout);
+    upstream[name] = row.samples.reduce((a, b) => a + b, 0) / row.samples.length;
+    say(`placement ${spec} llama-bench ${name}: ${upstream[name].toFixed(1)} tok/s alone`);
+  }
+  say(`placement ${spec}: gpuExperts / llama-bench --n-cpu-moe ${cpuMoe} decode ${(results[2].single / upstream[`--n-cpu-moe ${cpuMoe}`]).toFixed(2)}× alone`);
+  return { runs: results, llamaBench: upstream };
 }
 
 const [what = 'all', ...rest] = process.argv.slice(2);
