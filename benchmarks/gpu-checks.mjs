@@ -351,12 +351,18 @@ async function routingCheck() {
   return results;
 }
 
-async function swapCheck() {
-  const spec = process.env.SWAP_MODEL ?? 'llama-3-8b:q4_0:2';
+/** A q4_0 bench model by spec, the GPU when the addon has one, and `n` prompts of `length` random token ids. */
+async function benchRun(spec, seed, n, length) {
   const path = await ensureBenchModel(parseModelSpec(spec, { type: 'q4_0' }));
   const device = systemInfo().gpuOffload ? { gpuLayers: 'max' } : { gpuLayers: 0 };
-  const next = mulberry32(7);
-  const prompts = Array.from({ length: 16 }, () => Array.from({ length: 64 }, () => 100 + Math.floor(next() * 20000)));
+  const next = mulberry32(seed);
+  const prompts = Array.from({ length: n }, () => Array.from({ length }, () => 100 + Math.floor(next() * 20000)));
+  return { path, device, prompts };
+}
+
+async function swapCheck() {
+  const spec = process.env.SWAP_MODEL ?? 'llama-3-8b:q4_0:2';
+  const { path, device, prompts } = await benchRun(spec, 7, 16, 64);
   const greedy = { temperature: 0, ignoreEos: true, maxTokens: 192 };
   const budget = (16 * (64 + 192)) / 4;
   const results = [];
@@ -393,10 +399,7 @@ async function swapCheck() {
 
 async function placementCheck() {
   const spec = process.env.PLACE_MODEL ?? 'deepseek-v3:q4_0:2';
-  const path = await ensureBenchModel(parseModelSpec(spec, { type: 'q4_0' }));
-  const device = systemInfo().gpuOffload ? { gpuLayers: 'max' } : { gpuLayers: 0 };
-  const next = mulberry32(11);
-  const prompts = Array.from({ length: 8 }, () => Array.from({ length: 32 }, () => 100 + Math.floor(next() * 20000)));
+  const { path, device, prompts } = await benchRun(spec, 11, 8, 32);
   const greedy = { temperature: 0, ignoreEos: true, maxTokens: 64 };
   const common = { ...device, contextSize: 256, maxSequences: 8, flashAttention: true };
 
