@@ -342,7 +342,8 @@ async function planCommand(argv: string[]): Promise<void> {
   process.stdout.write(`${path}: contextSize ${estimate.options.contextSize} × ${estimate.options.maxSequences} sequences, KV ${(estimate.kvBytesPerToken / 1024).toFixed(1)} KiB per token\n`);
   for (const line of placementLines(estimate.devices)) process.stdout.write(`  ${line}\n`);
   if (plan) {
-    process.stdout.write(`plan: contextSize ${plan.options.contextSize}, gpuLayers ${plan.options.gpuLayers}, cpuMoeLayers ${plan.options.cpuMoeLayers}\n`);
+    const copies = plan.options.gpuExperts !== undefined ? `, gpuExperts ${plan.options.gpuExperts}` : '';
+    process.stdout.write(`plan: contextSize ${plan.options.contextSize}, gpuLayers ${plan.options.gpuLayers}, cpuMoeLayers ${plan.options.cpuMoeLayers}${copies}\n`);
     for (const line of plan.explanation) process.stdout.write(`  ${line}\n`);
   }
 }
