@@ -171,7 +171,8 @@ describe('RPC split', () => {
     const all = device(await estimateMemory(moe, { ...on, gpuLayers: 'max' }));
     const hosted = device(await estimateMemory(moe, { ...on, gpuLayers: 'max', cpuMoeLayers: 3 }));
     // Room for 60 % of the experts: --n-cpu-moe would keep two of the three layers' experts here.
-    const memoryBudget = { devices: { RPC0: hosted.total + 0.6 * (all.weights - hosted.weights) } };
+    // By endpoint: the device's name (RPC0, RPC1, ...) follows the order the process first met servers in.
+    const memoryBudget = { devices: { [endpoints[1]!]: hosted.total + 0.6 * (all.weights - hosted.weights) } };
     const byLayers = await planMemory(moe, { ...on, memoryBudget });
     expect(byLayers.options).toMatchObject({ gpuLayers: 'max', cpuMoeLayers: 2 });
     const plan = await planMemory(moe, { ...on, memoryBudget, moePlacement: 'experts' });
