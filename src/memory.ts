@@ -184,10 +184,10 @@ export function resolveBudget(
 /**
  * An estimate with every layer's experts in host memory plus `count` copies per layer of its experts
  * on the offload devices (gpuExperts): each device's weights grow by that share of the experts it
- * holds when they are all offloaded (`offloaded`). Unchanged with count 0.
+ * holds when they are all offloaded (`offloaded`).
  */
 function withCopies(hosted: MemoryEstimate, count: number, experts: number, offloaded: MemoryEstimate): MemoryEstimate {
-  if (count <= 0 || experts <= 0) return hosted;
+  if (experts <= 0) return hosted;
   const devices = hosted.devices.map((d) => {
     if (d.host) return d;
     const all = offloaded.devices.find((x) => x.device === d.device)?.weights ?? d.weights;
@@ -331,7 +331,9 @@ export async function planMemory(path: string, options: PlanOptions = {}): Promi
       }
     }
     if (choice) {
-      const chosen = withCopies(await estimate(contextSize, choice.gpuLayers, choice.cpuMoeLayers), choice.gpuExperts ?? 0, first.experts, await estimate(contextSize, choice.gpuLayers, 0));
+      const placed = await estimate(contextSize, choice.gpuLayers, choice.cpuMoeLayers);
+      const chosen =
+        choice.gpuExperts !== undefined ? withCopies(placed, choice.gpuExperts, first.experts, await estimate(contextSize, choice.gpuLayers, 0)) : placed;
       if (contextSize < base.contextSize) {
         explanation.push(`contextSize ${contextSize} instead of the ${base.contextSize} asked for: ${base.contextSize} did not fit with any placement of the weights`);
       } else {
