@@ -241,6 +241,7 @@ Engine::Engine(llama_model* model, const EngineOptions& options, Notify notify)
       }
       gpu_experts_ = options.gpu_experts;
       replace_every_ = options.expert_replace_tokens;
+      check_heat(options.expert_heat);
       add_heat(options.expert_heat);
       place();
     } catch (...) {
@@ -392,7 +393,6 @@ void Engine::check_heat(const std::vector<ExpertLayerCounts>& heat) const {
 }
 
 void Engine::add_heat(const std::vector<ExpertLayerCounts>& heat) {
-  check_heat(heat);
   for (const auto& layer : heat) {
     const auto placed = std::find(place_layers_.begin(), place_layers_.end(), layer.layer);
     if (placed == place_layers_.end()) continue;  // its experts are on the device already

@@ -439,8 +439,8 @@ class Engine {
   // throws when the engine stops first.
   void between_steps(std::function<void()> task);
   void run_tasks();
-  // Expert placement (engine thread): adds `heat` to the layers' heat, then copies each layer's
-  // hottest experts to its device.
+  // Expert placement (engine thread): adds `heat` (checked with check_heat) to the layers' heat,
+  // then copies each layer's hottest experts to its device.
   void add_heat(const std::vector<ExpertLayerCounts>& heat);
   void place();
 
