@@ -133,22 +133,23 @@ export class ServerMetrics {
     engineCounter('genesis_draft_accepted_tokens_total', 'Speculative decoding: proposed tokens the model kept (each one a decode step saved), since load.', (s) => s.acceptedDraftTokens);
     // Expert load, read at scrape time from the models loaded with expertStats (a read waits for
     // the engine's step in flight). The two metrics below share one read per scrape.
-    let scrape: Promise<Array<[string, ExpertStats]>> | undefined;
-    const readExpertStats = async (): Promise<Array<[string, ExpertStats]>> => {
-      const out: Array<[string, ExpertStats]> = [];
+    /** `read` of each loaded model that is `wanted`, by served name; a model disposed meanwhile is left out. */
+    const readEach = async <T>(wanted: (context: Model['info']['context']) => boolean, read: (model: Model) => Promise<T>): Promise<Array<[string, T]>> => {
+      const out: Array<[string, T]> = [];
       for (const served of models()) {
         const model = served.current();
-        if (!model || model.disposed || !model.info.context.expertStats) continue;
+        if (!model || model.disposed || !wanted(model.info.context)) continue;
         try {
-          out.push([served.name, await model.expertStats()]);
+          out.push([served.name, await read(model)]);
         } catch {
           // disposed while reading: it has nothing to report any more
         }
       }
       return out;
     };
+    let scrape: Promise<Array<[string, ExpertStats]>> | undefined;
     const eachExpertStats = async (visit: (model: string, stats: ExpertStats) => void) => {
-      scrape ??= readExpertStats().finally(() => setImmediate(() => (scrape = undefined)));
+      scrape ??= readEach((c) => c.expertStats, (m) => m.expertStats()).finally(() => setImmediate(() => (scrape = undefined)));
       for (const [model, stats] of await scrape) visit(model, stats);
     };
     new Counter({
@@ -184,15 +185,9 @@ export class ServerMetrics {
       registers,
       async collect() {
         this.reset();
-        for (const served of models()) {
-          const model = served.current();
-          if (!model || model.disposed || !model.info.context.expertPlacement || !model.info.context.expertStats) continue;
-          try {
-            for (const { layer, routed, routedToCopies } of (await model.expertPlacement()).layers) {
-              if (routed > 0) this.set({ model: served.name, layer: String(layer) }, routedToCopies / routed);
-            }
-          } catch {
-            // disposed while reading: it has nothing to report any more
+        for (const [model, placement] of await readEach((c) => c.expertPlacement && c.expertStats, (m) => m.expertPlacement())) {
+          for (const { layer, routed, routedToCopies } of placement.layers) {
+            if (routed > 0) this.set({ model, layer: String(layer) }, routedToCopies / routed);
           }
         }
       },
