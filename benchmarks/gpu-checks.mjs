@@ -479,32 +479,10 @@ if (what === 'cpu-side') {
   const report = { date: new Date().toISOString(), steps: STEPS };
   const file = join(OUT, `checks-${what}.json`);
   const save = () => writeFileSync(file, JSON.stringify(report, null, 2));
-  if (what === 'logits' || what === 'all') {
-    report.logits = await logitsCheck();
-    save();
-  }
-  if (what === 'concurrent' || what === 'all') {
-    report.concurrent = await concurrentCheck();
-    save();
-  }
-  if (what === 'memory' || what === 'all') {
-    report.memory = await memoryCheck();
-    save();
-  }
-  if (what === 'paged' || what === 'all') {
-    report.paged = await pagedCheck();
-    save();
-  }
-  if (what === 'routing' || what === 'all') {
-    report.routing = await routingCheck();
-    save();
-  }
-  if (what === 'swap' || what === 'all') {
-    report.swap = await swapCheck();
-    save();
-  }
-  if (what === 'placement' || what === 'all') {
-    report.placement = await placementCheck();
+  const checks = { logits: logitsCheck, concurrent: concurrentCheck, memory: memoryCheck, paged: pagedCheck, routing: routingCheck, swap: swapCheck, placement: placementCheck };
+  for (const [name, check] of Object.entries(checks)) {
+    if (what !== name && what !== 'all') continue;
+    report[name] = await check();
     save();
   }
 }
