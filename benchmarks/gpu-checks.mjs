@@ -17,7 +17,7 @@
 //   swap        16 requests of 64 + 192 tokens in a pool of a quarter of what they need (all are
 //               admitted, then outgrow it), with
 //               preempted sequences recomputed (kvSwapMemory 0) and copied to host memory and back
-//               (kvSwapMemory 8 GiB), standard and paged: wall time, tokens decoded, preemptions,
+//               (kvSwapMemory 8 GiB), standard, paged and paged in blocks of 16: wall time, tokens decoded, preemptions,
 //               copies, and how many outputs the two ways share (SWAP_MODEL, default llama-3-8b:q4_0:2;
 //               on the GPU when the addon has one, else the CPU)
 //   placement   decode of a MoE model whose experts do not all fit (PLACE_MODEL, default
@@ -366,10 +366,12 @@ async function swapCheck() {
   const greedy = { temperature: 0, ignoreEos: true, maxTokens: 192 };
   const budget = (16 * (64 + 192)) / 4;
   const results = [];
-  for (const kvPaged of [false, true]) {
+  // Standard, paged cell by cell, and paged in blocks of 16 (a sequence's cells in runs of whole
+  // blocks: fewer, larger copies).
+  for (const [kvPaged, kvBlockSize] of [[false, 1], [true, 1], [true, 16]]) {
     const runs = {};
     for (const [mode, kvSwapMemory] of [['recompute', 0], ['swap', 8 * 2 ** 30]]) {
-      const m = await loadModel(path, { ...device, contextSize: 512, maxSequences: 16, kvBudget: budget, kvPaged, kvSwapMemory, flashAttention: true });
+      const m = await loadModel(path, { ...device, contextSize: 512, maxSequences: 16, kvBudget: budget, kvPaged, kvBlockSize, kvSwapMemory, flashAttention: true });
       try {
         await m.complete(prompts[0].slice(0, 8), { ...greedy, maxTokens: 2 });
         const before = m.stats();
@@ -389,9 +391,9 @@ async function swapCheck() {
       }
     }
     const same = runs.recompute.tokens.filter((t, i) => JSON.stringify(t) === JSON.stringify(runs.swap.tokens[i])).length;
-    const r = { model: spec, kvPaged, budget, same, ...Object.fromEntries(Object.entries(runs).map(([k, v]) => [k, { ...v, tokens: undefined }])) };
+    const r = { model: spec, kvPaged, kvBlockSize, budget, same, ...Object.fromEntries(Object.entries(runs).map(([k, v]) => [k, { ...v, tokens: undefined }])) };
     const line = (k) => `${k} ${runs[k].seconds.toFixed(2)} s, ${runs[k].decodedTokens} decoded, ${runs[k].preemptions} preemptions, ${runs[k].swapIns} copied back`;
-    say(`swap ${spec}${kvPaged ? ' paged' : ''}, pool ${budget} for 16 × (64 + 192): ${line('recompute')}; ${line('swap')}; recompute/swap time ${(runs.recompute.seconds / runs.swap.seconds).toFixed(2)}×; ${same}/16 outputs the same`);
+    say(`swap ${spec}${kvPaged ? ' paged' : ''}${kvBlockSize > 1 ? ` in blocks of ${kvBlockSize}` : ''}, pool ${budget} for 16 × (64 + 192): ${line('recompute')}; ${line('swap')}; recompute/swap time ${(runs.recompute.seconds / runs.swap.seconds).toFixed(2)}×; ${same}/16 outputs the same`);
     results.push(r);
   }
   return results;

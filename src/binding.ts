@@ -20,6 +20,8 @@ export interface NativeLoadOptions {
   kvUnified: boolean;
   kvBudget: number;
   kvPaged: boolean;
+  /** Paged: cells per block of the pool (1: cell by cell). */
+  kvBlockSize: number;
   /** Bytes of host memory preempted sequences' KV may take (0: recomputed instead). */
   kvSwapMemory: number;
   /** KV cache element types by ggml name ('f16', 'q8_0', ...). */
@@ -154,7 +156,7 @@ export interface NativeModelInfo {
   hybrid: boolean;
   chatTemplate: string | null;
   specialTokens: { bos: number; eos: number; eot: number; addBos: boolean };
-  context: { contextSize: number; maxSequences: number; batchSize: number; totalContext: number; maxQueue: number; expertStats: boolean; kvPaged: boolean; kvCacheType: { k: string; v: string }; fusedMoeRouting: boolean; expertPlacement: boolean };
+  context: { contextSize: number; maxSequences: number; batchSize: number; totalContext: number; maxQueue: number; expertStats: boolean; kvPaged: boolean; kvBlockSize: number; kvCacheType: { k: string; v: string }; fusedMoeRouting: boolean; expertPlacement: boolean };
   metadata: Record<string, string>;
   /** What sits where: the split as loaded and, per device, its bytes and layers. */
   placement: NativePlacement;

@@ -70,6 +70,14 @@ export interface EngineStats {
    */
   kvPoolUsedTokens: number;
   /**
+   * The pool in blocks (kvBlockSize cells each; 1 without kvBlockSize): all of them (0 without a
+   * pool) and those holding at least one used cell, a partly filled block held whole.
+   * kvPoolBlocks − kvPoolUsedBlocks are free. kvPoolUsedTokens is kvPoolUsedBlocks × kvBlockSize.
+   */
+  kvBlockSize: number;
+  kvPoolBlocks: number;
+  kvPoolUsedBlocks: number;
+  /**
    * kvBudget: sequences preempted since load to make room in the shared KV pool (each went back to
    * the queue and was recomputed when admitted again; its output is unchanged).
    */

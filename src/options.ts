@@ -112,6 +112,17 @@ export interface LoadModelOptions {
    */
   kvPaged?: boolean;
   /**
+   * With kvPaged: the pool's cells are taken in aligned blocks of this many (vLLM's block size), a
+   * power of two up to 256. A sequence fills its last block before it takes another whose cells are
+   * all free, so each sequence's K/V lies in runs of whole blocks (a host copy of a preempted
+   * sequence moves one run per block and layer, not one per cell). Prefixes are shared between
+   * sequences in whole blocks: a prompt copying another sequence's prefix computes the partial last
+   * block itself (at most kvBlockSize − 1 tokens). A sequence's partly filled last block is held
+   * whole, and the pool is counted in blocks (`stats().kvPoolUsedBlocks`). Default 1: cell by cell,
+   * which holds the most sequences in a budget.
+   */
+  kvBlockSize?: number;
+  /**
    * With kvBudget or kvPaged: host memory, in bytes, that preempted sequences' KV may take while they
    * wait to be admitted again. A preempted sequence's cells (and a hybrid model's recurrent state)
    * are copied there when they fit beside the copies already waiting, and copied back into free
@@ -346,6 +357,9 @@ export function resolveLoadOptions(
   if (kvPaged && options.kvUnified === false) throw new InvalidOptionError('kvPaged', 'kvUnified true or unset: paged attention reads the shared KV cache', true);
   if (kvPaged && options.flashAttention === false) throw new InvalidOptionError('kvPaged', 'flashAttention true or unset: paged attention runs in the flash attention kernels', true);
   const kvUnified = (checkBool('kvUnified', options.kvUnified) ?? false) || kvBudget > 0 || kvPaged;
+  const kvBlockSize = checkInt('kvBlockSize', options.kvBlockSize, 1, 256) ?? 1;
+  if ((kvBlockSize & (kvBlockSize - 1)) !== 0) throw new InvalidOptionError('kvBlockSize', 'a power of two from 1 to 256', kvBlockSize);
+  if (kvBlockSize > 1 && !kvPaged) throw new InvalidOptionError('kvBlockSize', 'kvPaged true: blocks are cells of the paged pool', kvBlockSize);
   const kvSwapMemory = checkInt('kvSwapMemory', options.kvSwapMemory, 0, Number.MAX_SAFE_INTEGER) ?? 0;
   if (kvSwapMemory > 0 && kvBudget === 0 && !kvPaged) {
     throw new InvalidOptionError('kvSwapMemory', 'kvBudget or kvPaged set: only sequences preempted from the shared KV pool are copied out', kvSwapMemory);
@@ -424,6 +438,7 @@ export function resolveLoadOptions(
     // needed, prefixes shared by reference) work as with kvBudget.
     kvBudget: kvBudget > 0 ? kvBudget : kvPaged ? Math.min(contextSize * maxSequences, 2 ** 31 - 1) : 0,
     kvPaged,
+    kvBlockSize,
     kvSwapMemory,
     kvCacheTypeK: kvCacheType.k,
     kvCacheTypeV: kvCacheType.v,

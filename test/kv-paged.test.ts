@@ -145,20 +145,95 @@ describe('paged attention (kvPaged)', { timeout: 180_000 }, () => {
     ['Qwen3.5-MoE-shaped (hybrid recurrent + attention)', { arch: 'qwen35moe', type: 'f16', nLayer: 4, nEmbd: 64, nHead: 4, nHeadKv: 2, headDim: 16, nFf: 128, nExpert: 16, nExpertUsed: 4, nFfExp: 64 }],
   ];
   for (const [name, shape] of shapes) {
-    it(`runs a ${name} model paged, under preemption, equal to its solo runs`, async () => {
+    it(`runs a ${name} model paged, under preemption, equal to its solo runs, cell by cell and in blocks`, async () => {
       const p = await makeFixtureModel(shape);
       const prompts = PROMPTS.slice(0, 6);
       const expected = await soloRuns(p, prompts);
-      const m = await loadModel(p, { ...base, maxSequences: 6, kvBudget: 160, kvPaged: true });
+      for (const kvBlockSize of [1, 16]) {
+        const m = await loadModel(p, { ...base, maxSequences: 6, kvBudget: 160, kvPaged: true, kvBlockSize });
+        try {
+          const got = await Promise.all(prompts.map((q) => m.complete(q, GREEDY)));
+          expect(m.stats().preemptions).toBeGreaterThan(0);
+          expect(got.map((r) => r.tokens)).toEqual(expected);
+        } finally {
+          await m.dispose();
+        }
+      }
+    });
+  }
+
+  describe('in blocks (kvBlockSize)', () => {
+    it('holds a sequence in whole blocks and gives concurrent requests their solo outputs', async () => {
+      const cells = await loadModel(path, { ...base, maxSequences: 8, kvPaged: true });
+      const blocks = await loadModel(path, { ...base, maxSequences: 8, kvPaged: true, kvBlockSize: 16 });
       try {
-        const got = await Promise.all(prompts.map((q) => m.complete(q, GREEDY)));
-        expect(m.stats().preemptions).toBeGreaterThan(0);
-        expect(got.map((r) => r.tokens)).toEqual(expected);
+        expect(blocks.info.context.kvBlockSize).toBe(16);
+        expect(cells.info.context.kvBlockSize).toBe(1);
+        expect(blocks.stats().kvPoolBlocks).toBe(blocks.stats().kvCapacityTokens / 16);
+        expect(blocks.stats().kvPoolUsedBlocks).toBe(0);
+        // One finished request stays cached: cell by cell it holds n cells, in blocks ⌈n/16⌉ blocks.
+        await cells.complete(PROMPTS[0]!, GREEDY);
+        await blocks.complete(PROMPTS[0]!, GREEDY);
+        const n = cells.stats().kvPoolUsedTokens;
+        expect(n).toBeGreaterThan(60);
+        expect(n % 16).not.toBe(0);
+        expect(cells.stats().kvPoolUsedBlocks).toBe(n);
+        expect(blocks.stats().kvPoolUsedBlocks).toBe(Math.ceil(n / 16));
+        expect(blocks.stats().kvPoolUsedTokens).toBe(Math.ceil(n / 16) * 16);
+        // All 8 at once (prompts of one length), each growing in blocks of its own: 8 partly filled
+        // last blocks, where cells taken one by one would interleave the sequences over ⌈8n/16⌉.
+        const got = await Promise.all(PROMPTS.map((p) => blocks.complete(p, GREEDY)));
+        expect(got.map((r) => r.tokens)).toEqual(reference);
+        await Promise.all(PROMPTS.map((p) => cells.complete(p, GREEDY)));
+        expect(cells.stats().kvPoolUsedTokens).toBe(8 * n);
+        expect(blocks.stats().kvPoolUsedBlocks).toBe(8 * Math.ceil(n / 16));
+        expect(blocks.stats().kvPoolUsedBlocks).toBeGreaterThan(Math.ceil((8 * n) / 16));
+      } finally {
+        await cells.dispose();
+        await blocks.dispose();
+      }
+    });
+
+    it('completes 4× more requests than the pool holds, preempted and recomputed or swapped, equal to their solo runs', async () => {
+      for (const kvSwapMemory of [0, 64 * 2 ** 20]) {
+        const m = await loadModel(path, { ...base, maxSequences: 8, kvBudget: 160, kvPaged: true, kvBlockSize: 16, kvSwapMemory });
+        try {
+          const got = await Promise.all(PROMPTS.map((p) => m.complete(p, GREEDY)));
+          const stats = m.stats();
+          expect(stats.preemptions).toBeGreaterThan(0);
+          if (kvSwapMemory > 0) expect(stats.kvSwapIns).toBeGreaterThan(0);
+          expect(got.map((r) => r.tokens)).toEqual(reference);
+          expect(stats.active + stats.queued + stats.kvUsedTokens + stats.kvSwapBytes).toBe(0);
+        } finally {
+          await m.dispose();
+        }
+      }
+    });
+
+    it('shares a prefix between sequences in whole blocks, computing the partial last block', async () => {
+      const ids = (seed: number, n: number) => Array.from({ length: n }, (_, i) => 200 + ((seed * 7919 + i * 104729) % 15000));
+      // 410 prompt tokens in common: 25 whole blocks of 16 (400) and 10 more.
+      const prefix = ids(1, 410);
+      const prompts = [2, 3, 4, 5].map((s) => [...prefix, ...ids(s, 20)]);
+      const short = { temperature: 0, ignoreEos: true, maxTokens: 20 } as const;
+      const cold = await soloRuns(path, prompts, short, true);
+      const m = await loadModel(path, { ...base, contextSize: 512, maxSequences: 4, kvBudget: 1024, kvPaged: true, kvBlockSize: 16 });
+      try {
+        await m.complete([...prefix, ...ids(9, 20)], short);
+        const before = m.stats();
+        const results = await Promise.all(prompts.map((p) => m.complete(p, short)));
+        const after = m.stats();
+        expect(results.map((r) => r.tokens)).toEqual(cold);
+        // The finished sequence's own slot continues its cache (410); the three others copy its 25
+        // whole blocks (400 each) and compute the rest.
+        expect(after.sharedPrefixCopies - before.sharedPrefixCopies).toBe(3);
+        expect(after.cachedPromptTokens - before.cachedPromptTokens).toBe(410 + 3 * 400);
+        expect(after.preemptions).toBe(0);
       } finally {
         await m.dispose();
       }
     });
-  }
+  });
 
   it('refuses options it cannot honour, with typed errors naming them', async () => {
     const bad = [
@@ -170,6 +245,11 @@ describe('paged attention (kvPaged)', { timeout: 180_000 }, () => {
       const err = await loadModel(path, { ...base, ...(options as object) }).catch((e: unknown) => e);
       expect(err).toBeInstanceOf(InvalidOptionError);
       expect((err as InvalidOptionError).option).toBe('kvPaged');
+    }
+    for (const options of [{ kvPaged: true, kvBlockSize: 12 }, { kvPaged: true, kvBlockSize: 512 }, { kvPaged: true, kvBlockSize: 0 }, { kvBlockSize: 16 }, { kvBudget: 256, kvBlockSize: 16 }]) {
+      const err = await loadModel(path, { ...base, ...options }).catch((e: unknown) => e);
+      expect(err).toBeInstanceOf(InvalidOptionError);
+      expect((err as InvalidOptionError).option).toBe('kvBlockSize');
     }
     let draft: Model | undefined;
     try {

@@ -314,6 +314,10 @@ describe('shared KV pool (kvBudget)', { timeout: 120_000 }, () => {
       const held = Number(/^genesis_kv_pool_used_tokens\{model="pool"\} (\d+)$/m.exec(text)?.[1]);
       expect(held).toBeGreaterThan(0);
       expect(held).toBeLessThanOrEqual(Number(/^genesis_kv_capacity_tokens\{model="pool"\} (\d+)$/m.exec(text)?.[1]));
+      // Without kvBlockSize a block is a cell.
+      expect(text).toMatch(new RegExp(`^genesis_kv_pool_blocks_used\\{model="pool"\\} ${held}$`, 'm'));
+      const capacity = Number(/^genesis_kv_capacity_tokens\{model="pool"\} (\d+)$/m.exec(text)?.[1]);
+      expect(text).toMatch(new RegExp(`^genesis_kv_pool_blocks_free\\{model="pool"\\} ${capacity - held}$`, 'm'));
     } finally {
       await handle.stop();
     }

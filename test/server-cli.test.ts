@@ -137,6 +137,26 @@ describe('genesis serve', { timeout: 90_000 }, () => {
     expect(await server.exited).toBe(0);
   });
 
+  it('--kv-block-size: blocks of the paged pool on /metrics, refused without --kv-paged or when not a power of two', async () => {
+    const path = await makeFixtureModel({ arch: 'llama', type: 'q8_0' });
+    const run = (...args: string[]) => spawnSync(process.execPath, ['--import', 'tsx', cli, 'serve', '--port', '0', '--threads', '1', '--model', `tiny=${path}`, ...args], {
+      encoding: 'utf8',
+      timeout: 60_000,
+      env: { ...process.env, GENESIS_API_KEY: '' },
+    });
+    for (const args of [['--kv-block-size', '16'], ['--kv-paged', '--kv-block-size', '24']]) {
+      const refused = run(...args);
+      expect(refused.status).not.toBe(0);
+      expect(refused.stderr).toMatch(/kvBlockSize/);
+    }
+    const server = await startServer(['--model', `tiny=${path}`, '--kv-paged', '--kv-block-size', '16', '--context-size', '256', '--max-sequences', '2']);
+    const metrics = await (await fetch(`${server.url}/metrics`)).text();
+    expect(metrics).toMatch(/^genesis_kv_pool_blocks_used\{model="tiny"\} 0$/m);
+    expect(metrics).toMatch(/^genesis_kv_pool_blocks_free\{model="tiny"\} 32$/m);
+    server.child.kill('SIGTERM');
+    expect(await server.exited).toBe(0);
+  });
+
   it('--cpu-moe and --gpu-experts copy the hottest experts by --expert-heat; the file must be readable JSON', async () => {
     const path = await makeFixtureModel({ arch: 'qwen3moe', vocab: 'qwen2', type: 'f16', nLayer: 3, nEmbd: 64 });
     const dir = mkdtempSync(join(tmpdir(), 'genesis-heat-'));

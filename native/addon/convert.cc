@@ -267,6 +267,7 @@ Napi::Object model_info(Napi::Env env, const llama_model* model, const Engine& e
   context.Set("maxQueue", engine.max_queue());
   context.Set("expertStats", engine.expert_stats());
   context.Set("kvPaged", engine.kv_paged());
+  context.Set("kvBlockSize", engine.kv_block_size());
   Napi::Object kv_type = Napi::Object::New(env);
   kv_type.Set("k", ggml_type_name(engine.type_k()));
   kv_type.Set("v", ggml_type_name(engine.type_v()));

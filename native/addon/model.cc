@@ -550,6 +550,7 @@ LoadBaton load_baton(Napi::Env env, const std::string& path, const Napi::Object&
   baton.engine.kv_unified = get_bool(opts, "kvUnified", false);
   baton.engine.kv_budget = static_cast<uint32_t>(std::max(0, get_int(opts, "kvBudget", 0)));
   baton.engine.kv_paged = get_bool(opts, "kvPaged", false);
+  baton.engine.kv_block_size = static_cast<uint32_t>(std::max(1, get_int(opts, "kvBlockSize", 1)));
   baton.engine.type_k = kv_cache_type(env, opts, "kvCacheTypeK");
   baton.engine.type_v = kv_cache_type(env, opts, "kvCacheTypeV");
   baton.engine.deterministic = get_bool(opts, "deterministic", false);
@@ -964,6 +965,9 @@ Napi::Value NativeModel::Stats(const Napi::CallbackInfo& info) {
   out.Set("stateCheckpointBytes", static_cast<double>(s.state_checkpoint_bytes));
   out.Set("preemptions", static_cast<double>(s.preemptions));
   out.Set("kvPoolUsedTokens", static_cast<double>(s.kv_pool_used_tokens));
+  out.Set("kvBlockSize", static_cast<double>(s.kv_block_size));
+  out.Set("kvPoolBlocks", static_cast<double>(s.kv_pool_blocks));
+  out.Set("kvPoolUsedBlocks", static_cast<double>(s.kv_pool_used_blocks));
   out.Set("kvSwapOuts", static_cast<double>(s.kv_swap_outs));
   out.Set("kvSwapIns", static_cast<double>(s.kv_swap_ins));
   out.Set("kvSwapBytes", static_cast<double>(s.kv_swap_bytes));

@@ -73,6 +73,7 @@ llama_context_params engine_context_params(const EngineOptions& options) {
   params.n_threads_batch = threads;
   params.kv_unified = options.kv_unified;
   params.kv_paged = options.kv_unified && options.kv_paged;
+  params.kv_block_size = params.kv_paged ? std::max<uint32_t>(1, options.kv_block_size) : 1;
   params.moe_group_topk = options.moe_group_topk;
   params.type_k = options.type_k;
   params.type_v = options.type_v;
@@ -166,7 +167,10 @@ Engine::Engine(llama_model* model, const EngineOptions& options, Notify notify)
                                 "speculative decoding with a shared KV pool (kvBudget) is not supported");
     }
     pool_cells_ = llama_n_ctx(ctx_);
+    if (kv_paged_) block_ = static_cast<uint32_t>(std::max(1, llama_kv_paged_blocks(ctx_, nullptr, nullptr)));
     stats_.kv_pool_tokens = pool_cells_;
+    stats_.kv_block_size = block_;
+    stats_.kv_pool_blocks = pool_cells_ / block_;
     swap_memory_ = options.kv_swap_memory;
   }
   batch_ = llama_batch_init(static_cast<int32_t>(n_batch_), 0, 1);
@@ -611,7 +615,7 @@ void Engine::admit() {
   uint64_t committed = 0;
   if (pool_cells_ > 0) {
     for (const auto& s : slots_) {
-      if (s.busy) committed += s.request.prompt.size() - std::min(s.prefilled, s.request.prompt.size());
+      if (s.busy) committed += cells_for(s, s.request.prompt.size() - std::min(s.prefilled, s.request.prompt.size()));
     }
   }
   for (size_t w : order) {
@@ -641,7 +645,8 @@ void Engine::admit() {
       size_t pending = 0;
       for (auto& other : slots_) {
         if (&other == chosen) continue;
-        const size_t held = reusable(other, common_prefix(other.kv_tokens, prompt));
+        size_t held = reusable(other, common_prefix(other.kv_tokens, prompt));
+        held -= held % block_;  // in whole blocks: the copy's next token goes to a new block
         if (held > donor_lcp) {
           donor = &other;
           donor_lcp = held;
@@ -649,6 +654,7 @@ void Engine::admit() {
         if (other.busy && other.prefilled < other.request.prompt.size()) {
           size_t coming = common_prefix(other.request.prompt, prompt);
           if (checkpoint_every_ > 0) coming -= coming % checkpoint_every_;  // where its state copies will be
+          coming -= coming % block_;  // what a copy of it may take: whole blocks
           pending = std::max(pending, coming);
         }
       }
@@ -666,15 +672,18 @@ void Engine::admit() {
       // (A recurrent state may not be cut back to the shared prefix: counted as computed again.)
       // (A host copy goes back into new cells: nothing of it is reused.)
       const size_t reused = recurrent_ || swap_in ? 0 : std::min(std::max(chosen_lcp, donor != nullptr ? donor_lcp : 0), prompt.size() - 1);
-      const uint64_t need = std::min<uint64_t>(prompt.size() - reused + 1, pool_cells_);
+      // (A copied or restored sequence starts in new blocks; the chosen slot's own cache continues.)
+      const bool fresh = donor != nullptr || swap_in;
       // The chosen slot's own cache beyond what this prompt reuses goes now (start() would drop it).
-      if (!chosen->busy) trim_kv(*chosen, donor != nullptr || swap_in ? 0 : std::min(chosen_lcp, prompt.size() - 1));
+      if (!chosen->busy) trim_kv(*chosen, fresh ? 0 : std::min(chosen_lcp, prompt.size() - 1));
+      const uint64_t rest = prompt.size() - reused;
+      const uint64_t need = std::min<uint64_t>(cells_for(*chosen, rest + 1, fresh), pool_cells_);
       bool fits = pool_used() + committed + need <= pool_cells_;
       while (!fits && evict_cached(chosen, donor)) fits = pool_used() + committed + need <= pool_cells_;
       if (!fits) break;
       // What the copy puts back is held from the start; the rest of the prompt is still to come.
-      const uint64_t restored = swap_in ? std::min<uint64_t>(swapped, need - 1) : 0;
-      committed += need - 1 - restored;
+      const uint64_t restored = swap_in ? std::min<uint64_t>(swapped, rest) : 0;
+      committed += std::min<uint64_t>(cells_for(*chosen, rest - restored, fresh), pool_cells_ - 1);
     }
     admitted.push_back(w);
     start(*chosen, std::move(waiting_[w]), chosen_lcp, donor, donor_lcp, swap_in);
@@ -795,7 +804,25 @@ void Engine::start(Slot& slot, Pending p, size_t cached, Slot* donor, size_t don
   }
 }
 
+uint64_t Engine::cells_for(const Slot& slot, uint64_t n, bool fresh) const {
+  if (block_ == 1) return n;
+  const int32_t room = fresh ? 0 : llama_kv_paged_seq_room(ctx_, slot.seq);
+  const uint64_t beyond = n > static_cast<uint64_t>(std::max(0, room)) ? n - static_cast<uint64_t>(std::max(0, room)) : 0;
+  return (beyond + block_ - 1) / block_ * block_;
+}
+
+uint64_t Engine::tokens_within(const Slot& slot, uint64_t cells) const {
+  if (block_ == 1) return cells;
+  return static_cast<uint64_t>(std::max(0, llama_kv_paged_seq_room(ctx_, slot.seq))) + cells / block_ * block_;
+}
+
 uint64_t Engine::pool_used() const {
+  if (block_ > 1) {
+    // Blocks are where the cells lie, which only llama.cpp knows: a partly filled block is held whole.
+    uint32_t used = 0;
+    llama_kv_paged_blocks(ctx_, &used, nullptr);
+    return static_cast<uint64_t>(used) * block_;
+  }
   // Per origin, its cells run from its start to the furthest any holder kept.
   std::unordered_map<uint64_t, std::pair<size_t, size_t>> spans;
   for (const auto& s : slots_) {
@@ -1016,18 +1043,23 @@ void Engine::step() {
   uint64_t room = UINT64_MAX;
   if (pool_cells_ > 0) {
     while (true) {
-      uint64_t generating = 0;
-      bool prefilling_any = false;
-      for (const auto& s : slots_) {
-        if (!s.busy || s.awaiting) continue;
-        if (s.prefilled >= s.request.prompt.size()) generating++;
-        else prefilling_any = true;
-      }
       const uint64_t used = pool_used();
       const uint64_t free_cells = pool_cells_ > used ? pool_cells_ - used : 0;
+      uint64_t generating = 0;  // cells the generating tokens take (in blocks: those starting one)
+      bool any_generating = false, prefilling_any = false, prefill_moves = false;
+      for (const auto& s : slots_) {
+        if (!s.busy || s.awaiting) continue;
+        if (s.prefilled >= s.request.prompt.size()) {
+          generating += cells_for(s, 1);
+          any_generating = true;
+        } else {
+          prefilling_any = true;
+          prefill_moves = prefill_moves || tokens_within(s, free_cells) > 0;
+        }
+      }
       // Nothing could move (no cell for any generating token, or none for a prompt chunk when only
       // prompts are left): make room.
-      const bool stuck = generating > free_cells || (generating == 0 && prefilling_any && free_cells == 0);
+      const bool stuck = generating > free_cells || (!any_generating && prefilling_any && !prefill_moves);
       room = free_cells > generating ? free_cells - generating : 0;
       // Finished sequences' cached cells go first, least recently used first.
       if (!stuck || (!evict_cached(nullptr, nullptr) && !preempt_one())) break;
@@ -1078,7 +1110,6 @@ void Engine::step() {
   std::sort(prefilling.begin(), prefilling.end(), [](const Slot* a, const Slot* b) { return a->admitted_order < b->admitted_order; });
   for (Slot* s : prefilling) {
     if (!deterministic_ && budget == 0) break;
-    if (room == 0) break;
     uint32_t n = static_cast<uint32_t>(std::min<size_t>(deterministic_ ? n_batch_ : budget, s->request.prompt.size() - s->prefilled));
     if (checkpoint_every_ > 0) {
       // A chunk ends at the next multiple of the batch size, where the state is copied (as a solo
@@ -1086,8 +1117,11 @@ void Engine::step() {
       const size_t next = (s->prefilled / checkpoint_every_ + 1) * checkpoint_every_;
       if (next < s->request.prompt.size()) n = static_cast<uint32_t>(std::min<size_t>(n, next - s->prefilled));
     }
-    n = static_cast<uint32_t>(std::min<uint64_t>(n, room));
-    if (room != UINT64_MAX) room -= n;
+    if (room != UINT64_MAX) {
+      n = static_cast<uint32_t>(std::min<uint64_t>(n, tokens_within(*s, room)));
+      room -= cells_for(*s, n);
+    }
+    if (n == 0) continue;
     take[static_cast<size_t>(s->seq)] = n;
     if (!deterministic_) budget -= n;
   }
@@ -1109,6 +1143,7 @@ void Engine::step() {
   std::lock_guard<std::mutex> lock(mu_);
   stats_.kv_used_tokens = kv_used;
   stats_.kv_pool_used_tokens = pool_held;
+  stats_.kv_pool_used_blocks = pool_held / block_;
 }
 
 void Engine::decode(const std::vector<size_t>& which, const std::vector<uint32_t>& take) {

@@ -53,6 +53,10 @@ struct EngineOptions {
   // Paged attention (with kv_unified and flash attention): each sequence's attention reads only its
   // own cells, through per-sequence index lists (native/patches/0004-paged-attention.patch).
   bool kv_paged = false;
+  // Paged: the pool's cells are taken in aligned blocks of this many (llama_context_params.
+  // kv_block_size). A sequence fills its last block before it takes another whose cells are all
+  // free, prefixes are shared between sequences in whole blocks, and the pool is counted in blocks.
+  uint32_t kv_block_size = 1;
   // KV cache element types (llama.cpp's -ctk/-ctv). A quantized V needs flash attention.
   ggml_type type_k = GGML_TYPE_F16;
   ggml_type type_v = GGML_TYPE_F16;
@@ -189,6 +193,9 @@ struct EngineStats {
   uint64_t kv_pool_tokens = 0;        // cells of the shared KV pool (0: one stream per sequence)
   uint64_t kv_pool_used_tokens = 0;   // of those, held after the latest step: running sequences and
                                       // the cache of finished ones, shared cells once
+  uint32_t kv_block_size = 1;         // cells per block of the pool (paged; 1 otherwise)
+  uint64_t kv_pool_blocks = 0;        // the pool's blocks, and those holding a used cell
+  uint64_t kv_pool_used_blocks = 0;   // (the cells of a partly filled block count as held)
   uint64_t kv_swap_outs = 0;          // preempted sequences whose KV was copied to host memory
   uint64_t kv_swap_ins = 0;           // and copied back when admitted again (not recomputed)
   uint64_t kv_swap_bytes = 0;         // host memory those copies hold now
@@ -220,6 +227,7 @@ class Engine {
   uint32_t batch_size() const { return n_batch_; }
   uint32_t max_queue() const { return max_queue_; }
   bool kv_paged() const { return kv_paged_; }
+  uint32_t kv_block_size() const { return block_; }
   ggml_type type_k() const { return type_k_; }
   ggml_type type_v() const { return type_v_; }
   bool moe_group_topk() const { return moe_group_topk_; }
@@ -401,6 +409,12 @@ class Engine {
   // Shared KV pool: cells the busy sequences hold, and the preemption of the lowest-priority,
   // latest admitted busy sequence back into the queue (false when none is busy).
   uint64_t pool_used() const;
+  // Paged pool in blocks: the cells the pool gives up when the slot's sequence appends n tokens:
+  // the fresh blocks it takes once the free cells after its last one are filled (all n, when
+  // `fresh`: a sequence about to be copied or restored into new blocks). n itself in cells.
+  uint64_t cells_for(const Slot& slot, uint64_t n, bool fresh = false) const;
+  // And the tokens it can append with `cells` free cells of the pool.
+  uint64_t tokens_within(const Slot& slot, uint64_t cells) const;
   bool preempt_one();
   // Copies a preempted sequence's KV to host memory for its resumption, when it fits in
   // kv_swap_memory beside the other copies.
@@ -464,6 +478,7 @@ class Engine {
   // Prefix sharing across slots (KV copied from another sequence's stream): off with the prompt
   // cache, for recurrent or hybrid models (a state is not a prefix of cells), and with MTP drafts.
   bool share_prefix_ = false;
+  uint32_t block_ = 1;       // cells per block of the paged pool (1: cells one by one)
   uint32_t pool_cells_ = 0;  // shared KV pool with a budget (kv_unified + kv_budget); 0: none
   uint64_t next_origin_ = 1;  // Slot::Segment origins
   size_t checkpoint_every_ = 0;     // recurrent state copies every this many prompt tokens; 0: none

@@ -152,7 +152,7 @@ function headerFacts(report: BenchReport): Array<[string, string]> {
         `concurrency ${s.concurrency.join(', ')}`,
         ...(s.ppTokens.length ? [`pp ${s.ppTokens.join(', ')}`] : []),
         `tg ${s.tgTokens}`,
-        ...(s.kvPaged ? ['our server with paged attention (--kv-paged)'] : []),
+        ...(s.kvPaged ? [`our server with paged attention (--kv-paged${s.kvBlockSize ? ` --kv-block-size ${s.kvBlockSize}` : ''})`] : []),
         ...(s.kvSwapMemory ? [`ours copies preempted sequences' KV to host memory (--kv-swap ${s.kvSwapMemory})`] : []),
         ...(s.fusedMoeRouting ? ['ours with fused group-limited MoE routing (--fused-moe-routing)'] : []),
       ].join(' · '),

@@ -64,6 +64,8 @@ export interface BenchOptions {
   kvPool: { budgetTokens: number; maxContext: number; requests: number; concurrency: number; promptTokens: number; genTokens: number };
   /** Ours with paged attention over one shared KV pool (--kv-paged) in every server workload. */
   kvPaged: boolean;
+  /** With kvPaged: the pool's block size (--kv-block-size; 1: cell by cell). */
+  kvBlockSize: number;
   /** Ours copies preempted sequences' KV to this much host memory (--kv-swap; 0: recomputed). */
   kvSwapMemory: number;
   /** Ours with fusedMoeRouting (models with expert groups route through one op). */
@@ -98,6 +100,7 @@ export function defaultBenchOptions(quick: boolean): Omit<BenchOptions, 'outDir'
       mixed: { requests: 12, arrivalRate: 2, promptTokens: [16, 128], genTokens: [4, 24], seed: 7 },
       kvPool: { budgetTokens: 2048, maxContext: 1024, requests: 32, concurrency: 16, promptTokens: 32, genTokens: 16 },
       kvPaged: false,
+      kvBlockSize: 1,
       kvSwapMemory: 0,
       fusedMoeRouting: false,
       roofline: true,
@@ -123,6 +126,7 @@ export function defaultBenchOptions(quick: boolean): Omit<BenchOptions, 'outDir'
     mixed: { requests: 64, arrivalRate: 4, promptTokens: [32, 1024], genTokens: [16, 256], seed: 7 },
     kvPool: { budgetTokens: 8192, maxContext: 4096, requests: 128, concurrency: 64, promptTokens: 64, genTokens: 64 },
     kvPaged: false,
+    kvBlockSize: 1,
     kvSwapMemory: 0,
     fusedMoeRouting: false,
     roofline: true,
@@ -369,7 +373,7 @@ async function kvPool(o: BenchOptions, path: string, vocabSize: number, progress
     reference = bestLoad(reference, await withServer(() => startLlamaServer({ ...common, parallel: slots, contextPerSequence: k.maxContext }), load));
     progress.step(`kv-pool, round ${round + 1}/${o.repeat}: genesis serve, one pool of ${k.budgetTokens} tokens, ${k.concurrency} sequences`);
     const [stats, peak, preempted, swappedIn] = await withServer(
-      () => startGenesisServer({ ...common, parallel: k.concurrency, contextPerSequence: k.maxContext, kvBudget: k.budgetTokens, kvPaged: o.kvPaged, kvSwapMemory: o.kvSwapMemory }),
+      () => startGenesisServer({ ...common, parallel: k.concurrency, contextPerSequence: k.maxContext, kvBudget: k.budgetTokens, kvPaged: o.kvPaged, kvBlockSize: o.kvBlockSize, kvSwapMemory: o.kvSwapMemory }),
       async (server) => {
         const watch = watchActive(server.baseUrl);
         const s = await load(server);
@@ -543,7 +547,7 @@ export async function runBench(o: BenchOptions): Promise<BenchOutcome> {
       for (let round = 0; round < o.repeat; round++) {
         const tag = `round ${round + 1}/${o.repeat}`;
         reference = bestServerRun(reference, await withServer(() => startLlamaServer(settings), (s) => serverWorkloads(o, s, shape.vocabSize, progress, tag)));
-        ours = bestServerRun(ours, await withServer(() => startGenesisServer({ ...settings, kvPaged: o.kvPaged, kvSwapMemory: o.kvPaged ? o.kvSwapMemory : 0, fusedMoeRouting: o.fusedMoeRouting }), (s) => serverWorkloads(o, s, shape.vocabSize, progress, tag)));
+        ours = bestServerRun(ours, await withServer(() => startGenesisServer({ ...settings, kvPaged: o.kvPaged, kvBlockSize: o.kvBlockSize, kvSwapMemory: o.kvPaged ? o.kvSwapMemory : 0, fusedMoeRouting: o.fusedMoeRouting }), (s) => serverWorkloads(o, s, shape.vocabSize, progress, tag)));
       }
       if (!reference || !ours) throw new RangeError('repeat must be at least 1');
       run.latency = ours.latency.map((l, i): LatencyRow => ({
@@ -573,6 +577,7 @@ export async function runBench(o: BenchOptions): Promise<BenchOutcome> {
   const settings: BenchSettings = {
     quick: o.quick, threads: o.threads, batchSize: o.batchSize, gpuLayers: o.gpuLayers, split: o.split, repeat: o.repeat, concurrency: o.concurrency, ppTokens: o.ppTokens, tgTokens: o.tgTokens,
     ...(o.kvPaged ? { kvPaged: true } : {}),
+    ...(o.kvPaged && o.kvBlockSize > 1 ? { kvBlockSize: o.kvBlockSize } : {}),
     ...(o.kvSwapMemory > 0 ? { kvSwapMemory: o.kvSwapMemory } : {}),
     ...(o.fusedMoeRouting ? { fusedMoeRouting: true } : {}),
   };

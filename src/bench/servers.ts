@@ -25,6 +25,8 @@ export interface ServerSettings {
   kvBudget?: number;
   /** Ours only: paged attention over one shared KV pool (--kv-paged). */
   kvPaged?: boolean;
+  /** Ours only: the paged pool's block size (--kv-block-size; with kvPaged). */
+  kvBlockSize?: number;
   /** Ours only: host memory for preempted sequences' KV (--kv-swap; with a pool). */
   kvSwapMemory?: number;
   /** Ours only: group-limited MoE routing in one op (--fused-moe-routing). */
@@ -105,6 +107,7 @@ export async function startGenesisServer(s: ServerSettings): Promise<RunningServ
     '--max-tokens-limit', String(s.contextPerSequence), '--drain-timeout', '1', ...splitArgs(s.split, 'genesis'),
     ...(s.kvBudget ? ['--kv-budget', String(s.kvBudget)] : []),
     ...(s.kvPaged ? ['--kv-paged'] : []),
+    ...(s.kvPaged && s.kvBlockSize !== undefined && s.kvBlockSize > 1 ? ['--kv-block-size', String(s.kvBlockSize)] : []),
     ...(s.kvSwapMemory ? ['--kv-swap', String(s.kvSwapMemory)] : []),
     ...(s.fusedMoeRouting ? ['--fused-moe-routing'] : []),
   ];

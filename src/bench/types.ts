@@ -235,6 +235,8 @@ export interface BenchSettings {
   tgTokens: number;
   /** Our server ran with paged attention over one shared KV pool (--kv-paged). */
   kvPaged?: boolean;
+  /** With kvPaged: the pool's block size (--kv-block-size), when not 1. */
+  kvBlockSize?: number;
   /** Ours copied preempted sequences' KV to this much host memory (--kv-swap). */
   kvSwapMemory?: number;
   /** Ours ran with group-limited MoE routing in one op (--fused-moe-routing). */

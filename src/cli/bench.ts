@@ -32,6 +32,7 @@ export const BENCH_USAGE = `bench options (figures printed next to llama.cpp's o
                         several devices or genesis rpc-servers, for ours and every reference alike
   --kv-paged            our server with paged attention over one shared KV pool (server --kv-paged)
                         in the server, shared-prefix, mixed and kv-pool workloads
+  --kv-block-size N     with --kv-paged: the pool's cells in aligned blocks of N (server --kv-block-size)
   --kv-swap SIZE        ours copies preempted sequences' KV to host memory (server --kv-swap) in the
                         kv-pool workload, and with --kv-paged in the server workloads
   --fused-moe-routing   ours with group-limited MoE routing in one op (loadModel fusedMoeRouting) in
@@ -122,6 +123,7 @@ export async function benchCommand(argv: string[]): Promise<number> {
       rpc: { type: 'string' },
       'no-roofline': { type: 'boolean' },
       'kv-paged': { type: 'boolean' },
+      'kv-block-size': { type: 'string' },
       'kv-swap': { type: 'string' },
       'fused-moe-routing': { type: 'boolean' },
       determinism: { type: 'string' },
@@ -175,6 +177,8 @@ export async function benchCommand(argv: string[]): Promise<number> {
   o.gpuLayers = positive('gpu-layers', values['gpu-layers'], 0) ?? o.gpuLayers;
   if (values['no-roofline']) o.roofline = false;
   if (values['kv-paged']) o.kvPaged = true;
+  o.kvBlockSize = positive('kv-block-size', values['kv-block-size']) ?? o.kvBlockSize;
+  if (o.kvBlockSize > 1 && !o.kvPaged) throw new UsageError('--kv-block-size needs --kv-paged: blocks are cells of the paged pool');
   o.kvSwapMemory = bytes('kv-swap', values['kv-swap']) ?? o.kvSwapMemory;
   if (values['fused-moe-routing']) o.fusedMoeRouting = true;
   o.split = splitSettings(values);

@@ -115,6 +115,8 @@ serve options (OpenAI-compatible API, chat page at /; no --model: the built-in d
                         KV is copied to and back from, instead of recomputing them
   --kv-paged            paged attention: each sequence attends over its own KV cells only,
                         through a per-sequence cell list (turns flash attention on)
+  --kv-block-size N     with --kv-paged: cells taken in aligned blocks of N (a power of two up to
+                        256); prefixes shared in whole blocks (default 1)
   --fused-moe-routing   group-limited MoE routing (DeepSeek-V3-style expert groups) in one op
                         instead of llama.cpp's nine: same experts, same output
   --expert-stats        count the tokens routed to each expert of every MoE layer (all models
@@ -440,6 +442,7 @@ async function serveCommand(argv: string[]): Promise<void> {
       'expert-stats': { type: 'boolean' },
       'kv-budget': { type: 'string' },
       'kv-paged': { type: 'boolean' },
+      'kv-block-size': { type: 'string' },
       'kv-swap': { type: 'string' },
       'fused-moe-routing': { type: 'boolean' },
     },
@@ -476,6 +479,7 @@ async function serveCommand(argv: string[]): Promise<void> {
       ...(values['expert-stats'] ? { expertStats: true } : {}),
       ...(values['kv-budget'] !== undefined ? { kvBudget: int('kv-budget', values['kv-budget']) } : {}),
       ...(values['kv-paged'] ? { kvPaged: true } : {}),
+      ...(values['kv-block-size'] !== undefined ? { kvBlockSize: int('kv-block-size', values['kv-block-size']) } : {}),
       ...(values['kv-swap'] !== undefined ? { kvSwapMemory: bytes('kv-swap', values['kv-swap']) } : {}),
       ...(values['fused-moe-routing'] ? { fusedMoeRouting: true } : {}),
     },

@@ -104,6 +104,8 @@ export class ServerMetrics {
     engineGauge('genesis_kv_capacity_tokens', 'Tokens the KV cache can hold (contextSize × maxSequences).', (s) => s.kvCapacityTokens);
     engineGauge('genesis_state_checkpoint_bytes', 'Recurrent and hybrid models: host memory held by copies of sequences\' recurrent states (stateCheckpoints).', (s) => s.stateCheckpointBytes);
     engineGauge('genesis_kv_pool_used_tokens', 'kvBudget or kvPaged: cells of the shared KV pool held by running sequences and the cache of finished ones, shared cells once.', (s) => s.kvPoolUsedTokens);
+    engineGauge('genesis_kv_pool_blocks_used', 'kvBudget or kvPaged: blocks of the shared KV pool (kvBlockSize cells each) holding a used cell.', (s) => s.kvPoolUsedBlocks);
+    engineGauge('genesis_kv_pool_blocks_free', 'kvBudget or kvPaged: blocks of the shared KV pool free for new tokens.', (s) => s.kvPoolBlocks - s.kvPoolUsedBlocks);
     engineGauge('genesis_kv_swap_bytes', 'Host memory held by the KV of preempted sequences waiting to be admitted again (kvSwapMemory).', (s) => s.kvSwapBytes);
     engineGauge('genesis_prompt_cache_hit_ratio', 'Share of admitted prompt tokens reused from the prompt cache instead of decoded, since load.', (s) => (s.promptTokens > 0 ? s.cachedPromptTokens / s.promptTokens : 0));
     // Totals read at scrape time (prom-client counters have no set(): reset, then add).
