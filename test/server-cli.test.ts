@@ -19,6 +19,15 @@ afterEach(() => {
 });
 
 /** Starts `genesis serve ...` and resolves with its URL once it listens. */
+/** `genesis serve` with one model and the given flags, run to its exit (refusals, usage errors). */
+function serveOnce(model: string, args: string[]) {
+  return spawnSync(process.execPath, ['--import', 'tsx', cli, 'serve', '--port', '0', '--threads', '1', '--model', model, ...args], {
+    encoding: 'utf8',
+    timeout: 60_000,
+    env: { ...process.env, GENESIS_API_KEY: '' },
+  });
+}
+
 function startServer(args: string[]): Promise<{ child: ChildProcess; url: string; stderr: () => string; exited: Promise<number | null> }> {
   const child = spawn(process.execPath, ['--import', 'tsx', cli, 'serve', '--port', '0', '--threads', '1', ...args], {
     stdio: ['ignore', 'pipe', 'pipe'],
@@ -118,11 +127,7 @@ describe('genesis serve', { timeout: 90_000 }, () => {
 
   it('--kv-swap: a size for the preempted sequences of the pool, refused when malformed or without a pool', async () => {
     const path = await makeFixtureModel({ arch: 'llama', type: 'q8_0' });
-    const run = (...args: string[]) => spawnSync(process.execPath, ['--import', 'tsx', cli, 'serve', '--port', '0', '--threads', '1', '--model', `tiny=${path}`, ...args], {
-      encoding: 'utf8',
-      timeout: 60_000,
-      env: { ...process.env, GENESIS_API_KEY: '' },
-    });
+    const run = (...args: string[]) => serveOnce(`tiny=${path}`, args);
     const malformed = run('--kv-budget', '256', '--kv-swap', 'lots');
     expect(malformed.status).toBe(2);
     expect(malformed.stderr).toMatch(/--kv-swap expects a size such as 6G/);
@@ -139,11 +144,7 @@ describe('genesis serve', { timeout: 90_000 }, () => {
 
   it('--kv-block-size: blocks of the paged pool on /metrics, refused without --kv-paged or when not a power of two', async () => {
     const path = await makeFixtureModel({ arch: 'llama', type: 'q8_0' });
-    const run = (...args: string[]) => spawnSync(process.execPath, ['--import', 'tsx', cli, 'serve', '--port', '0', '--threads', '1', '--model', `tiny=${path}`, ...args], {
-      encoding: 'utf8',
-      timeout: 60_000,
-      env: { ...process.env, GENESIS_API_KEY: '' },
-    });
+    const run = (...args: string[]) => serveOnce(`tiny=${path}`, args);
     for (const args of [['--kv-block-size', '16'], ['--kv-paged', '--kv-block-size', '24']]) {
       const refused = run(...args);
       expect(refused.status).not.toBe(0);
@@ -160,11 +161,7 @@ describe('genesis serve', { timeout: 90_000 }, () => {
   it('--cpu-moe and --gpu-experts copy the hottest experts by --expert-heat; the file must be readable JSON', async () => {
     const path = await makeFixtureModel({ arch: 'qwen3moe', vocab: 'qwen2', type: 'f16', nLayer: 3, nEmbd: 64 });
     const dir = mkdtempSync(join(tmpdir(), 'genesis-heat-'));
-    const run = (...args: string[]) => spawnSync(process.execPath, ['--import', 'tsx', cli, 'serve', '--port', '0', '--threads', '1', '--model', `moe=${path}`, ...args], {
-      encoding: 'utf8',
-      timeout: 60_000,
-      env: { ...process.env, GENESIS_API_KEY: '' },
-    });
+    const run = (...args: string[]) => serveOnce(`moe=${path}`, args);
     const missing = run('--cpu-moe', '3', '--gpu-experts', '2', '--expert-heat', join(dir, 'none.json'));
     expect(missing.status).toBe(2);
     expect(missing.stderr).toMatch(/--expert-heat .*none\.json.*cannot read it/);

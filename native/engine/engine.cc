@@ -146,6 +146,7 @@ Engine::Engine(llama_model* model, const EngineOptions& options, Notify notify)
   deterministic_ = options.deterministic;
   rpc_endpoints_ = options.rpc_endpoints;
   const bool pooled = options.kv_unified && options.kv_budget > 0;
+  if (kv_paged_) block_ = static_cast<uint32_t>(std::max(1, llama_kv_paged_blocks(ctx_, nullptr, nullptr)));
   recurrent_ = recurrent;
   // With one stream per sequence, or in the shared pool (where finished sequences' cells stay as a
   // cache until the room is needed, and copies share cells by reference).
@@ -167,7 +168,6 @@ Engine::Engine(llama_model* model, const EngineOptions& options, Notify notify)
                                 "speculative decoding with a shared KV pool (kvBudget) is not supported");
     }
     pool_cells_ = llama_n_ctx(ctx_);
-    if (kv_paged_) block_ = static_cast<uint32_t>(std::max(1, llama_kv_paged_blocks(ctx_, nullptr, nullptr)));
     stats_.kv_pool_tokens = pool_cells_;
     stats_.kv_block_size = block_;
     stats_.kv_pool_blocks = pool_cells_ / block_;
