@@ -107,7 +107,7 @@ export async function startGenesisServer(s: ServerSettings): Promise<RunningServ
     '--max-tokens-limit', String(s.contextPerSequence), '--drain-timeout', '1', ...splitArgs(s.split, 'genesis'),
     ...(s.kvBudget ? ['--kv-budget', String(s.kvBudget)] : []),
     ...(s.kvPaged ? ['--kv-paged'] : []),
-    ...(s.kvPaged && s.kvBlockSize !== undefined && s.kvBlockSize > 1 ? ['--kv-block-size', String(s.kvBlockSize)] : []),
+    ...(s.kvPaged && (s.kvBlockSize ?? 1) > 1 ? ['--kv-block-size', String(s.kvBlockSize)] : []),
     ...(s.kvSwapMemory ? ['--kv-swap', String(s.kvSwapMemory)] : []),
     ...(s.fusedMoeRouting ? ['--fused-moe-routing'] : []),
   ];
