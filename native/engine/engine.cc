@@ -804,16 +804,20 @@ void Engine::start(Slot& slot, Pending p, size_t cached, Slot* donor, size_t don
   }
 }
 
+uint64_t Engine::tail_room(const Slot& slot) const {
+  return static_cast<uint64_t>(std::max(0, llama_kv_paged_seq_room(ctx_, slot.seq)));
+}
+
 uint64_t Engine::cells_for(const Slot& slot, uint64_t n, bool fresh) const {
   if (block_ == 1) return n;
-  const int32_t room = fresh ? 0 : llama_kv_paged_seq_room(ctx_, slot.seq);
-  const uint64_t beyond = n > static_cast<uint64_t>(std::max(0, room)) ? n - static_cast<uint64_t>(std::max(0, room)) : 0;
+  const uint64_t room = fresh ? 0 : tail_room(slot);
+  const uint64_t beyond = n > room ? n - room : 0;
   return (beyond + block_ - 1) / block_ * block_;
 }
 
 uint64_t Engine::tokens_within(const Slot& slot, uint64_t cells) const {
   if (block_ == 1) return cells;
-  return static_cast<uint64_t>(std::max(0, llama_kv_paged_seq_room(ctx_, slot.seq))) + cells / block_ * block_;
+  return tail_room(slot) + cells / block_ * block_;
 }
 
 uint64_t Engine::pool_used() const {

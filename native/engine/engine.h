@@ -415,6 +415,8 @@ class Engine {
   uint64_t cells_for(const Slot& slot, uint64_t n, bool fresh = false) const;
   // And the tokens it can append with `cells` free cells of the pool.
   uint64_t tokens_within(const Slot& slot, uint64_t cells) const;
+  // The tokens the slot's sequence can append in its last block (paged pool in blocks).
+  uint64_t tail_room(const Slot& slot) const;
   bool preempt_one();
   // Copies a preempted sequence's KV to host memory for its resumption, when it fits in
   // kv_swap_memory beside the other copies.
